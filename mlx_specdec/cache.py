@@ -1,0 +1,236 @@
+"""K/V caches addressed by token position, so that rolling back is free.
+
+Every row of a batch has its own positions. A step writes the K/V of tokens
+at positions ``start[b] .. start[b] + L - 1`` into slots ``position % capacity``
+and records, per slot, which position it holds. Attention masks are built from
+those recorded positions, never from slot order. Two consequences:
+
+* Rejecting drafts needs no cache edit. Their entries sit at positions beyond
+  the row's accepted length; causality masks them until the next step writes
+  the same positions again (gpt-fast's trick, made per row).
+* Sliding-window layers use a ring of ``window + max_step`` slots. A step of at
+  most ``max_step`` tokens overwrites only slots whose positions are out of
+  every query's window, even when the step is later rejected. mlx-lm's
+  ``RotatingKVCache`` cannot be trimmed once it wraps; this one never needs
+  trimming.
+
+Full-attention layers use the same structure with a capacity that grows and
+never wraps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+# Full-attention buffers grow in steps of this many slots (as mlx-lm's KVCache).
+GROW_STEP = 256
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a forward pass writes: row b gets positions starts[b] + 0..length-1."""
+
+    starts: tuple[int, ...]
+    length: int
+
+    @property
+    def end(self) -> int:
+        return max(self.starts) + self.length
+
+    def positions(self) -> mx.array:
+        starts = mx.array(self.starts, dtype=mx.int32)[:, None]
+        return starts + mx.arange(self.length, dtype=mx.int32)[None, :]
+
+
+@dataclass
+class Plan:
+    """How one layer type reads and writes the cache in one step.
+
+    ``slots``/``written`` say where the step's tokens go (``written`` selects
+    the trailing tokens kept when a long prefill overflows a ring).
+    ``concat`` means attention must read the old buffer followed by the new
+    keys, because writing first would overwrite keys the prefill still needs.
+    ``mask`` is (B, 1, L, keys) boolean.
+    """
+
+    slots: mx.array
+    written: int
+    concat: bool
+    mask: mx.array
+
+
+class PositionTable:
+    """Which position each slot holds, shared by all layers of one attention type."""
+
+    def __init__(self, batch: int, window: int | None, capacity: int):
+        self.window = window
+        self.capacity = capacity
+        self.positions = mx.full((batch, capacity), -1, dtype=mx.int32)
+        # Slots in use (full attention only): attention never reads past this.
+        self.used = 0
+
+    @property
+    def ring(self) -> bool:
+        return self.window is not None
+
+    def plan(self, step: Step) -> Plan:
+        """Record the step's positions and build the attention mask for it."""
+        q_pos = step.positions()
+        if not self.ring and step.end > self.capacity:
+            grow = -(-(step.end - self.capacity) // GROW_STEP) * GROW_STEP
+            pad = mx.full((self.positions.shape[0], grow), -1, dtype=mx.int32)
+            self.positions = mx.concatenate([self.positions, pad], axis=1)
+            self.capacity += grow
+
+        concat = self.ring and step.length > self.capacity - self.window + 1
+        written = min(step.length, self.capacity)
+        slots = q_pos[:, step.length - written :] % self.capacity
+        if concat:
+            # Old entries at positions this step rewrites are stale drafts.
+            old = self.positions
+            old = mx.where(old < q_pos[:, :1], old, -1)
+            k_pos = mx.concatenate([old, q_pos], axis=1)
+        new_positions = mx.put_along_axis(
+            self.positions, slots, q_pos[:, step.length - written :], axis=1
+        )
+        if not concat:
+            self.used = self.capacity if self.ring else max(self.used, step.end)
+            k_pos = new_positions[:, : self.used]
+        self.positions = new_positions
+        return Plan(slots, written, concat, self.mask(q_pos, k_pos))
+
+    def mask(self, q_pos: mx.array, k_pos: mx.array) -> mx.array:
+        q = q_pos[:, None, :, None]
+        k = k_pos[:, None, None, :]
+        mask = (k >= 0) & (k <= q)
+        if self.ring:
+            mask = mask & (k > q - self.window)
+        return mask
+
+
+class LayerKV:
+    """The K/V buffers of one non-shared attention layer."""
+
+    def __init__(self, table: PositionTable):
+        self.table = table
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    def _ensure(self, keys: mx.array, values: mx.array):
+        B, H, _, _ = keys.shape
+        capacity = self.table.capacity
+        if self.keys is None:
+            self.keys = mx.zeros((B, H, capacity, keys.shape[-1]), dtype=keys.dtype)
+            self.values = mx.zeros((B, H, capacity, values.shape[-1]), dtype=values.dtype)
+        elif self.keys.shape[2] < capacity:
+            grow = capacity - self.keys.shape[2]
+            self.keys = mx.pad(self.keys, [(0, 0), (0, 0), (0, grow), (0, 0)])
+            self.values = mx.pad(self.values, [(0, 0), (0, 0), (0, grow), (0, 0)])
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array, plan: Plan):
+        """Write the step's K/V at the plan's slots; return the K/V attention reads."""
+        self._ensure(keys, values)
+        L = keys.shape[2]
+        if plan.concat:
+            all_keys = mx.concatenate([self.keys, keys], axis=2)
+            all_values = mx.concatenate([self.values, values], axis=2)
+        idx = mx.broadcast_to(
+            plan.slots[:, None, :, None],
+            (keys.shape[0], keys.shape[1], plan.written, keys.shape[-1]),
+        )
+        self.keys = mx.put_along_axis(self.keys, idx, keys[:, :, L - plan.written :], axis=2)
+        idx_v = idx if values.shape[-1] == keys.shape[-1] else mx.broadcast_to(
+            plan.slots[:, None, :, None],
+            (values.shape[0], values.shape[1], plan.written, values.shape[-1]),
+        )
+        self.values = mx.put_along_axis(
+            self.values, idx_v, values[:, :, L - plan.written :], axis=2
+        )
+        if plan.concat:
+            return all_keys, all_values
+        used = self.table.used
+        return self.keys[:, :, :used], self.values[:, :, :used]
+
+    def state(self):
+        return self.keys, self.values
+
+
+class Cache:
+    """Everything the target remembers: one position table per attention type,
+    one K/V buffer per non-shared layer (KV-shared layers read their source's)."""
+
+    def __init__(self, tables: dict[str, PositionTable], layers: list[LayerKV]):
+        self.tables = tables
+        self.layers = layers
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.tables.values())).positions.shape[0]
+
+    def plan(self, step: Step) -> dict[str, Plan]:
+        if len(step.starts) != self.batch_size:
+            raise ValueError(
+                f"step has {len(step.starts)} rows but the cache holds {self.batch_size}"
+            )
+        return {kind: table.plan(step) for kind, table in self.tables.items()}
+
+    def select(self, rows: list[int]) -> "Cache":
+        """The cache of a subset of rows (finished rows leave the batch)."""
+        idx = mx.array(rows, dtype=mx.int32)
+        tables = {}
+        for kind, t in self.tables.items():
+            tables[kind] = PositionTable(len(rows), t.window, t.capacity)
+            tables[kind].positions = t.positions[idx]
+            tables[kind].used = t.used
+        layers = []
+        for layer in self.layers:
+            new = LayerKV(tables[_kind_of(self.tables, layer.table)])
+            if layer.keys is not None:
+                new.keys, new.values = layer.keys[idx], layer.values[idx]
+            layers.append(new)
+        return Cache(tables, layers)
+
+    @staticmethod
+    def stack(caches: list["Cache"]) -> "Cache":
+        """One batched cache from per-row caches (each row prefilled alone)."""
+        first = caches[0]
+        tables = {}
+        for kind, t in first.tables.items():
+            parts = [c.tables[kind] for c in caches]
+            capacity = max(p.capacity for p in parts)
+            tables[kind] = PositionTable(len(caches), t.window, capacity)
+            tables[kind].positions = mx.concatenate(
+                [_pad_axis(p.positions, capacity, 1, -1) for p in parts], axis=0
+            )
+            tables[kind].used = max(p.used for p in parts)
+        layers = []
+        for i, layer in enumerate(first.layers):
+            new = LayerKV(tables[_kind_of(first.tables, layer.table)])
+            if layer.keys is not None:
+                capacity = new.table.capacity
+                new.keys = mx.concatenate([_pad_axis(c.layers[i].keys, capacity, 2, 0) for c in caches])
+                new.values = mx.concatenate([_pad_axis(c.layers[i].values, capacity, 2, 0) for c in caches])
+            layers.append(new)
+        return Cache(tables, layers)
+
+    def arrays(self) -> list[mx.array]:
+        """All arrays the cache holds, for mx.eval."""
+        out = [t.positions for t in self.tables.values()]
+        for layer in self.layers:
+            if layer.keys is not None:
+                out += [layer.keys, layer.values]
+        return out
+
+
+def _kind_of(tables: dict[str, PositionTable], table: PositionTable) -> str:
+    return next(kind for kind, t in tables.items() if t is table)
+
+
+def _pad_axis(x: mx.array, size: int, axis: int, value) -> mx.array:
+    if x.shape[axis] >= size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return mx.pad(x, widths, constant_values=value)

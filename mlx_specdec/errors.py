@@ -1,0 +1,21 @@
+"""Typed errors: each says what was found and what was expected, in one line."""
+
+
+class SpecDecError(Exception):
+    """Base of every error mlx-specdec raises on purpose."""
+
+
+class LoadError(SpecDecError):
+    """A model or drafter could not be found or loaded."""
+
+
+class ConfigError(LoadError, ValueError):
+    """A config.json that does not describe a Gemma 4 model we can run."""
+
+
+class DrafterMismatchError(LoadError, ValueError):
+    """A drafter made for another target."""
+
+
+class InputError(SpecDecError, ValueError):
+    """A bad prompt or generation option."""

@@ -1,0 +1,252 @@
+"""Local folder or hub repo id -> (target, drafter, tokenizer).
+
+Layouts read: Hugging Face originals (text-only ``Gemma4ForCausalLM``, and the
+multimodal ``Gemma4ForConditionalGeneration`` whose text weights sit under
+``model.language_model.*``; vision and audio towers are skipped, never
+materialised), ``gemma4_assistant`` drafters, and mlx-lm conversions including
+quantized ones. The drafter is built around the target's embedding module, so
+the two models hold one embedding array.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import ConfigError, LoadError
+from .models import assistant, gemma4
+
+TARGET_TYPES = ("gemma4", "gemma4_text")
+DRAFTER_TYPE = "gemma4_assistant"
+# Only what loading needs: configs, weights, tokenizer and chat template.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+# Prefixes of multimodal towers, in HF and mlx-lm spellings.
+_TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "multi_modal_projector", "vision_embedder")
+# Folder names, inside or beside a target, that hold its drafter.
+_DRAFTER_SUBDIRS = ("drafter", "assistant")
+
+
+@dataclass
+class SpecModel:
+    """A loaded target with its optional drafter and tokenizer."""
+
+    target: gemma4.Model
+    drafter: assistant.Drafter | None
+    tokenizer: object | None  # mlx_lm TokenizerWrapper
+    name: str = "model"
+    drafter_name: str | None = None
+    # Draft-policy state learnt in this process, keyed by batch size; reused across requests.
+    policy: object | None = field(default=None, repr=False)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set(self.target.config.eos_token_id)
+        if self.tokenizer is not None:
+            ids |= set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+        return ids
+
+
+def resolve(path_or_repo: str | Path, *, what: str = "model") -> Path:
+    """A local folder as is; anything else is fetched from the hub (only the files needed)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo)
+    if path.exists():
+        raise LoadError(f"{what} path {name} is a file, expected a folder with config.json")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise LoadError(f"{what} {name!r} is neither a local folder nor a hub repo id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub client raises many types; all mean "could not fetch"
+        raise LoadError(f"could not fetch {what} {name!r} from the hub: {type(e).__name__}: {e}") from e
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.exists():
+        raise LoadError(f"no config.json in {path}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from e
+
+
+def _text_config(cfg: dict) -> dict:
+    model_type = cfg.get("model_type")
+    if model_type not in TARGET_TYPES:
+        raise ConfigError(
+            f"unsupported model_type {model_type!r}: expected one of {', '.join(TARGET_TYPES)} "
+            f"(a Gemma 4 target) or {DRAFTER_TYPE!r} (a drafter)"
+        )
+    if model_type == "gemma4":
+        if "text_config" not in cfg:
+            raise ConfigError("gemma4 config has no text_config")
+        text = dict(cfg["text_config"])
+        text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+        return text
+    return cfg
+
+
+def _load_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise LoadError(f"no *.safetensors weights in {path}")
+    weights = {}
+    for file in files:
+        weights.update(mx.load(file))
+    return weights
+
+
+def _text_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Strip multimodal prefixes and drop the towers (their arrays are lazy
+    and, dropped here, are never read from disk)."""
+    out = {}
+    for key, value in weights.items():
+        for prefix, repl in (
+            ("model.language_model.", "model."),
+            ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("model.lm_head.", "lm_head."),
+        ):
+            if key.startswith(prefix):
+                key = repl + key[len(prefix) :]
+                break
+        if any(key.startswith(t) or key.startswith("model." + t) for t in _TOWERS):
+            continue
+        out[key] = value
+    return out
+
+
+def _quantize(model: nn.Module, cfg: dict, weights: dict[str, mx.array]) -> None:
+    """Quantize the layers a (mlx-lm converted) checkpoint stores quantized."""
+    quant = cfg.get("quantization") or cfg.get("quantization_config")
+    if not quant:
+        return
+
+    def predicate(path, module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quant.get(path)
+        if isinstance(override, dict):
+            return override
+        return hasattr(module, "to_quantized")
+
+    nn.quantize(
+        model,
+        group_size=quant.get("group_size", 64),
+        bits=quant.get("bits", 4),
+        mode=quant.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype) -> None:
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise LoadError(f"weights in {where} do not fit the config: {str(e).splitlines()[0]}") from e
+    if dtype is not None:
+        model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
+    mx.eval(model.parameters())
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    table = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+    if name not in table:
+        raise LoadError(f"unknown dtype {name!r}: expected one of {', '.join(table)}")
+    return table[name]
+
+
+def load_target(path: Path, dtype: str | None = None) -> gemma4.Model:
+    cfg = read_config(path)
+    if cfg.get("model_type") == DRAFTER_TYPE:
+        raise ConfigError(f"{path} holds a gemma4_assistant drafter, not a target model")
+    config = gemma4.TextConfig.from_dict(_text_config(cfg))
+    model = gemma4.Model(config)
+    weights = model.sanitize(_text_weights(_load_weights(path)))
+    _quantize(model, cfg, weights)
+    _apply(model, weights, path, _dtype(dtype))
+    return model
+
+
+def load_drafter(path: Path, target: gemma4.Model, dtype: str | None = None) -> assistant.Drafter:
+    cfg = read_config(path)
+    if cfg.get("model_type") != DRAFTER_TYPE:
+        raise ConfigError(
+            f"{path} is not a drafter: model_type {cfg.get('model_type')!r}, expected {DRAFTER_TYPE!r}"
+        )
+    config = assistant.AssistantConfig.from_dict(cfg)
+    assistant.check_compatible(config, target.config, target.drafter_sources())
+    drafter = assistant.Drafter(config, target.embed_tokens)
+    weights = drafter.sanitize(_load_weights(path))
+    _quantize(drafter, cfg, weights)
+    _apply(drafter, weights, path, _dtype(dtype))
+    return drafter
+
+
+def find_drafter(target_path: Path, name: str) -> Path | None:
+    """The target's own drafter, if one sits inside or beside it."""
+    for sub in _DRAFTER_SUBDIRS:
+        if (target_path / sub / "config.json").exists():
+            return target_path / sub
+    sibling = Path(str(target_path).rstrip("/") + "-assistant")
+    if (sibling / "config.json").exists():
+        return sibling
+    return None
+
+
+def load_tokenizer(path: Path, eos_token_ids=None):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from mlx_lm.tokenizer_utils import load as load_tok
+
+    try:
+        return load_tok(path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        raise LoadError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from e
+
+
+def load(
+    model: str | Path,
+    drafter: str | Path | bool | None = None,
+    *,
+    dtype: str | None = None,
+) -> SpecModel:
+    """Load a Gemma 4 target and its drafter.
+
+    ``drafter``: a folder or repo id; None to use the target's own drafter when
+    one is found (a ``drafter/`` or ``assistant/`` subfolder, a ``<model>-assistant``
+    sibling folder, or the ``<repo>-assistant`` hub repo); False for none.
+    ``dtype`` casts floating weights (e.g. "float32" where the backend is slow in bf16).
+    """
+    path = resolve(model)
+    target = load_target(path, dtype)
+    drafter_path = None
+    if drafter is None:
+        drafter_path = find_drafter(path, str(model))
+        if drafter_path is None and not Path(str(model)).expanduser().exists():
+            try:
+                drafter_path = resolve(f"{model}-assistant", what="drafter")
+            except LoadError:
+                drafter_path = None  # the target has no published drafter: plain decoding
+    elif drafter is not False:
+        drafter_path = resolve(drafter, what="drafter")
+    draft_model = load_drafter(drafter_path, target, dtype) if drafter_path else None
+    eos = list(target.config.eos_token_id) or None
+    return SpecModel(
+        target=target,
+        drafter=draft_model,
+        tokenizer=load_tokenizer(path, eos),
+        name=str(model),
+        drafter_name=str(drafter_path) if drafter_path else None,
+    )

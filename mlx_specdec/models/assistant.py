@@ -1,0 +1,228 @@
+"""Gemma 4 assistant (the MTP drafter).
+
+It is not a model of its own: each step reads the target's embedding of the
+last token and the target's last hidden state, and its layers attend, queries
+only, to the K/V the target already computed (its last non-shared sliding and
+full-attention layers). It drafts autoregressively at one fixed position, the
+position of the token it was handed, feeding back its post-projected hidden.
+
+Reference semantics: transformers ``models/gemma4_assistant``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import Plan
+from ..errors import ConfigError, DrafterMismatchError
+from .gemma4 import FULL, SLIDING, DecoderLayer, TextConfig
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    text: TextConfig
+    backbone_hidden_size: int
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "AssistantConfig":
+        if cfg.get("model_type") != "gemma4_assistant":
+            raise ConfigError(f"expected model_type 'gemma4_assistant', found {cfg.get('model_type')!r}")
+        text = dict(cfg.get("text_config") or {})
+        if not text:
+            raise ConfigError("gemma4_assistant config has no text_config")
+        # Every assistant layer reads the target's K/V.
+        text["num_kv_shared_layers"] = text.get("num_kv_shared_layers") or text.get("num_hidden_layers")
+        text.setdefault("hidden_size_per_layer_input", 0)
+        text.setdefault("vocab_size_per_layer_input", 0)
+        text_config = TextConfig.from_dict(text)
+        if text_config.num_kv_shared_layers != text_config.num_hidden_layers:
+            raise ConfigError("every gemma4_assistant layer must be KV-shared")
+        if text_config.hidden_size_per_layer_input or text_config.enable_moe_block:
+            raise ConfigError("a gemma4_assistant has no per-layer inputs and no MoE block")
+        return cls(
+            text=text_config,
+            backbone_hidden_size=int(cfg.get("backbone_hidden_size", 1536)),
+            use_ordered_embeddings=bool(cfg.get("use_ordered_embeddings", False)),
+            num_centroids=int(cfg.get("num_centroids", 2048)),
+            centroid_intermediate_top_k=int(cfg.get("centroid_intermediate_top_k", 32)),
+        )
+
+    @property
+    def sliding_window(self) -> int:
+        """The window the drafter looks back through (transformers halves it
+        for bidirectional configs)."""
+        sw = self.text.sliding_window
+        return sw // 2 + 1 if self.text.use_bidirectional_attention == "all" else sw
+
+
+@dataclass(frozen=True)
+class TargetKV:
+    """The target's K/V for one attention type, with the position each slot holds."""
+
+    keys: mx.array
+    values: mx.array
+    positions: mx.array  # (B, slots), -1 where empty
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One draft step's output.
+
+    ``logits`` is (B, V), or (B, n) over ``candidates`` (B, n) token ids when
+    the centroid head scored only the tokens of its top clusters.
+    ``hidden`` (B, 1, backbone) is fed back as the next step's target hidden.
+    """
+
+    logits: mx.array
+    candidates: mx.array | None
+    hidden: mx.array
+
+    def greedy_tokens(self) -> mx.array:
+        best = mx.argmax(self.logits, axis=-1)
+        if self.candidates is None:
+            return best
+        return mx.take_along_axis(self.candidates, best[:, None], axis=-1)[:, 0]
+
+
+class MaskedEmbedder(nn.Module):
+    """Centroid head: scores only the tokens of the top-k clusters of an
+    ordered vocabulary, gathering just those rows of the head."""
+
+    def __init__(self, config: AssistantConfig):
+        super().__init__()
+        vocab = config.text.vocab_size
+        if vocab % config.num_centroids:
+            raise ConfigError(f"vocab_size {vocab} is not divisible by num_centroids {config.num_centroids}")
+        self.top_k = config.centroid_intermediate_top_k
+        self.per_cluster = vocab // config.num_centroids
+        self.centroids = nn.Linear(config.text.hidden_size, config.num_centroids, bias=False)
+        self.token_ordering = mx.zeros((vocab,), dtype=mx.int32)
+
+    def __call__(self, h: mx.array, head: nn.Module) -> tuple[mx.array, mx.array]:
+        """h (B, D) -> (logits (B, n), token ids (B, n)), n = top_k * per_cluster."""
+        scores = self.centroids(h)
+        clusters = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+        clusters = mx.sort(clusters, axis=-1)  # a stable order for the candidates
+        table = self.token_ordering.reshape(-1, self.per_cluster)
+        ids = table[clusters].reshape(h.shape[0], -1)
+        rows = head(ids)  # (B, n, D): gathers (and dequantizes) only these rows
+        logits = (rows @ h[:, :, None])[..., 0]
+        return logits, ids
+
+
+class Drafter(nn.Module):
+    def __init__(self, config: AssistantConfig, target_embedding: nn.Module):
+        super().__init__()
+        self.config = config
+        text = config.text
+        self.pre_projection = nn.Linear(2 * config.backbone_hidden_size, text.hidden_size, bias=False)
+        self.post_projection = nn.Linear(text.hidden_size, config.backbone_hidden_size, bias=False)
+        self.layers = [DecoderLayer(text, i) for i in range(text.num_hidden_layers)]
+        self.norm = nn.RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        # The drafter's own vocabulary table: its (tied) output head only.
+        self.lm_head = nn.Embedding(text.vocab_size, text.hidden_size)
+        if config.use_ordered_embeddings:
+            self.masked_embedding = MaskedEmbedder(config)
+        # The target's table, held by reference and kept out of this module's
+        # parameters: one array between the two models, never a copy.
+        self._target_embedding = target_embedding
+
+    @property
+    def input_embedding(self) -> nn.Module:
+        return self._target_embedding
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        h = self._target_embedding(tokens)
+        return h * mx.array(self.config.backbone_hidden_size**0.5, dtype=h.dtype)
+
+    def masks(self, position: mx.array, kv: dict[str, TargetKV]) -> dict[str, mx.array]:
+        """What a query at ``position`` may read: the accepted prefix only
+        (entries at or past it are rejected drafts or empty), and for sliding
+        layers the same look-back as the reference: the newest
+        ``sliding_window + 1`` keys before the position."""
+        p = position[:, None, None, None]
+        out = {}
+        for kind, entry in kv.items():
+            k = entry.positions[:, None, None, :]
+            mask = (k >= 0) & (k < p)
+            if kind == SLIDING:
+                mask = mask & (p - 1 - k <= self.config.sliding_window)
+            out[kind] = mask
+        return out
+
+    def __call__(self, tokens: mx.array, hidden: mx.array, position: mx.array, kv: dict[str, TargetKV]) -> Draft:
+        """One draft step for B rows.
+
+        tokens (B,): the last token of each row; hidden (B, 1, backbone): the
+        target's (or previous step's post-projected) hidden state for the
+        token before it; position (B,): the fixed drafting position (that of
+        ``tokens``); kv: the target's K/V per attention type.
+        """
+        x = mx.concatenate([self.embed(tokens[:, None]), hidden], axis=-1)
+        h = self.pre_projection(x)
+        masks = self.masks(position, kv)
+        for i, layer in enumerate(self.layers):
+            kind = self.config.text.layer_types[i]
+            plan = Plan(slots=None, written=0, concat=False, mask=masks[kind])
+            h, _ = layer(h, position, plan, (kv[kind].keys, kv[kind].values))
+        h = self.norm(h)
+        projected = self.post_projection(h)
+        last = h[:, 0]
+        if self.config.use_ordered_embeddings:
+            logits, candidates = self.masked_embedding(last, self.lm_head)
+        else:
+            logits, candidates = self.lm_head.as_linear(last), None
+        return Draft(logits=logits, candidates=candidates, hidden=projected)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        out = {}
+        for key, value in weights.items():
+            if "rotary_emb" in key:
+                continue
+            if key == "model.embed_tokens.weight":
+                key = "lm_head.weight"
+            elif key == "lm_head.weight" and "model.embed_tokens.weight" in weights:
+                continue  # tied to the table above
+            elif key.startswith("model."):
+                key = key[len("model.") :]
+            if key == "masked_embedding.token_ordering":
+                value = value.astype(mx.int32)
+            out[key] = value
+        return out
+
+
+def check_compatible(drafter: AssistantConfig, target: TextConfig, sources: dict[str, int]) -> None:
+    """Refuse a drafter made for another target, naming the mismatch."""
+    problems = []
+    if drafter.backbone_hidden_size != target.hidden_size:
+        problems.append(
+            f"drafter expects a target hidden size of {drafter.backbone_hidden_size}, target has {target.hidden_size}"
+        )
+    if drafter.text.vocab_size != target.vocab_size:
+        problems.append(f"drafter vocab is {drafter.text.vocab_size}, target vocab is {target.vocab_size}")
+    for i, kind in enumerate(drafter.text.layer_types):
+        if kind not in sources:
+            problems.append(f"drafter layer {i} reads {kind} K/V but the target has no {kind} layer")
+            continue
+        src = sources[kind]
+        if drafter.text.head_dims[i] != target.head_dims[src]:
+            problems.append(
+                f"drafter layer {i} ({kind}) has head_dim {drafter.text.head_dims[i]}, "
+                f"target layer {src} has {target.head_dims[src]}"
+            )
+        if drafter.text.num_attention_heads % target.kv_heads[src]:
+            problems.append(
+                f"drafter layer {i} has {drafter.text.num_attention_heads} heads, not a multiple of the "
+                f"target's {target.kv_heads[src]} KV heads"
+            )
+    if problems:
+        raise DrafterMismatchError("drafter does not match the target: " + "; ".join(problems))
+
+
+__all__ = ["AssistantConfig", "Draft", "Drafter", "TargetKV", "check_compatible", "FULL", "SLIDING"]

@@ -1,0 +1,437 @@
+"""Gemma 4 text decoder (the speculative target), self-contained in the mlx-lm style.
+
+Covers every published geometry: per-layer inputs and KV-shared layers
+(E2B/E4B), k=v global attention with its own head dim and KV-head count (31B),
+the MoE block (26B A4B), sliding and full attention, logit soft-capping.
+
+One forward pass returns the final (normed) hidden state; ``logits()`` turns it
+into soft-capped logits, and the drafter reads the K/V of the two layers named
+by ``drafter_sources`` straight out of the cache the same pass filled.
+Reference semantics: transformers ``models/gemma4/modeling_gemma4.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from ..cache import Cache, LayerKV, Plan, PositionTable, Step
+from ..errors import ConfigError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+ATTENTION_TYPES = (SLIDING, FULL)
+
+# transformers' Gemma4TextConfig defaults, used where a config.json omits a key.
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+_DEFAULT_SLIDING_PATTERN = 6
+
+
+def _layer_overrides(cfg: dict, layer_types: list[str]) -> list[dict]:
+    """Per-layer head_dim / num_key_value_heads overrides, from either config style.
+
+    Google's published config.json names ``global_head_dim`` and
+    ``num_global_key_value_heads``; ``save_pretrained`` writes the resolved
+    ``per_layer_config`` instead. transformers gives full-attention layers the
+    global head dim always, and the global KV-head count only with k=v attention.
+    """
+    per_layer = cfg.get("per_layer_config")
+    if per_layer is not None:
+        if isinstance(per_layer, list):
+            return [dict(o or {}) for o in per_layer] + [{}] * (len(layer_types) - len(per_layer))
+        out = [{} for _ in layer_types]
+        for key, value in per_layer.items():
+            if str(key).isdigit() and int(key) < len(out):
+                out[int(key)] = dict(value or {})
+        return out
+    full = {"head_dim": cfg.get("global_head_dim", 512)}
+    if cfg.get("attention_k_eq_v", False) and cfg.get("num_global_key_value_heads") is not None:
+        full["num_key_value_heads"] = cfg["num_global_key_value_heads"]
+    return [dict(full) if t == FULL else {} for t in layer_types]
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text decoder's geometry, resolved once from config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    layer_types: tuple[str, ...]
+    head_dims: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    rope_parameters: dict
+    sliding_window: int
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = None
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    enable_moe_block: bool = False
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    tie_word_embeddings: bool = True
+    use_bidirectional_attention: str | None = None
+    eos_token_id: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "TextConfig":
+        try:
+            n = int(cfg["num_hidden_layers"])
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+        except KeyError as e:
+            raise ConfigError(f"config is missing {e.args[0]!r}") from None
+        act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ConfigError(f"unsupported hidden_activation {act!r} (expected 'gelu_pytorch_tanh')")
+        layer_types = cfg.get("layer_types") or [
+            SLIDING if (i + 1) % _DEFAULT_SLIDING_PATTERN else FULL for i in range(n)
+        ]
+        layer_types = list(layer_types)
+        if len(layer_types) != n:
+            raise ConfigError(f"layer_types has {len(layer_types)} entries for {n} layers")
+        unknown = set(layer_types) - set(ATTENTION_TYPES)
+        if unknown:
+            raise ConfigError(f"unknown layer types {sorted(unknown)}")
+        layer_types[-1] = FULL  # transformers forces the last layer to full attention
+        overrides = _layer_overrides(cfg, layer_types)
+        head_dim = int(cfg.get("head_dim", 256))
+        kv_heads = int(cfg.get("num_key_value_heads", 4))
+        rope = dict(_DEFAULT_ROPE)
+        rope.update(cfg.get("rope_parameters") or {})
+        eos = cfg.get("eos_token_id", 1)
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        return cls(
+            vocab_size=int(cfg.get("vocab_size", 262_144)),
+            hidden_size=hidden,
+            intermediate_size=int(cfg.get("intermediate_size", 9216)),
+            num_hidden_layers=n,
+            num_attention_heads=heads,
+            layer_types=tuple(layer_types),
+            head_dims=tuple(int(o.get("head_dim", head_dim)) for o in overrides),
+            kv_heads=tuple(int(o.get("num_key_value_heads", kv_heads)) for o in overrides),
+            rope_parameters=rope,
+            sliding_window=int(cfg.get("sliding_window", 512)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            final_logit_softcapping=cfg.get("final_logit_softcapping"),
+            hidden_size_per_layer_input=int(cfg.get("hidden_size_per_layer_input", 256) or 0),
+            vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input", 262_144) or 0),
+            attention_k_eq_v=bool(cfg.get("attention_k_eq_v", False)),
+            num_kv_shared_layers=int(cfg.get("num_kv_shared_layers", 0) or 0),
+            use_double_wide_mlp=bool(cfg.get("use_double_wide_mlp", False)),
+            enable_moe_block=bool(cfg.get("enable_moe_block", False)),
+            num_experts=cfg.get("num_experts"),
+            top_k_experts=cfg.get("top_k_experts"),
+            moe_intermediate_size=cfg.get("moe_intermediate_size"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            use_bidirectional_attention=cfg.get("use_bidirectional_attention"),
+            eos_token_id=eos,
+            extra=cfg,
+        )
+
+    @property
+    def first_shared_layer(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def kv_source(self, i: int) -> int:
+        """The layer whose K/V layer i attends to (itself unless KV-shared)."""
+        if i < self.first_shared_layer:
+            return i
+        return self.last_layer_of(self.layer_types[i])
+
+    def last_layer_of(self, kind: str) -> int:
+        """Last non-shared layer of a type: its K/V serve shared layers and the drafter."""
+        for i in reversed(range(self.first_shared_layer)):
+            if self.layer_types[i] == kind:
+                return i
+        raise ConfigError(f"no non-shared {kind} layer to read K/V from")
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
+class RMSNormNoScale(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+def make_rope(config: TextConfig, kind: str, head_dim: int) -> nn.Module:
+    params = dict(config.rope_parameters[kind])
+    return initialize_rope(
+        dims=head_dim,
+        base=params.get("rope_theta", 10_000.0),
+        traditional=False,
+        scaling_config=params,
+        max_position_embeddings=config.extra.get("max_position_embeddings"),
+    )
+
+
+def attend(queries, keys, values, mask):
+    # Gemma 4 normalises q and k per head, so attention runs unscaled.
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, i: int):
+        super().__init__()
+        self.kind = config.layer_types[i]
+        self.head_dim = config.head_dims[i]
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.kv_heads[i]
+        self.shares_kv = i >= config.first_shared_layer
+        self.k_eq_v = config.attention_k_eq_v and self.kind == FULL
+        dim, eps = config.hidden_size, config.rms_norm_eps
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        if not self.shares_kv:
+            self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+            if not self.k_eq_v:
+                self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
+            self.v_norm = RMSNormNoScale(eps)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.rope = make_rope(config, self.kind, self.head_dim)
+
+    def __call__(self, x, offsets: mx.array, plan: Plan, kv):
+        """``kv`` is this layer's LayerKV, or for a KV-shared layer the
+        (keys, values) its source layer attended to in this same pass."""
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset=offsets)
+        if self.shares_kv:
+            keys, values = kv
+        else:
+            raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+            v = raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+            k = self.rope(self.k_norm(raw).transpose(0, 2, 1, 3), offset=offsets)
+            v = self.v_norm(v).transpose(0, 2, 1, 3)
+            keys, values = kv.update_and_fetch(k, v, plan)
+        out = attend(q, keys, values, plan.mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = mx.ones((config.hidden_size,))
+        self.per_expert_scale = mx.ones((config.num_experts,))
+        self.top_k = config.top_k_experts
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x):
+        x = mx.fast.rms_norm(x, self.scale * x.shape[-1] ** -0.5, self.eps)
+        scores = self.proj(x)
+        # softmax over all experts then renormalising the top k equals a
+        # softmax over the top-k scores alone.
+        top = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        weights = mx.softmax(mx.take_along_axis(scores, top, axis=-1).astype(mx.float32), axis=-1)
+        return top, weights.astype(x.dtype) * self.per_expert_scale[top]
+
+
+class GeGLU(nn.Module):
+    def __call__(self, x, gate):
+        return nn.gelu_approx(gate) * x
+
+
+class Experts(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.switch_glu = SwitchGLU(
+            config.hidden_size, config.moe_intermediate_size, config.num_experts, activation=GeGLU()
+        )
+
+    def __call__(self, x, top, weights):
+        return (self.switch_glu(x, top) * weights[..., None]).sum(-2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, i: int):
+        super().__init__()
+        dim, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, i)
+        double = config.use_double_wide_mlp and self.self_attn.shares_kv
+        self.mlp = MLP(dim, config.intermediate_size * (2 if double else 1))
+        self.input_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+        self.moe = config.enable_moe_block
+        if self.moe:
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.post_feedforward_layernorm_1 = nn.RMSNorm(dim, eps=eps)
+            self.post_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
+            self.pre_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
+        self.per_layer = config.hidden_size_per_layer_input
+        if self.per_layer:
+            self.per_layer_input_gate = nn.Linear(dim, self.per_layer, bias=False)
+            self.per_layer_projection = nn.Linear(self.per_layer, dim, bias=False)
+            self.post_per_layer_input_norm = nn.RMSNorm(dim, eps=eps)
+
+    def __call__(self, x, offsets, plan, kv, per_layer_input=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), offsets, plan, kv)
+        h = x + self.post_attention_layernorm(attn)
+        ff = self.mlp(self.pre_feedforward_layernorm(h))
+        if self.moe:
+            top, weights = self.router(h)
+            experts = self.experts(self.pre_feedforward_layernorm_2(h), top, weights)
+            ff = self.post_feedforward_layernorm_1(ff) + self.post_feedforward_layernorm_2(experts)
+        h = h + self.post_feedforward_layernorm(ff)
+        if self.per_layer:
+            gate = nn.gelu_approx(self.per_layer_input_gate(h)) * per_layer_input
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        return h * self.layer_scalar, kv
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        P = config.hidden_size_per_layer_input
+        if P:
+            n = config.num_hidden_layers
+            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, n * P)
+            self.per_layer_model_projection = nn.Linear(config.hidden_size, n * P, bias=False)
+            self.per_layer_projection_norm = nn.RMSNorm(P, eps=config.rms_norm_eps)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Scaled token embedding: the target's input, and the drafter's too."""
+        h = self.embed_tokens(tokens)
+        # transformers casts the scale to the weight dtype (55.43 -> 55.5 in bf16).
+        return h * mx.array(self.config.hidden_size**0.5, dtype=h.dtype)
+
+    def per_layer_inputs(self, tokens: mx.array, h: mx.array) -> mx.array:
+        c = self.config
+        shape = (*tokens.shape, c.num_hidden_layers, c.hidden_size_per_layer_input)
+        by_token = self.embed_tokens_per_layer(tokens)
+        by_token = (by_token * mx.array(c.hidden_size_per_layer_input**0.5, dtype=by_token.dtype)).reshape(shape)
+        by_context = self.per_layer_model_projection(h) * (c.hidden_size**-0.5)
+        by_context = self.per_layer_projection_norm(by_context.reshape(shape))
+        return (by_context + by_token) * (2.0**-0.5)
+
+    def __call__(self, tokens: mx.array, step: Step, cache: Cache) -> mx.array:
+        h = self.embed(tokens)
+        per_layer = self.per_layer_inputs(tokens, h) if self.config.hidden_size_per_layer_input else None
+        plans = cache.plan(step)
+        offsets = mx.array(step.starts, dtype=mx.int32)
+        attended = {}  # layer -> the (keys, values) it attended to, for KV-shared layers
+        for i, layer in enumerate(self.layers):
+            source = self.config.kv_source(i)
+            kv = cache.layers[i] if source == i else attended[source]
+            plan = plans[self.config.layer_types[i]]
+            h, attended[i] = layer(h, offsets, plan, kv, None if per_layer is None else per_layer[:, :, i])
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """The target: ``hidden = model(tokens, step, cache)``; ``logits = model.logits(hidden)``."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, step: Step, cache: Cache) -> mx.array:
+        return self.model(tokens, step, cache)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.config.tie_word_embeddings:
+            out = self.model.embed_tokens.as_linear(hidden)
+        else:
+            out = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return softcap(out, cap) if cap else out
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.model.embed(tokens)
+
+    def make_cache(self, batch_size: int = 1, max_step: int = 16, drafter_window: int = 0) -> Cache:
+        """Empty caches for ``batch_size`` rows.
+
+        ``max_step`` bounds the tokens of one decode step (k + 1); larger steps
+        (prefill) still work but take the slower concatenating path.
+        ``drafter_window`` is the sliding window the drafter reads through.
+        """
+        c = self.config
+        window = max(c.sliding_window, drafter_window + 1)
+        tables = {
+            SLIDING: PositionTable(batch_size, c.sliding_window, window + max_step),
+            FULL: PositionTable(batch_size, None, 0),
+        }
+        # KV-shared layers never write theirs (their LayerKV stays empty);
+        # one entry per layer keeps the indexing plain.
+        layers = [LayerKV(tables[kind]) for kind in c.layer_types]
+        return Cache(tables, layers)
+
+    def drafter_sources(self) -> dict[str, int]:
+        """Which layer's K/V the drafter reads for each attention type."""
+        return {kind: self.config.last_layer_of(kind) for kind in set(self.config.layer_types)}
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map a text checkpoint's keys onto this module (already stripped of
+        multimodal prefixes by the loader)."""
+        c = self.config
+        out = {}
+        for key, value in weights.items():
+            if "rotary_emb" in key:
+                continue
+            if key == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            parts = key.split(".")
+            if len(parts) > 3 and parts[1] == "layers" and parts[4:5] and parts[3] == "self_attn":
+                i = int(parts[2])
+                if c.kv_source(i) != i and parts[4] in ("k_proj", "v_proj", "k_norm", "v_norm"):
+                    continue  # KV-shared layers never compute their own K/V
+            if key.endswith(".experts.gate_up_proj"):
+                base = key.removesuffix(".gate_up_proj")
+                gate, up = mx.split(value, 2, axis=-2)
+                out[f"{base}.switch_glu.gate_proj.weight"] = gate
+                out[f"{base}.switch_glu.up_proj.weight"] = up
+                continue
+            if key.endswith(".experts.down_proj"):
+                out[key.removesuffix(".down_proj") + ".switch_glu.down_proj.weight"] = value
+                continue
+            out[key] = value
+        return out
