@@ -95,8 +95,8 @@ class PositionTable:
         new_positions = mx.put_along_axis(
             self.positions, slots, q_pos[:, step.length - written :], axis=1
         )
+        self.used = self.capacity if self.ring else max(self.used, step.end)
         if not concat:
-            self.used = self.capacity if self.ring else max(self.used, step.end)
             k_pos = new_positions[:, : self.used]
         self.positions = new_positions
         return Plan(slots, written, concat, self.mask(q_pos, k_pos))
