@@ -38,17 +38,11 @@ class SpecModel:
     target: gemma4.Model
     drafter: assistant.Drafter | None
     tokenizer: object | None  # mlx_lm TokenizerWrapper
+    eos_token_ids: frozenset[int] = frozenset()
     name: str = "model"
     drafter_name: str | None = None
     # Draft-policy state learnt in this process, keyed by batch size; reused across requests.
     policy: object | None = field(default=None, repr=False)
-
-    @property
-    def eos_token_ids(self) -> set[int]:
-        ids = set(self.target.config.eos_token_id)
-        if self.tokenizer is not None:
-            ids |= set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
-        return ids
 
 
 def resolve(path_or_repo: str | Path, *, what: str = "model") -> Path:
@@ -243,10 +237,14 @@ def load(
         drafter_path = resolve(drafter, what="drafter")
     draft_model = load_drafter(drafter_path, target, dtype) if drafter_path else None
     eos = list(target.config.eos_token_id) or None
+    tokenizer = load_tokenizer(path, eos)
+    if tokenizer is not None:
+        eos = sorted(set(eos or ()) | set(tokenizer.eos_token_ids or ()))
     return SpecModel(
         target=target,
         drafter=draft_model,
-        tokenizer=load_tokenizer(path, eos),
+        tokenizer=tokenizer,
+        eos_token_ids=frozenset(eos or ()),
         name=str(model),
         drafter_name=str(drafter_path) if drafter_path else None,
     )

@@ -7,12 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
+from safetensors.numpy import load_file
 
-from safetensors.numpy import load_file  # noqa: E402
-
-from tests import oracle  # noqa: E402
+from tests import oracle
 
 PROMPT = [oracle.BOS_ID] + [int(x) for x in np.random.default_rng(7).integers(3, 96, 19)]  # 20 > sliding window
 
@@ -246,7 +244,8 @@ def test_tokenizer_loads_in_transformers_and_mlx_lm(tmp_path):
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert chat == "<bos><|turn>user\nhi<turn|>\n<|turn>model\n"
 
-    tokenizer_utils = pytest.importorskip("mlx_lm.tokenizer_utils")
+    from mlx_lm import tokenizer_utils
+
     wrapper = tokenizer_utils.load(path)
     assert wrapper.eos_token_ids == {oracle.EOS_ID}
     detok = wrapper.detokenizer

@@ -1,0 +1,209 @@
+"""Loading layouts, the one shared embedding, and clear errors for bad input."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_specdec import (
+    ConfigError,
+    DrafterMismatchError,
+    InputError,
+    LoadError,
+    generate,
+    generate_batch,
+    load,
+)
+from mlx_specdec.cache import Step
+from tests import oracle
+from tests.helpers import forward_in_steps, prompt
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _arrays(module):
+    return {id(a): a for _, a in tree_flatten(module.parameters())}
+
+
+def test_drafter_holds_the_targets_embedding_not_a_copy(checkpoints):
+    target = checkpoints.target("e2b")
+    spec = load(target, drafter=checkpoints.assistant(target))
+    table = spec.target.model.embed_tokens.weight
+    assert spec.drafter.input_embedding.weight is table
+    # Nothing the drafter owns is a table of the target's shape (V x target width).
+    drafter_arrays = _arrays(spec.drafter)
+    assert all(a.shape != table.shape for a in drafter_arrays.values())
+    # Memory of both models: each array counted once, and the target's table once.
+    both = {**_arrays(spec.target), **drafter_arrays}
+    total = sum(a.nbytes for a in both.values())
+    assert total == sum(a.nbytes for a in _arrays(spec.target).values()) + sum(
+        a.nbytes for a in drafter_arrays.values()
+    )
+    # The drafter reads through the same array: changing it changes the drafter's input.
+    tokens = mx.array([5])
+    before = spec.drafter.embed(tokens)
+    assert mx.allclose(before, spec.target.embed(tokens[None])[0])
+
+
+def test_multimodal_checkpoint_loads_text_weights_only(checkpoints):
+    path = checkpoints.target("dense", multimodal=True)
+    keys = set(mx.load(str(path / "model.safetensors")))
+    assert any("vision_tower" in k for k in keys) and any("audio_tower" in k for k in keys)
+    spec = load(path, drafter=False)
+    names = {k for k, _ in tree_flatten(spec.target.parameters())}
+    assert not any("vision" in k or "audio" in k for k in names)
+
+
+def test_published_config_style_loads_the_same_model(checkpoints):
+    a = load(checkpoints.target("31b"), drafter=False)
+    b = load(checkpoints.target("31b", published=True), drafter=False)
+    assert a.target.config.head_dims == b.target.config.head_dims
+    assert a.target.config.kv_heads == b.target.config.kv_heads
+    ids = prompt(20)
+    np.testing.assert_array_equal(forward_in_steps(a.target, ids, [20])[0], forward_in_steps(b.target, ids, [20])[0])
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_mlx_lm_converted_folder_matches_mlx_lm(checkpoints, tmp_path, bits):
+    import mlx_lm as lm
+
+    # mlx-lm reads the published config style; width 64 so 4/8-bit groups of 32 fit.
+    src = checkpoints.target("26b", published=True, hidden_size=64)
+    out = tmp_path / "mlx"
+    lm.convert(str(src), str(out), quantize=bits is not None, q_group_size=32, q_bits=bits or 4)
+    weights = mx.load(str(out / "model.safetensors"))
+    assert (bits is not None) == any(k.endswith(".scales") for k in weights)
+    model, _ = lm.load(str(out))
+    ids = prompt(30)
+    expected = np.array(model(mx.array([ids]))[0])
+    spec = load(out, drafter=False)
+    np.testing.assert_allclose(forward_in_steps(spec.target, ids, [30])[0], expected, atol=1e-4, rtol=0)
+    assert generate(spec, ids, max_tokens=5, draft_tokens=0).tokens
+
+
+def test_checkpoint_without_tokenizer_takes_token_ids_only(checkpoints, tmp_path):
+    path = _copy(checkpoints.target("dense"), tmp_path / "bare")
+    for f in path.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            f.unlink()
+    spec = load(path, drafter=False)
+    assert spec.tokenizer is None
+    result = generate(spec, prompt(6), max_tokens=4, draft_tokens=0)
+    assert len(result.tokens) <= 4 and result.text is None
+    with pytest.raises(InputError, match="no tokenizer"):
+        generate(spec, "hello there", max_tokens=4)
+
+
+def test_text_prompt_with_tokenizer(checkpoints):
+    target = checkpoints.target("dense")
+    spec = load(target, drafter=checkpoints.assistant(target))
+    result = generate(spec, "the cat sat on the mat", max_tokens=6)
+    assert isinstance(result.text, str)
+    assert result.tokens == generate(spec, spec.tokenizer.encode("the cat sat on the mat"), max_tokens=6).tokens
+
+
+def test_drafter_found_beside_the_target(checkpoints, tmp_path):
+    target = _copy(checkpoints.target("dense"), tmp_path / "tiny")
+    _copy(checkpoints.assistant(checkpoints.target("dense")), tmp_path / "tiny-assistant")
+    assert load(target).drafter is not None
+    assert load(target, drafter=False).drafter is None
+
+
+# ---- bad input --------------------------------------------------------------------------
+
+
+def test_unknown_model_type(checkpoints, tmp_path):
+    path = _copy(checkpoints.target("dense"), tmp_path / "llama")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unsupported model_type 'llama'"):
+        load(path)
+
+
+def test_drafter_given_as_target(checkpoints):
+    with pytest.raises(ConfigError, match="drafter, not a target"):
+        load(checkpoints.assistant(checkpoints.target("dense")))
+
+
+def test_missing_weights(checkpoints, tmp_path):
+    path = _copy(checkpoints.target("dense"), tmp_path / "noweights")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match="no \\*.safetensors"):
+        load(path)
+
+
+def test_weights_that_do_not_fit_the_config(checkpoints, tmp_path):
+    path = _copy(checkpoints.target("dense"), tmp_path / "wrong")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] += 1
+    cfg["layer_types"] = cfg["layer_types"] + ["full_attention"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="do not fit the config"):
+        load(path, drafter=False)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match="neither a local folder nor a hub repo id"):
+        load(str(tmp_path / "nope" / "deeper"))
+    with pytest.raises(LoadError, match="could not fetch model 'nobody/nothing'"):
+        load("nobody/nothing")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_size": 64}, "target hidden size"),
+        ({"vocab_size": 80}, "vocab is 80"),
+    ],
+)
+def test_drafter_for_another_target_is_refused(checkpoints, change, message):
+    other = checkpoints.target("dense", seed=3, **change)
+    with pytest.raises(DrafterMismatchError, match=message):
+        load(checkpoints.target("dense"), drafter=checkpoints.assistant(other))
+
+
+def test_drafter_with_other_head_dim_is_refused(checkpoints):
+    other = checkpoints.target("dense", seed=4, head_dim=16)
+    with pytest.raises(DrafterMismatchError, match="head_dim"):
+        load(checkpoints.target("dense"), drafter=checkpoints.assistant(other))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"max_tokens": -3}, "max_tokens must be an integer >= 1"),
+        ({"draft_tokens": 99}, "draft_tokens must be 'auto' or an integer"),
+        ({"draft_tokens": "many"}, "draft_tokens must be 'auto' or an integer"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p must be in"),
+    ],
+)
+def test_bad_options(checkpoints, kwargs, message):
+    spec = load(checkpoints.target("dense"), drafter=False)
+    with pytest.raises(InputError, match=message):
+        generate(spec, prompt(4), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [[], "", [5, 1000], [-1]])
+def test_bad_prompts(checkpoints, bad):
+    spec = load(checkpoints.target("dense"), drafter=False)
+    with pytest.raises(InputError):
+        generate(spec, bad, max_tokens=3)
+    with pytest.raises(InputError):
+        generate_batch(spec, [prompt(3), bad], max_tokens=3)
+
+
+def test_cache_refuses_a_step_of_another_batch_size(checkpoints):
+    spec = load(checkpoints.target("dense"), drafter=False)
+    cache = spec.target.make_cache(2)
+    with pytest.raises(ValueError, match="step has 1 rows but the cache holds 2"):
+        spec.target(mx.array([[5]]), Step((0,), 1), cache)
