@@ -123,16 +123,25 @@ def _draft_distribution(draft: Draft, params: SamplingParams, vocab: int) -> mx.
 
 
 def _prefill(spec: SpecModel, prompts: list[list[int]], max_step: int) -> tuple[Cache, mx.array]:
-    """Each row alone (prompts differ in length), then one batched cache."""
+    """Prompts of one length share a pass; the batched cache keeps the callers' row order."""
     window = spec.drafter.config.sliding_window if spec.drafter else 0
-    caches, hiddens = [], []
-    for prompt in prompts:
-        cache = spec.target.make_cache(1, max_step=max_step, drafter_window=window)
-        hidden = spec.target(mx.array([prompt]), Step((0,), len(prompt)), cache)
-        mx.eval(hidden[:, -1:], *cache.arrays())
+    by_length: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(row)
+    caches, hiddens, order = [], [], []
+    for length, rows in by_length.items():
+        cache = spec.target.make_cache(len(rows), max_step=max_step, drafter_window=window)
+        tokens = mx.array([prompts[r] for r in rows])
+        hidden = spec.target(tokens, Step((0,) * len(rows), length), cache)[:, -1:]
+        mx.eval(hidden, *cache.arrays())
         caches.append(cache)
-        hiddens.append(hidden[:, -1:])
-    return Cache.stack(caches), mx.concatenate(hiddens, axis=0)
+        hiddens.append(hidden)
+        order += rows
+    cache, hidden = Cache.stack(caches), mx.concatenate(hiddens, axis=0)
+    if order != sorted(order):
+        where = sorted(range(len(order)), key=order.__getitem__)
+        cache, hidden = cache.select(where), hidden[mx.array(where)]
+    return cache, hidden
 
 
 def decode(
