@@ -147,8 +147,11 @@ def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype) -
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise LoadError(f"weights in {where} do not fit the config: {str(e).splitlines()[0]}") from e
+    if dtype is None and mx.default_device().type == mx.DeviceType.cpu:
+        # MLX's CPU backend has no fast half-precision matmul: compute in fp32 there.
+        dtype = mx.float32
     if dtype is not None:
-        model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
+        model.apply(lambda x: x.astype(dtype) if x.dtype in (mx.float16, mx.bfloat16, mx.float32) else x)
     mx.eval(model.parameters())
 
 
@@ -211,7 +214,7 @@ def load_tokenizer(path: Path, eos_token_ids=None):
 
 
 def load(
-    model: str | Path,
+    model: str | Path | None = None,
     drafter: str | Path | bool | None = None,
     *,
     dtype: str | None = None,
@@ -222,7 +225,12 @@ def load(
     one is found (a ``drafter/`` or ``assistant/`` subfolder, a ``<model>-assistant``
     sibling folder, or the ``<repo>-assistant`` hub repo); False for none.
     ``dtype`` casts floating weights (e.g. "float32" where the backend is slow in bf16).
+    With no ``model``, the embedded demo pair.
     """
+    if model is None:
+        from .demo import demo_path
+
+        model = demo_path()
     path = resolve(model)
     target = load_target(path, dtype)
     drafter_path = None
