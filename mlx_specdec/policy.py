@@ -1,0 +1,477 @@
+"""Choosing the draft length k of each speculative round from measured acceptance and measured costs.
+
+A round that drafts k tokens yields, per row, E(k) = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens,
+where a_i is the acceptance of draft position i given that every position before it was accepted
+(the 1 is the target's own token, which every round yields). For a constant rate a this is
+(1 - a^(k+1)) / (1 - a) (Leviathan, Kalman & Matias 2023, arXiv:2211.17192). The round costs
+k * t_draft(B) + t_verify(B, k + 1) for a batch of B rows; k = 0 is plain decoding at
+t_verify(B, 1) per token. The policy picks the k (0 included) with the highest B * E(k) / cost(k).
+
+Nothing here assumes verification is cheap. On Apple GPUs quantized kernels are far from
+memory-bound: verifying 2/4/9 tokens has measured 1.7x/3.1x/6.1x a 1-token forward, and a
+mixture-of-experts target at B=1 wakes other experts for each extra token. So every cost is
+measured in this process, for this batch size; unmeasured ones are estimated from measured
+neighbours, never taken as free (see CostModel). A costly target then switches drafting off on
+its own, with no model-name special case.
+
+While drafting is off the policy probes with PROBE_K drafts now and then so it can come back:
+at most 1 probe round per PROBE_MIN_INTERVAL (16) plain rounds, and the interval is stretched
+so that, by the measured costs, probes add at most PROBE_OVERHEAD_BUDGET (3%) to plain
+decoding time even when no draft is ever accepted.
+
+The policy object is meant to be owned by the loaded model and reused across requests, so what it
+has measured carries over; `to_json` / `from_json` save it per model and machine. Per-request
+overrides (a fixed k, or 0 = off) bypass `decide` with `fixed_decision`, and still `record`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+PRIOR_ACCEPTANCE = 0.5
+"""Acceptance assumed for draft position 1 before anything is measured: the uninformative middle,
+so the first decisions neither rule drafting out nor bet on it."""
+
+PRIOR_WEIGHT = 2.0
+"""How many observed rows a prior is worth: a first round at B=1 moves the estimate a third of the
+way to what it saw, a round at B=8 mostly replaces it."""
+
+ACCEPTANCE_HALF_LIFE_ROUNDS = 32
+"""Rounds after which an observation counts half as much as a new one. Acceptance follows the text
+(prose, code, a quoted passage), which changes over tens of tokens; 32 rounds (~100 tokens while
+drafting) still averages out the coin flips of single rows."""
+
+_DECAY = 0.5 ** (1.0 / ACCEPTANCE_HALF_LIFE_ROUNDS)
+
+COST_EMA_WEIGHT = 0.2
+"""Weight of a new timing sample in the running mean of its cell (about the last five samples):
+verify time drifts as the context grows, and single samples jitter with GPU scheduling."""
+
+DRAFT_STEP_PRIOR = 0.25
+"""A drafter step is assumed to cost this fraction of a 1-token target forward until the first
+drafting round (or probe) measures it. MTP assistants are a few layers against the target's
+dozens, so this overstates them: not free, yet not so dear that drafting is never tried."""
+
+MIN_GAIN = 0.02
+"""Drafting must beat plain decoding's expected throughput by this fraction: timings jitter by a few
+percent, and a round that drafts adds work the cost model does not see (acceptance, sampling)."""
+
+PROBE_K = 1
+"""Drafts per probe: one is the cheapest round that measures a_1, and a_1 bounds every E(k)."""
+
+PROBE_MIN_INTERVAL = 16
+"""Plain rounds between probes at the least, however cheap a probe is."""
+
+PROBE_OVERHEAD_BUDGET = 0.03
+"""Most time probes may add to plain decoding while no draft is accepted: the interval between
+probes is at least (probe cost - plain round cost) / (PROBE_OVERHEAD_BUDGET * plain round cost)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def expected_tokens(acceptance: Sequence[float], k: int) -> float:
+    """E(k) = 1 + a_1 + a_1 a_2 + ... + a_1...a_k: tokens per row from a round that drafts k."""
+    if not 0 <= k <= len(acceptance):
+        raise ValueError(f"k must be in 0..{len(acceptance)} (acceptance has {len(acceptance)} positions), got {k}")
+    total, reach = 1.0, 1.0
+    for a in acceptance[:k]:
+        reach *= a
+        total += reach
+    return total
+
+
+def tokens_per_second(
+    acceptance: Sequence[float], t_draft: float, t_verify: Sequence[float], batch_size: int
+) -> list[float]:
+    """Expected throughput B * E(k) / (k * t_draft + t_verify[k]) for k = 0..len(t_verify) - 1,
+    where t_verify[k] is the time to verify k + 1 tokens per row and t_draft one drafter step."""
+    return [batch_size * expected_tokens(acceptance, k) / (k * t_draft + t) for k, t in enumerate(t_verify)]
+
+
+def position_counts(k: int, accepted: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Per draft position i = 1..k: rows that reached it (all before accepted) and rows that
+    accepted it, from each row's count of accepted drafts this round."""
+    for n in accepted:
+        if not 0 <= n <= k:
+            raise ValueError(f"accepted drafts per row must be in 0..k={k}, got {list(accepted)}")
+    reached = [sum(n >= i for n in accepted) for i in range(k)]
+    return reached, [sum(n > i for n in accepted) for i in range(k)]
+
+
+def calibration_lengths(k_max: int) -> list[int]:
+    """Verify lengths to time at load: 1, 2, 3, then 2^j + 1 up to k_max + 1, and k_max + 1.
+    Dense where choices are decided, sparse beyond; the rest is interpolated, then measured
+    online as rounds use it."""
+    lengths = {1, 2, 3, k_max + 1}
+    j = 2
+    while 2**j + 1 <= k_max + 1:
+        lengths.add(2**j + 1)
+        j += 1
+    return sorted(n for n in lengths if n <= k_max + 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Acceptance
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Decayed running estimate of a_i, the acceptance of draft position i given all before accepted.
+
+    Each position keeps its accepted and reached row counts as of the round it was last observed;
+    an observation `age` rounds old weighs 2^(-age / ACCEPTANCE_HALF_LIFE_ROUNDS) against a new one.
+
+    Position 1 is observed in every drafting round and every probe. Its prior (PRIOR_ACCEPTANCE,
+    worth PRIOR_WEIGHT rows) ages like an observation made at round 0, and between observations its
+    estimate stays put: a long plain stretch neither erases what was learned nor drifts back to the
+    prior (which would turn drafting on without a probe).
+
+    A deeper position is observed only when the policy drafts that far, so its evidence fades with
+    age toward the estimate of the position before it (worth PRIOR_WEIGHT rows): a position never
+    drafted borrows a_{i-1}, and one that was poor during a hard passage is not believed poor forever.
+    """
+
+    accepted: list[float]
+    reached: list[float]
+    last_round: list[int]
+    prior_weight: float = PRIOR_WEIGHT  # position 1's prior, aged with its evidence
+
+    @classmethod
+    def empty(cls, k_max: int) -> AcceptanceEstimate:
+        return cls([0.0] * k_max, [0.0] * k_max, [0] * k_max)
+
+    def update(self, now: int, k: int, accepted: Sequence[int]) -> None:
+        """Add one round that drafted k tokens; positions beyond the estimate's length are ignored."""
+        reached, took = position_counts(k, accepted)
+        for i in range(min(k, len(self.reached))):
+            if reached[i] == 0:  # no row got this far, nor further
+                break
+            age = _DECAY ** (now - self.last_round[i])
+            self.accepted[i] = self.accepted[i] * age + took[i]
+            self.reached[i] = self.reached[i] * age + reached[i]
+            if i == 0:
+                self.prior_weight *= age
+            self.last_round[i] = now
+
+    def rates(self, now: int) -> list[float]:
+        """a_1..a_k_max as of round `now`."""
+        out: list[float] = []
+        for i, (took, reached, last) in enumerate(zip(self.accepted, self.reached, self.last_round)):
+            if i == 0:
+                weight, total = self.prior_weight, reached + self.prior_weight
+                out.append((took + weight * PRIOR_ACCEPTANCE) / total if total > 0 else PRIOR_ACCEPTANCE)
+            else:
+                age = _DECAY ** (now - last)
+                out.append((took * age + PRIOR_WEIGHT * out[-1]) / (reached * age + PRIOR_WEIGHT))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Costs
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else old + COST_EMA_WEIGHT * (new - old)
+
+
+def _interpolate(points: dict[int, float], x: int, scale_below: bool, extrapolate: bool = True) -> float | None:
+    """Linear interpolation between the measured points around x. Beyond the largest, proportional
+    to x (no amortisation: per-token and per-row costs do not grow with size, so this is an upper
+    bound). Below the smallest, proportional again if scale_below (a lower bound), else held."""
+    if x in points:
+        return points[x]
+    below, above = [p for p in points if p < x], [p for p in points if p > x]
+    if below and above:
+        lo, hi = max(below), min(above)
+        return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
+    if not extrapolate or not points:
+        return None
+    if below:
+        return points[max(below)] * x / max(below)
+    return points[min(above)] * (x / min(above) if scale_below else 1.0)
+
+
+@dataclass
+class CostModel:
+    """Measured seconds: t_verify(B, L) per target pass over L tokens in each of B rows, and
+    t_draft(B) per drafter step; each cell a running mean (COST_EMA_WEIGHT).
+
+    An unmeasured (B, L) is estimated, in this order, and never taken as free:
+      1. between two measured lengths at this B: linear interpolation in L;
+      2. else the same L at other measured batch sizes (each from its own lengths, by 1 or 3):
+         linear interpolation in B; above the largest scaled by B/B', below the smallest held;
+      3. else from the nearest measured length at this B, proportional to L: cost grows with tokens
+         as if nothing amortised. Above the longest measured length that overstates the cost; below
+         the shortest it understates plain decoding. Both err against drafting.
+    Finally a length never costs less than a shorter length measured at this B.
+    """
+
+    verify: dict[tuple[int, int], float] = field(default_factory=dict)
+    draft: dict[int, float] = field(default_factory=dict)
+
+    def record_verify(self, batch_size: int, length: int, seconds: float) -> None:
+        _check_positive(batch_size=batch_size, length=length, seconds=seconds)
+        self.verify[batch_size, length] = _ema(self.verify.get((batch_size, length)), seconds)
+
+    def record_draft(self, batch_size: int, seconds_per_step: float) -> None:
+        _check_positive(batch_size=batch_size, seconds_per_step=seconds_per_step)
+        self.draft[batch_size] = _ema(self.draft.get(batch_size), seconds_per_step)
+
+    def lengths(self, batch_size: int) -> dict[int, float]:
+        """Measured verify times at this batch size, by length."""
+        return {n: t for (b, n), t in self.verify.items() if b == batch_size}
+
+    def verify_time(self, batch_size: int, length: int) -> float | None:
+        """Estimated seconds to verify `length` tokens per row at `batch_size`; None if nothing is measured."""
+        row = self.lengths(batch_size)
+        estimate = _interpolate(row, length, scale_below=True, extrapolate=False)
+        if estimate is None:
+            others = {b for b, _ in self.verify if b != batch_size}
+            column = {b: _interpolate(self.lengths(b), length, scale_below=True) for b in others}
+            estimate = _interpolate(column, batch_size, scale_below=False)
+        if estimate is None:
+            estimate = _interpolate(row, length, scale_below=True)
+        if estimate is None:
+            return None
+        return max([estimate] + [t for n, t in row.items() if n < length])
+
+    def draft_time(self, batch_size: int) -> float | None:
+        """Estimated seconds per drafter step at `batch_size`; None if no drafter step is measured."""
+        return _interpolate(self.draft, batch_size, scale_below=False)
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decisions
+
+
+@dataclass(frozen=True)
+class Decision:
+    """k drafts for the next round (0 = plain decoding), why, whether it is a probe, and verify
+    lengths still unmeasured at this batch size (time them, e.g. with `record_verify_time`, to
+    replace estimates by measurements; empty once calibrated)."""
+
+    k: int
+    reason: str
+    probe: bool = False
+    calibrate: tuple[int, ...] = ()
+
+
+def fixed_decision(k: int) -> Decision:
+    """The decision for a request that overrides the policy (a fixed k, or 0 = off), so the loop
+    records it in the same stats as a decided one."""
+    if k < 0:
+        raise ValueError(f"a fixed draft length must be >= 0, got {k}")
+    return Decision(k, f"k={k} fixed by the request" + (" (drafting off)" if k == 0 else ""))
+
+
+def _rates_text(acceptance: Sequence[float]) -> str:
+    return ", ".join(f"{a:.2f}" for a in acceptance)
+
+
+class DraftPolicy:
+    """Picks k for each round from acceptance and costs measured in this process.
+
+    Use: `decide(B)` before a round, `record(B, k, accepted, t_draft, t_verify, t_other)` after
+    it; at load time time the lengths `needs_calibration(B)` lists with `record_verify_time`.
+    """
+
+    expected_tokens = staticmethod(expected_tokens)
+
+    def __init__(self, k_max: int = 8, acceptance: AcceptanceEstimate | None = None,
+                 costs: CostModel | None = None, rounds: int = 0, plain_rounds: int = 0):
+        if k_max < 0:
+            raise ValueError(f"k_max must be >= 0, got {k_max}")
+        self.k_max = k_max
+        self.acceptance = acceptance or AcceptanceEstimate.empty(k_max)
+        if len(self.acceptance.reached) != k_max:
+            raise ValueError(f"acceptance has {len(self.acceptance.reached)} positions, expected k_max={k_max}")
+        self.costs = costs or CostModel()
+        self.rounds = rounds  # the clock acceptance ages by: rounds recorded
+        self.plain_rounds = plain_rounds  # k=0 rounds since the last drafting round
+
+    # -- measurements
+
+    def needs_calibration(self, batch_size: int) -> list[int]:
+        """Verify lengths from `calibration_lengths(k_max)` not yet measured at this batch size."""
+        measured = self.costs.lengths(batch_size)
+        return [n for n in calibration_lengths(self.k_max) if n not in measured]
+
+    def record_verify_time(self, batch_size: int, length: int, seconds: float) -> None:
+        """One timed target pass over `length` tokens per row (calibration, or any pass)."""
+        self.costs.record_verify(batch_size, length, seconds)
+
+    def record_draft_time(self, batch_size: int, seconds_per_step: float) -> None:
+        """One timed drafter step (calibration; `record` does this for drafting rounds)."""
+        self.costs.record_draft(batch_size, seconds_per_step)
+
+    def record(self, batch_size: int, k: int, accepted: Sequence[int], t_draft: float, t_verify: float,
+               t_other: float = 0.0) -> None:
+        """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
+        seconds spent drafting (all k steps), verifying, and on everything else (t_other is kept by
+        GenerationStats; the decision leaves it out, as in cost(k))."""
+        if len(accepted) != batch_size:
+            raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
+        self.costs.record_verify(batch_size, k + 1, t_verify)
+        if k > 0:
+            self.costs.record_draft(batch_size, t_draft / k)
+            self.acceptance.update(self.rounds, k, accepted)
+        self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
+        self.rounds += 1
+
+    # -- decisions
+
+    def _estimates(self, batch_size: int) -> tuple[list[float], float, list[float]] | None:
+        """(a_1..a_k_max, t_draft, [t_verify(B, 1..k_max+1)]), or None before any verify is timed."""
+        plain = self.costs.verify_time(batch_size, 1)
+        if plain is None:
+            return None
+        t_draft = self.costs.draft_time(batch_size)
+        if t_draft is None:
+            t_draft = DRAFT_STEP_PRIOR * plain
+        t_verify = [self.costs.verify_time(batch_size, n) for n in range(1, self.k_max + 2)]
+        return self.acceptance.rates(self.rounds), t_draft, t_verify
+
+    def probe_interval(self, batch_size: int) -> int:
+        """Plain rounds before the next probe: PROBE_MIN_INTERVAL, stretched so that a probe that
+        accepts nothing adds at most PROBE_OVERHEAD_BUDGET to plain decoding time."""
+        estimates = self._estimates(batch_size)
+        if estimates is None or self.k_max == 0:
+            return PROBE_MIN_INTERVAL
+        _, t_draft, t_verify = estimates
+        k = min(PROBE_K, self.k_max)
+        extra = k * t_draft + t_verify[k] - t_verify[0]
+        return max(PROBE_MIN_INTERVAL, math.ceil(extra / (PROBE_OVERHEAD_BUDGET * t_verify[0])))
+
+    def decide(self, batch_size: int) -> Decision:
+        """The k with the highest expected throughput at this batch size, or a probe while off."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        calibrate = tuple(self.needs_calibration(batch_size))
+        estimates = self._estimates(batch_size)
+        if estimates is None:
+            return Decision(0, f"k=0: no verify time measured yet; calibrate L={list(calibrate)} at "
+                               f"B={batch_size}", calibrate=calibrate)
+        if self.k_max == 0:
+            return Decision(0, "k=0: k_max is 0", calibrate=calibrate)
+        acceptance, t_draft, t_verify = estimates
+        rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
+        best = max(range(1, len(rates)), key=lambda k: (rates[k], -k))
+        compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "
+                    f"acceptance {_rates_text(acceptance[:best])})")
+        suffix = f" (B={batch_size})" + (f"; not yet timed: L={list(calibrate)}" if calibrate else "")
+        if rates[best] > rates[0] * (1 + MIN_GAIN):
+            return Decision(best, f"{compared} beats plain {rates[0]:.1f} tok/s{suffix}", calibrate=calibrate)
+        reason = f"k=0: plain {rates[0]:.1f} tok/s beats {compared}{suffix}"
+        if self.plain_rounds >= self.probe_interval(batch_size):
+            k = min(PROBE_K, self.k_max)
+            return Decision(k, f"probe k={k} after {self.plain_rounds} plain rounds; {reason}", True, calibrate)
+        return Decision(0, reason, calibrate=calibrate)
+
+    # -- persistence
+
+    def to_json(self) -> str:
+        """What was learned, for this model on this machine: costs, acceptance, clock."""
+        a = self.acceptance
+        return json.dumps({
+            "format": 1,
+            "k_max": self.k_max,
+            "rounds": self.rounds,
+            "plain_rounds": self.plain_rounds,
+            "verify": [[b, n, t] for (b, n), t in sorted(self.costs.verify.items())],
+            "draft": [[b, t] for b, t in sorted(self.costs.draft.items())],
+            "acceptance": {"accepted": a.accepted, "reached": a.reached, "last_round": a.last_round,
+                           "prior_weight": a.prior_weight},
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> DraftPolicy:
+        data = json.loads(text)
+        if data.get("format") != 1:
+            raise ValueError(f"unknown draft policy format {data.get('format')!r}, expected 1")
+        a = data["acceptance"]
+        acceptance = AcceptanceEstimate([float(x) for x in a["accepted"]], [float(x) for x in a["reached"]],
+                                        [int(x) for x in a["last_round"]], float(a["prior_weight"]))
+        costs = CostModel({(int(b), int(n)): float(t) for b, n, t in data["verify"]},
+                          {int(b): float(t) for b, t in data["draft"]})
+        return cls(int(data["k_max"]), acceptance, costs, int(data["rounds"]), int(data["plain_rounds"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics the loop owns
+
+
+@dataclass
+class GenerationStats:
+    """What the draft lengths did over one generation (all rows of a batch), for explaining it."""
+
+    k_histogram: dict[int, int] = field(default_factory=dict)
+    reached: list[int] = field(default_factory=list)  # per draft position: rows that got that far
+    accepted: list[int] = field(default_factory=list)  # per draft position: rows that accepted it
+    rounds: int = 0
+    probe_rounds: int = 0
+    row_rounds: int = 0  # rows x rounds
+    drafting_row_rounds: int = 0  # rows x rounds with k > 0
+    accepted_drafts: int = 0
+    t_draft: float = 0.0
+    t_verify: float = 0.0
+    t_other: float = 0.0
+    off_reason: str | None = None  # why the last k=0 round did not draft
+
+    def record(self, decision: Decision, batch_size: int, accepted: Sequence[int], t_draft: float,
+               t_verify: float, t_other: float = 0.0, k: int | None = None) -> None:
+        """One round. `k` is what ran, if the loop cut the decided k short (e.g. near max_tokens)."""
+        k = decision.k if k is None else k
+        if len(accepted) != batch_size:
+            raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
+        reached, took = position_counts(k, accepted)
+        grow = k - len(self.reached)
+        if grow > 0:
+            self.reached += [0] * grow
+            self.accepted += [0] * grow
+        for i in range(k):
+            self.reached[i] += reached[i]
+            self.accepted[i] += took[i]
+        self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
+        self.rounds += 1
+        self.probe_rounds += decision.probe
+        self.row_rounds += batch_size
+        self.drafting_row_rounds += batch_size if k else 0
+        self.accepted_drafts += sum(accepted)
+        self.t_draft += t_draft
+        self.t_verify += t_verify
+        self.t_other += t_other
+        if k == 0:
+            self.off_reason = decision.reason
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Per draft position, the fraction of rows that reached it and accepted it."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached)]
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted drafts per row per drafting round."""
+        return self.accepted_drafts / self.drafting_row_rounds if self.drafting_row_rounds else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens per row per round, the target's own token included."""
+        return (self.accepted_drafts + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+
+    def summary(self) -> str:
+        ks = ", ".join(f"{k}:{n}" for k, n in sorted(self.k_histogram.items()))
+        line = (f"{self.rounds} rounds (k {ks}; {self.probe_rounds} probes), {self.tokens_per_round:.2f} "
+                f"tokens/row/round, acceptance by position [{_rates_text(self.acceptance)}], time "
+                f"draft {self.t_draft:.3f}s verify {self.t_verify:.3f}s other {self.t_other:.3f}s")
+        return line + (f"; drafting off: {self.off_reason}" if self.off_reason else "")

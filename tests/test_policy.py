@@ -1,0 +1,295 @@
+"""Tests for mlx_specdec.policy: the draft-length choice from synthetic measured acceptance and costs.
+
+Costs are written in units of a 1-token target forward T1; rounds are simulated by recording what a
+loop would, with every row accepting all or none of its drafts, so each test is deterministic."""
+
+import math
+
+import pytest
+
+from mlx_specdec.policy import (
+    PROBE_MIN_INTERVAL,
+    PROBE_OVERHEAD_BUDGET,
+    CostModel,
+    Decision,
+    DraftPolicy,
+    GenerationStats,
+    calibration_lengths,
+    expected_tokens,
+    fixed_decision,
+    position_counts,
+)
+
+T1 = 0.020  # seconds for a 1-token forward
+APPLE = {1: 1.0, 2: 1.7, 4: 3.1, 9: 6.1}  # measured multiples of T1 for verifying L tokens on Apple GPUs
+
+
+def calibrated(profile, batch_size=1, draft=0.1, k_max=8):
+    """A policy whose verify times at batch_size are T1 * profile(L) for every L, drafter step draft * T1."""
+    policy = DraftPolicy(k_max)
+    for length in range(1, k_max + 2):
+        policy.record_verify_time(batch_size, length, T1 * profile(length))
+    policy.record_draft_time(batch_size, draft * T1)
+    return policy
+
+
+def cheap(length):
+    return 1 + 0.05 * (length - 1)
+
+
+def feed(policy, rate, rounds, batch_size=1, k=None):
+    """Record rounds drafting k (default k_max) where a fraction `rate` of the rows accept every
+    draft and the rest accept none (a_1 = rate, deeper positions 1), timed as the policy expects."""
+    k = policy.k_max if k is None else k
+    full = round(rate * batch_size)
+    t_draft, t_verify = k * policy.costs.draft_time(batch_size), policy.costs.verify_time(batch_size, k + 1)
+    for _ in range(rounds):
+        policy.record(batch_size, k, [k] * full + [0] * (batch_size - full), t_draft, t_verify)
+
+
+def run(policy, rounds, accepts, batch_size=1, profile=cheap, draft=0.1):
+    """Decide and record `rounds` rounds; accepts(i) says whether round i's drafts are all accepted."""
+    decisions = []
+    for i in range(rounds):
+        d = policy.decide(batch_size)
+        decisions.append(d)
+        n = d.k if accepts(i) else 0
+        policy.record(batch_size, d.k, [n] * batch_size, draft * T1 * d.k, T1 * profile(d.k + 1))
+    return decisions
+
+
+# --- pure functions
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("k", [0, 1, 2, 5, 8])
+def test_expected_tokens_constant_rate_matches_closed_form(a, k):
+    assert expected_tokens([a] * 8, k) == pytest.approx((1 - a ** (k + 1)) / (1 - a))
+
+
+def test_expected_tokens_literal_values():
+    assert expected_tokens([0.5] * 3, 3) == 1.875
+    assert expected_tokens([0.9, 0.5], 2) == pytest.approx(1 + 0.9 + 0.45)
+    assert expected_tokens([0.9, 0.5], 0) == 1.0
+    assert DraftPolicy.expected_tokens([1.0] * 4, 4) == 5.0
+    with pytest.raises(ValueError, match="k must be in 0..2"):
+        expected_tokens([0.5, 0.5], 3)
+
+
+def test_position_counts_are_conditional():
+    # rows accepted 0, 3 and 1 of 3 drafts: all reached position 1, two took it, ...
+    assert position_counts(3, [0, 3, 1]) == ([3, 2, 1], [2, 1, 1])
+    assert position_counts(0, [0, 0]) == ([], [])
+    with pytest.raises(ValueError, match=r"in 0..k=2, got \[3\]"):
+        position_counts(2, [3])
+
+
+def test_calibration_lengths():
+    assert calibration_lengths(8) == [1, 2, 3, 5, 9]
+    assert calibration_lengths(4) == [1, 2, 3, 5]
+    assert calibration_lengths(0) == [1]
+
+
+# --- choosing k
+
+
+def test_high_acceptance_and_cheap_verify_drafts_long():
+    policy = calibrated(cheap, batch_size=10)
+    feed(policy, rate=0.9, rounds=200, batch_size=10)
+    d = policy.decide(10)
+    assert d.k >= 3 and not d.probe and d.calibrate == ()
+    assert d.reason.startswith(f"k={d.k} ") and "beats plain" in d.reason
+
+
+def test_moderate_acceptance_and_cheap_verify_drafts():
+    policy = calibrated(cheap, batch_size=10)
+    feed(policy, rate=0.6, rounds=200, batch_size=10, k=1)
+    assert policy.decide(10).k > 0
+
+
+def test_acceptance_below_break_even_turns_drafting_off_and_says_why():
+    # k=1 costs 1.15 T1 here, so it pays only above a_1 = 0.15.
+    policy = calibrated(cheap, batch_size=10)
+    feed(policy, rate=0.1, rounds=200, batch_size=10, k=1)
+    d = policy.decide(10)
+    assert d.k == 0 and not d.probe
+    assert d.reason.startswith("k=0: plain 500.0 tok/s beats k=1 ")
+    assert "acceptance 0.10" in d.reason and "(B=10)" in d.reason
+
+
+def test_apple_verify_costs_need_very_high_acceptance():
+    # Verifying 2 tokens costs 1.7 T1: even a_1 = 0.8 (then 1.0 at every later position) does not pay.
+    policy = DraftPolicy(8)
+    for length, multiple in APPLE.items():
+        policy.record_verify_time(10, length, T1 * multiple)
+    policy.record_draft_time(10, 0.2 * T1)
+    feed(policy, rate=0.8, rounds=200, batch_size=10)
+    d = policy.decide(10)
+    assert d.k == 0 and "acceptance 0.80" in d.reason
+    assert d.calibrate == (3, 5)  # still untimed; interpolated meanwhile
+
+
+def test_moe_like_costs_turn_drafting_off_at_batch_1_only():
+    # B=1: each extra token wakes other experts, L tokens cost L forwards. B=8: nearly flat.
+    policy = DraftPolicy(8)
+    for length in range(1, 10):
+        policy.record_verify_time(1, length, T1 * length)
+        policy.record_verify_time(8, length, 3 * T1 * cheap(length))
+    policy.record_draft_time(1, 0.1 * T1)
+    policy.record_draft_time(8, 0.3 * T1)
+    feed(policy, rate=0.75, rounds=200, batch_size=8)
+    at_1, at_8 = policy.decide(1), policy.decide(8)
+    assert at_1.k == 0 and "(B=1)" in at_1.reason
+    assert at_8.k > 0 and "(B=8)" in at_8.reason
+
+
+# --- probing
+
+
+def test_probing_costs_at_most_the_documented_bound_when_nothing_is_accepted():
+    profile = lambda n: 1 + 0.7 * (n - 1)  # Apple-like: a probe verifying 2 tokens costs 1.7 T1
+    policy = calibrated(profile, draft=0.2)
+    decisions = run(policy, 1000, accepts=lambda i: False, profile=profile, draft=0.2)
+    first_off = next(i for i, d in enumerate(decisions) if d.k == 0)
+    drafting = [d for d in decisions[first_off:] if d.k > 0]
+    assert all(d.probe and d.k == 1 for d in drafting)
+    assert len(drafting) <= math.ceil(1000 / (PROBE_MIN_INTERVAL + 1))
+    # Each probe costs a drafter step plus verifying 2 tokens instead of 1, for the same 1 token.
+    extra = len(drafting) * (0.2 + profile(2) - profile(1)) * T1
+    plain = (1000 - first_off) * T1
+    assert extra <= PROBE_OVERHEAD_BUDGET * plain
+    assert 30 <= policy.probe_interval(1) <= 31  # ceil(0.9 / 0.03), give or take float rounding
+
+
+def test_cheap_probes_are_at_most_one_per_min_interval():
+    policy = calibrated(cheap)
+    decisions = run(policy, 1000, accepts=lambda i: False)
+    assert policy.probe_interval(1) == PROBE_MIN_INTERVAL
+    first_off = next(i for i, d in enumerate(decisions) if d.k == 0)
+    probes = [i for i, d in enumerate(decisions) if d.k > 0 and i > first_off]
+    assert all(decisions[i].probe for i in probes)
+    assert all(b - a == PROBE_MIN_INTERVAL + 1 for a, b in zip(probes, probes[1:]))
+
+
+def test_drafting_comes_back_within_three_probe_intervals_once_text_is_predictable():
+    profile = lambda n: 1 + 0.3 * (n - 1)  # k=1 pays above a_1 ~ 0.43
+    policy = calibrated(profile)
+    hard = run(policy, 500, accepts=lambda i: False, profile=profile)
+    assert hard[-1].k == 0 or hard[-1].probe
+    interval = policy.probe_interval(1)
+    easy = run(policy, 3 * (interval + 1), accepts=lambda i: True, profile=profile)
+    back = [i for i, d in enumerate(easy) if d.k > 0 and not d.probe]
+    assert back, [d.reason for d in easy]
+    assert all(d.k > 0 and not d.probe for d in easy[back[0]:])
+
+
+# --- costs are never free
+
+
+def test_before_any_timing_the_policy_asks_for_calibration():
+    policy = DraftPolicy(8)
+    assert policy.needs_calibration(1) == [1, 2, 3, 5, 9]
+    d = policy.decide(1)
+    assert d == Decision(0, d.reason, False, (1, 2, 3, 5, 9))
+    assert "calibrate L=[1, 2, 3, 5, 9] at B=1" in d.reason
+
+
+def test_only_plain_decoding_timed_is_not_taken_as_free_verification():
+    policy = DraftPolicy(8)
+    policy.record_verify_time(1, 1, T1)
+    policy.record_draft_time(1, 0.01 * T1)
+    feed(policy, rate=1.0, rounds=5, k=8)  # records t_verify(1, 9) too: forget it
+    policy.costs.verify = {(1, 1): T1}
+    assert policy.costs.verify_time(1, 9) == pytest.approx(9 * T1)  # as if nothing amortised
+    d = policy.decide(1)
+    assert d.k == 0 and d.calibrate == (2, 3, 5, 9)
+    assert policy.needs_calibration(1) == [2, 3, 5, 9]
+
+
+def test_unmeasured_lengths_interpolate_between_and_grow_beyond_measured_ones():
+    costs = CostModel()
+    costs.record_verify(1, 1, 1.0)
+    costs.record_verify(1, 3, 2.0)
+    assert costs.verify_time(1, 2) == pytest.approx(1.5)
+    assert costs.verify_time(1, 9) == pytest.approx(6.0)  # 2.0 * 9 / 3
+    costs.record_verify(1, 5, 1.5)  # noisy: less than L=3
+    assert costs.verify_time(1, 5) == pytest.approx(2.0)  # never below a shorter length
+    assert costs.verify_time(2, 1) == pytest.approx(2.0)  # other batch sizes: scaled by rows
+    assert costs.verify_time(1, 1) == 1.0
+
+
+def test_unmeasured_batch_sizes_come_from_measured_neighbours():
+    costs = CostModel()
+    for length in (1, 9):
+        costs.record_verify(4, length, 1.0 * length)
+        costs.record_verify(8, length, 2.0 * length)
+    assert costs.verify_time(6, 9) == pytest.approx(13.5)  # halfway between 9 and 18
+    assert costs.verify_time(16, 1) == pytest.approx(4.0)  # twice the rows of B=8
+    assert costs.verify_time(2, 1) == pytest.approx(1.0)  # held at B=4
+    # B=6 has its own L=1 timing now; L=9 still comes from its neighbours.
+    costs.record_verify(6, 1, 1.6)
+    assert costs.verify_time(6, 9) == pytest.approx(13.5)
+    assert costs.draft_time(6) is None
+
+
+def test_cost_cells_are_running_means():
+    costs = CostModel()
+    costs.record_verify(1, 1, 1.0)
+    costs.record_verify(1, 1, 2.0)
+    assert costs.verify_time(1, 1) == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="seconds must be positive"):
+        costs.record_verify(1, 1, 0.0)
+
+
+# --- persistence, overrides and statistics
+
+
+def test_json_round_trip_keeps_what_was_learned():
+    policy = calibrated(cheap, batch_size=4)
+    policy.record_verify_time(1, 1, T1)
+    feed(policy, rate=0.5, rounds=30, batch_size=4, k=3)
+    run(policy, 40, accepts=lambda i: i % 3 == 0, batch_size=4)
+    text = policy.to_json()
+    again = DraftPolicy.from_json(text)
+    assert again.to_json() == text
+    for b in (1, 2, 4):
+        assert again.decide(b) == policy.decide(b)
+    assert again.acceptance.rates(again.rounds) == policy.acceptance.rates(policy.rounds)
+    with pytest.raises(ValueError, match="unknown draft policy format 7"):
+        DraftPolicy.from_json('{"format": 7}')
+
+
+def test_record_rejects_inconsistent_rounds():
+    policy = calibrated(cheap)
+    with pytest.raises(ValueError, match="accepted has 2 rows, batch_size is 1"):
+        policy.record(1, 2, [0, 1], 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"in 0..k=2, got \[3\]"):
+        policy.record(1, 2, [3], 0.1, 0.1)
+
+
+def test_generation_stats_explain_the_rounds():
+    stats = GenerationStats()
+    off = Decision(0, "k=0: plain 50.0 tok/s beats k=1 40.0 tok/s (B=2)")
+    stats.record(Decision(3, "k=3 ..."), 2, [3, 1], t_draft=0.03, t_verify=0.05, t_other=0.01)
+    stats.record(Decision(1, "probe", probe=True), 2, [0, 1], 0.01, 0.04, 0.01)
+    stats.record(off, 2, [0, 0], 0.0, 0.02, 0.01)
+    stats.record(fixed_decision(4), 2, [2, 2], 0.02, 0.04, 0.0, k=2)  # loop cut k=4 to 2
+    assert stats.k_histogram == {3: 1, 1: 1, 0: 1, 2: 1}
+    assert stats.reached == [2 + 2 + 2, 2 + 2, 1]
+    assert stats.accepted == [2 + 1 + 2, 1 + 2, 1]
+    assert stats.acceptance == pytest.approx([5 / 6, 3 / 4, 1.0])
+    assert stats.mean_accepted == pytest.approx(9 / 6)
+    assert stats.tokens_per_round == pytest.approx((9 + 8) / 8)
+    assert stats.probe_rounds == 1
+    assert (stats.t_draft, stats.t_verify, stats.t_other) == pytest.approx((0.06, 0.15, 0.03))
+    assert stats.off_reason == off.reason
+    assert "drafting off: k=0: plain 50.0" in stats.summary()
+    assert fixed_decision(0).reason == "k=0 fixed by the request (drafting off)"
+
+
+def test_fixed_k_rounds_still_teach_the_policy():
+    policy = calibrated(cheap)
+    d = fixed_decision(2)
+    for _ in range(50):
+        policy.record(1, d.k, [2], 0.2 * T1, T1 * cheap(3))
+    assert policy.acceptance.rates(policy.rounds)[:2] == pytest.approx([1.0, 1.0], abs=0.05)
