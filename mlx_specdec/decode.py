@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 
@@ -18,12 +18,12 @@ from .cache import Cache, Step
 from .errors import InputError
 from .loading import SpecModel
 from .models.assistant import Draft, TargetKV
+from .policy import K_MAX, Decision, DraftPolicy, fixed_decision
 from .sampling import SamplingParams, greedy_accept, make_key, probabilities, sample, speculative_accept
 
-# Longest draft any round may use; bounds the cache's per-step slack.
-K_MAX = 8
-# Draft length of draft_tokens="auto" until the measured policy decides.
-DEFAULT_K = 4
+# Calibration times each verify length twice and keeps the second: the first
+# pass at a new shape pays one-off allocation (and kernel compilation on Metal).
+CALIBRATION_PASSES = 2
 
 
 @dataclass
@@ -40,9 +40,10 @@ class Stats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     k_histogram: dict[int, int] = field(default_factory=dict)
-    drafted_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
+    # Per draft position i: rounds that reached it (drafts 1..i-1 all accepted), and accepted it.
+    reached_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
     accepted_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
-    policy_reason: str | None = None
+    off_reason: str | None = None  # why the policy last chose not to draft
 
     @property
     def acceptance_rate(self) -> float:
@@ -50,7 +51,8 @@ class Stats:
 
     @property
     def acceptance_by_position(self) -> list[float]:
-        return [a / d for a, d in zip(self.accepted_by_position, self.drafted_by_position) if d]
+        """a_i: acceptance of draft position i given all before it were accepted."""
+        return [a / r for a, r in zip(self.accepted_by_position, self.reached_by_position) if r]
 
     @property
     def mean_accepted_per_round(self) -> float:
@@ -67,7 +69,7 @@ class Stats:
 
     def as_dict(self) -> dict:
         keys = ("prompt_tokens", "generated_tokens", "rounds", "drafted", "accepted", "prefill_seconds",
-                "decode_seconds", "draft_seconds", "verify_seconds", "policy_reason")
+                "decode_seconds", "draft_seconds", "verify_seconds", "off_reason")
         out = {k: getattr(self, k) for k in keys}
         out.update(
             acceptance_rate=self.acceptance_rate,
@@ -90,7 +92,7 @@ class Options:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InputError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         k = self.draft_tokens
-        if k != "auto" and not (isinstance(k, int) and 0 <= k <= K_MAX):
+        if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= K_MAX):
             raise InputError(f"draft_tokens must be 'auto' or an integer in 0..{K_MAX}, got {k!r}")
 
 
@@ -144,17 +146,33 @@ def _prefill(spec: SpecModel, prompts: list[list[int]], max_step: int) -> tuple[
     return cache, hidden
 
 
-def decode(
-    spec: SpecModel,
-    prompts: list[list[int]],
-    options: Options,
-    choose_k: Callable[[int], int] | None = None,
-) -> Iterator[Update]:
+def _calibrate(spec: SpecModel, lengths, cache: Cache, pos: list[int], last: mx.array, hidden: mx.array) -> None:
+    """Time verify passes of the given lengths, and a drafter step, at this batch size.
+
+    They run on the live cache: what they write lies past each row's position,
+    exactly like rejected drafts, so generation is unaffected.
+    """
+    target, policy, B = spec.target, spec.policy, len(pos)
+    for length in lengths:
+        tokens = mx.repeat(last[:, None], length, axis=1)
+        for _ in range(CALIBRATION_PASSES):
+            start = time.perf_counter()
+            mx.eval(mx.argmax(target.logits(target(tokens, Step(tuple(pos), length), cache)), axis=-1))
+            seconds = time.perf_counter() - start
+        policy.record_verify_time(B, length, seconds)
+    if spec.drafter is not None:
+        kv, position = target_kv(spec, cache), mx.array(pos, dtype=mx.int32)
+        for _ in range(CALIBRATION_PASSES):
+            start = time.perf_counter()
+            mx.eval(spec.drafter(last, hidden, position, kv).greedy_tokens())
+            seconds = time.perf_counter() - start
+        policy.record_draft_time(B, seconds)
+
+
+def decode(spec: SpecModel, prompts: list[list[int]], options: Options) -> Iterator[Update]:
     """Generate for every prompt; yields after the prefill and after each round."""
-    target, drafter, params = spec.target, spec.drafter, options.sampling
+    target, drafter, params, policy = spec.target, spec.drafter, options.sampling, spec.policy
     eos, vocab = spec.eos_token_ids, target.config.vocab_size
-    fixed_k = DEFAULT_K if options.draft_tokens == "auto" else options.draft_tokens
-    choose_k = choose_k or (lambda batch: fixed_k)
     key = make_key(params.seed)
     stats = [Stats(prompt_tokens=len(p)) for p in prompts]
 
@@ -164,6 +182,17 @@ def decode(
             return mx.argmax(logits, axis=-1)
         key, sub = mx.random.split(key)
         return sample(probabilities(logits, params), sub)
+
+    def decide(batch: int) -> Decision:
+        if drafter is None:
+            return Decision(0, "k=0: the model has no drafter")
+        if options.draft_tokens != "auto":
+            return fixed_decision(options.draft_tokens)
+        decision = policy.decide(batch)
+        if decision.calibrate:
+            _calibrate(spec, decision.calibrate, cache, pos, last, hidden)
+            decision = policy.decide(batch)
+        return decision
 
     start = time.perf_counter()
     cache, hidden = _prefill(spec, prompts, K_MAX + 1)
@@ -205,9 +234,11 @@ def decode(
         round_start = time.perf_counter()
 
         # Draft: k tokens at the fixed position of each row's last token.
+        decision = decide(len(rows))
         remaining = max(options.max_tokens - emitted[r] for r in rows)
-        k = min(choose_k(len(rows)), remaining - 1) if drafter else 0
+        k = min(decision.k, remaining - 1)
         drafts, qs, tok, h = [], [], last, hidden
+        draft_start = time.perf_counter()
         if k:
             kv, position = target_kv(spec, cache), mx.array(pos, dtype=mx.int32)
             for _ in range(k):
@@ -250,12 +281,16 @@ def decode(
             s.drafted += k
             s.accepted += n_host[b]
             s.k_histogram[k] = s.k_histogram.get(k, 0) + 1
-            for i in range(k):
-                s.drafted_by_position[i] += 1
+            for i in range(min(k, n_host[b] + 1)):
+                s.reached_by_position[i] += 1
                 s.accepted_by_position[i] += int(i < n_host[b])
-            s.draft_seconds += verify_start - round_start
+            if k == 0 and decision.k == 0:
+                s.off_reason = decision.reason
+            s.draft_seconds += verify_start - draft_start
             s.verify_seconds += verify_end - verify_start
             s.decode_seconds += time.perf_counter() - round_start
+        policy.record(len(rows), k, n_host, verify_start - draft_start, verify_end - verify_start,
+                      time.perf_counter() - verify_end)
 
 
 def check_prompt(prompt: list[int], vocab: int) -> list[int]:

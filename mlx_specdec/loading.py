@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from .errors import ConfigError, LoadError
 from .models import assistant, gemma4
+from .policy import DraftPolicy
 
 TARGET_TYPES = ("gemma4", "gemma4_text")
 DRAFTER_TYPE = "gemma4_assistant"
@@ -41,8 +42,9 @@ class SpecModel:
     eos_token_ids: frozenset[int] = frozenset()
     name: str = "model"
     drafter_name: str | None = None
-    # Draft-policy state learnt in this process, keyed by batch size; reused across requests.
-    policy: object | None = field(default=None, repr=False)
+    # What the draft policy measured in this process (costs per batch size,
+    # acceptance); it outlives requests, so later ones start informed.
+    policy: DraftPolicy = field(default_factory=DraftPolicy, repr=False)
 
 
 def resolve(path_or_repo: str | Path, *, what: str = "model") -> Path:

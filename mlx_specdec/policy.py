@@ -31,6 +31,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+K_MAX = 8
+"""Longest draft any round may use: past 8 even a perfect drafter gains little (E(k) <= k + 1 while
+verify cost keeps growing), and it bounds the slack the caches keep per step."""
+
 PRIOR_ACCEPTANCE = 0.5
 """Acceptance assumed for draft position 1 before anything is measured: the uninformative middle,
 so the first decisions neither rule drafting out nor bet on it."""
@@ -288,7 +292,7 @@ class DraftPolicy:
 
     expected_tokens = staticmethod(expected_tokens)
 
-    def __init__(self, k_max: int = 8, acceptance: AcceptanceEstimate | None = None,
+    def __init__(self, k_max: int = K_MAX, acceptance: AcceptanceEstimate | None = None,
                  costs: CostModel | None = None, rounds: int = 0, plain_rounds: int = 0):
         if k_max < 0:
             raise ValueError(f"k_max must be >= 0, got {k_max}")
@@ -405,73 +409,3 @@ class DraftPolicy:
         costs = CostModel({(int(b), int(n)): float(t) for b, n, t in data["verify"]},
                           {int(b): float(t) for b, t in data["draft"]})
         return cls(int(data["k_max"]), acceptance, costs, int(data["rounds"]), int(data["plain_rounds"]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Statistics the loop owns
-
-
-@dataclass
-class GenerationStats:
-    """What the draft lengths did over one generation (all rows of a batch), for explaining it."""
-
-    k_histogram: dict[int, int] = field(default_factory=dict)
-    reached: list[int] = field(default_factory=list)  # per draft position: rows that got that far
-    accepted: list[int] = field(default_factory=list)  # per draft position: rows that accepted it
-    rounds: int = 0
-    probe_rounds: int = 0
-    row_rounds: int = 0  # rows x rounds
-    drafting_row_rounds: int = 0  # rows x rounds with k > 0
-    accepted_drafts: int = 0
-    t_draft: float = 0.0
-    t_verify: float = 0.0
-    t_other: float = 0.0
-    off_reason: str | None = None  # why the last k=0 round did not draft
-
-    def record(self, decision: Decision, batch_size: int, accepted: Sequence[int], t_draft: float,
-               t_verify: float, t_other: float = 0.0, k: int | None = None) -> None:
-        """One round. `k` is what ran, if the loop cut the decided k short (e.g. near max_tokens)."""
-        k = decision.k if k is None else k
-        if len(accepted) != batch_size:
-            raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
-        reached, took = position_counts(k, accepted)
-        grow = k - len(self.reached)
-        if grow > 0:
-            self.reached += [0] * grow
-            self.accepted += [0] * grow
-        for i in range(k):
-            self.reached[i] += reached[i]
-            self.accepted[i] += took[i]
-        self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
-        self.rounds += 1
-        self.probe_rounds += decision.probe
-        self.row_rounds += batch_size
-        self.drafting_row_rounds += batch_size if k else 0
-        self.accepted_drafts += sum(accepted)
-        self.t_draft += t_draft
-        self.t_verify += t_verify
-        self.t_other += t_other
-        if k == 0:
-            self.off_reason = decision.reason
-
-    @property
-    def acceptance(self) -> list[float]:
-        """Per draft position, the fraction of rows that reached it and accepted it."""
-        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached)]
-
-    @property
-    def mean_accepted(self) -> float:
-        """Accepted drafts per row per drafting round."""
-        return self.accepted_drafts / self.drafting_row_rounds if self.drafting_row_rounds else 0.0
-
-    @property
-    def tokens_per_round(self) -> float:
-        """Tokens per row per round, the target's own token included."""
-        return (self.accepted_drafts + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
-
-    def summary(self) -> str:
-        ks = ", ".join(f"{k}:{n}" for k, n in sorted(self.k_histogram.items()))
-        line = (f"{self.rounds} rounds (k {ks}; {self.probe_rounds} probes), {self.tokens_per_round:.2f} "
-                f"tokens/row/round, acceptance by position [{_rates_text(self.acceptance)}], time "
-                f"draft {self.t_draft:.3f}s verify {self.t_verify:.3f}s other {self.t_other:.3f}s")
-        return line + (f"; drafting off: {self.off_reason}" if self.off_reason else "")

@@ -27,9 +27,12 @@ def _plain(spec, ids, n):
 
 def standin(spec, prompts, max_tokens, error_rate=0.0, seed=0):
     """A SpecModel whose drafter proposes the target's own greedy continuation."""
-    seqs = [p + _plain(spec, p, max_tokens) for p in prompts]
-    # Pad each sequence past its end so the stand-in can always look ahead.
-    seqs = [s + [3] * 12 for s in seqs]
+    seqs = []
+    for p in prompts:
+        plain = generate(spec, p, max_tokens=max_tokens, draft_tokens=0)
+        stop = [min(spec.eos_token_ids)] if plain.finish_reason == "stop" else []
+        # Pad past the end so the stand-in can always look ahead.
+        seqs.append(p + plain.tokens + stop + [3] * 12)
     drafter = StandInDrafter(spec.target, seqs, error_rate=error_rate, seed=seed)
     return SpecModel(target=spec.target, drafter=drafter, tokenizer=None, eos_token_ids=spec.eos_token_ids)
 
