@@ -63,9 +63,11 @@ def stream_generate(
 ) -> Iterator[GenerationChunk]:
     """Yield the generation as it goes, one chunk per speculative round.
 
-    ``draft_tokens``: "auto" (for now a fixed draft length of 4 when the model
-    has a drafter), an int k >= 1 to draft k tokens per round, 0 for plain
-    decoding. ``temperature`` 0 is greedy, token-identical to plain greedy.
+    ``draft_tokens``: "auto" lets the measured policy pick k each round (0 =
+    plain decoding when drafting does not pay, see policy.py), an int k >= 1
+    drafts k tokens per round, 0 is plain decoding. ``temperature`` 0 is
+    greedy, token-identical to plain greedy; otherwise speculative sampling
+    keeps the target's distribution exactly.
     """
     options = _options(max_tokens, temperature, top_p, top_k, min_p, seed, draft_tokens)
     ids = encode(model, prompt)

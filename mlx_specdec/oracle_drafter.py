@@ -1,7 +1,8 @@
 """A stand-in drafter that proposes the target's own greedy continuation.
 
-Real random drafters almost never agree with a random target, so they only
-exercise rejection. This stand-in knows each row's plain-greedy sequence and the
+For tests and benchmarks: it is the ceiling of what drafting can give (every
+draft accepted), where real random drafters almost never agree with a random
+target and only exercise rejection. This stand-in knows each row's plain-greedy sequence and the
 target's hidden state at every position of it; it recognises which row and
 position it is drafting for by the hidden state it is handed (nearest
 neighbour), so it works for batches whose rows leave as they finish. With
