@@ -189,11 +189,15 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options) -> Itera
         if options.draft_tokens != "auto":
             return fixed_decision(options.draft_tokens)
         decision = policy.decide(batch)
-        if decision.calibrate:
+        # Calibrate the batch size a request starts with; as rows finish, the
+        # smaller batches are estimated from it and refined by their own rounds.
+        if decision.calibrate and not calibrated:
             _calibrate(spec, decision.calibrate, cache, pos, last, hidden)
+            calibrated.append(batch)
             decision = policy.decide(batch)
         return decision
 
+    calibrated: list[int] = []
     start = time.perf_counter()
     cache, hidden = _prefill(spec, prompts, K_MAX + 1)
     last = pick(target.logits(hidden[:, 0]))
