@@ -67,6 +67,21 @@ class Stats:
     def overhead_seconds(self) -> float:
         return max(0.0, self.decode_seconds - self.draft_seconds - self.verify_seconds)
 
+    def record_round(self, k: int, accepted: int, decision: Decision, draft_s: float, verify_s: float,
+                     total_s: float) -> None:
+        self.rounds += 1
+        self.drafted += k
+        self.accepted += accepted
+        self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
+        for i in range(min(k, accepted + 1)):
+            self.reached_by_position[i] += 1
+            self.accepted_by_position[i] += int(i < accepted)
+        if decision.k == 0:
+            self.off_reason = decision.reason
+        self.draft_seconds += draft_s
+        self.verify_seconds += verify_s
+        self.decode_seconds += total_s
+
     def as_dict(self) -> dict:
         keys = ("prompt_tokens", "generated_tokens", "rounds", "drafted", "accepted", "prefill_seconds",
                 "decode_seconds", "draft_seconds", "verify_seconds", "off_reason")
@@ -116,12 +131,95 @@ def target_kv(spec: SpecModel, cache: Cache) -> dict[str, TargetKV]:
     return out
 
 
-def _draft_distribution(draft: Draft, params: SamplingParams, vocab: int) -> mx.array:
-    """The drafter's processed distribution q over the whole vocabulary."""
-    q = probabilities(draft.logits, params)
-    if draft.candidates is None:
-        return q
-    return mx.put_along_axis(mx.zeros((q.shape[0], vocab), dtype=q.dtype), draft.candidates, q, axis=-1)
+class Sampler:
+    """Turns logits into tokens for one generation, holding its PRNG key explicitly."""
+
+    def __init__(self, params: SamplingParams, vocab: int):
+        self.params, self.vocab = params, vocab
+        self.key = make_key(params.seed)
+
+    def _split(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def pick(self, logits: mx.array) -> mx.array:
+        """One token per row from (B, V) logits."""
+        if self.params.greedy:
+            return mx.argmax(logits, axis=-1)
+        return sample(probabilities(logits, self.params), self._split())
+
+    def draft(self, draft: Draft) -> tuple[mx.array, mx.array | None]:
+        """The drafter's token per row, and (when sampling) the distribution q it came from."""
+        if self.params.greedy:
+            return draft.greedy_tokens(), None
+        q = probabilities(draft.logits, self.params)
+        if draft.candidates is not None:  # centroid head: q is zero off the scored tokens
+            q = mx.put_along_axis(mx.zeros((q.shape[0], self.vocab), q.dtype), draft.candidates, q, axis=-1)
+        return sample(q, self._split()), q
+
+    def accept(self, logits: mx.array, drafted: mx.array, qs: list[mx.array]) -> tuple[mx.array, mx.array]:
+        """(accepted drafts per row, next token per row): the longest agreeing
+        prefix (greedy) or rejection sampling against the drafter's q."""
+        if self.params.greedy:
+            return greedy_accept(mx.argmax(logits, axis=-1), drafted)
+        q = mx.stack(qs, axis=1) if qs else mx.zeros((drafted.shape[0], 0, self.vocab))
+        return speculative_accept(probabilities(logits, self.params), q, drafted, self._split())
+
+
+@dataclass
+class Rows:
+    """The active rows between rounds: what a round reads and replaces."""
+
+    ids: list[int]  # the caller's index of each row
+    pos: list[int]  # position of each row's last token
+    last: mx.array  # (B,) each row's last token, not yet in the cache
+    hidden: mx.array  # (B, 1, H) the target hidden state that predicted it
+    cache: Cache
+
+    def select(self, keep: list[int]) -> "Rows":
+        idx = mx.array(keep)
+        return Rows([self.ids[i] for i in keep], [self.pos[i] for i in keep], self.last[idx],
+                    self.hidden[idx], self.cache.select(keep))
+
+
+@dataclass
+class Round:
+    drafted: list[list[int]]  # (B, k) drafts per row
+    accepted: list[int]  # per row
+    next: list[int]  # per row: the target's correction or bonus token
+    draft_seconds: float
+    verify_seconds: float
+
+
+def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler) -> tuple[Rows, Round]:
+    """Draft k tokens, verify k + 1 in one target pass, accept: the rows after it, and what happened."""
+    start = time.perf_counter()
+    drafts, qs = [], []
+    if k:
+        kv, position = target_kv(spec, rows.cache), mx.array(rows.pos, dtype=mx.int32)
+        token, hidden = rows.last, rows.hidden
+        for _ in range(k):  # autoregressive, at the fixed position of each row's last token
+            draft = spec.drafter(token, hidden, position, kv)
+            token, q = sampler.draft(draft)
+            drafts.append(token)
+            qs += [q] if q is not None else []
+            hidden = draft.hidden
+        mx.eval(drafts)
+    drafted = mx.stack(drafts, axis=1) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
+    verify_start = time.perf_counter()
+
+    tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1)
+    hiddens = spec.target(tokens, Step(tuple(rows.pos), k + 1), rows.cache)
+    n, last = sampler.accept(spec.target.logits(hiddens), drafted, qs)
+    # The next draft starts from the hidden state of the last accepted token. The
+    # cache needs no edit: rejected entries lie past each row's new position and
+    # stay masked until overwritten.
+    hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1)
+    mx.eval(n, last, hidden)
+    accepted = n.tolist()
+    after = Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache)
+    return after, Round(drafted.tolist(), accepted, last.tolist(), verify_start - start,
+                        time.perf_counter() - verify_start)
 
 
 def _prefill(spec: SpecModel, prompts: list[list[int]], max_step: int) -> tuple[Cache, mx.array]:
@@ -146,13 +244,14 @@ def _prefill(spec: SpecModel, prompts: list[list[int]], max_step: int) -> tuple[
     return cache, hidden
 
 
-def _calibrate(spec: SpecModel, lengths, cache: Cache, pos: list[int], last: mx.array, hidden: mx.array) -> None:
+def _calibrate(spec: SpecModel, lengths, rows: "Rows") -> None:
     """Time verify passes of the given lengths, and a drafter step, at this batch size.
 
     They run on the live cache: what they write lies past each row's position,
     exactly like rejected drafts, so generation is unaffected.
     """
-    target, policy, B = spec.target, spec.policy, len(pos)
+    target, policy, B = spec.target, spec.policy, len(rows.pos)
+    cache, pos, last, hidden = rows.cache, rows.pos, rows.last, rows.hidden
     for length in lengths:
         tokens = mx.repeat(last[:, None], length, axis=1)
         for _ in range(CALIBRATION_PASSES):
@@ -171,48 +270,29 @@ def _calibrate(spec: SpecModel, lengths, cache: Cache, pos: list[int], last: mx.
 
 def decode(spec: SpecModel, prompts: list[list[int]], options: Options) -> Iterator[Update]:
     """Generate for every prompt; yields after the prefill and after each round."""
-    target, drafter, params, policy = spec.target, spec.drafter, options.sampling, spec.policy
-    eos, vocab = spec.eos_token_ids, target.config.vocab_size
-    key = make_key(params.seed)
+    sampler = Sampler(options.sampling, spec.target.config.vocab_size)
     stats = [Stats(prompt_tokens=len(p)) for p in prompts]
+    emitted = [0] * len(prompts)
+    calibrated = False
 
-    def pick(logits):  # one token per row from (B, V) logits
-        nonlocal key
-        if params.greedy:
-            return mx.argmax(logits, axis=-1)
-        key, sub = mx.random.split(key)
-        return sample(probabilities(logits, params), sub)
-
-    def decide(batch: int) -> Decision:
-        if drafter is None:
+    def decide(rows: Rows) -> Decision:
+        nonlocal calibrated
+        if spec.drafter is None:
             return Decision(0, "k=0: the model has no drafter")
         if options.draft_tokens != "auto":
             return fixed_decision(options.draft_tokens)
-        decision = policy.decide(batch)
+        decision = spec.policy.decide(len(rows.ids))
         # Calibrate the batch size a request starts with; as rows finish, the
         # smaller batches are estimated from it and refined by their own rounds.
         if decision.calibrate and not calibrated:
-            _calibrate(spec, decision.calibrate, cache, pos, last, hidden)
-            calibrated.append(batch)
-            decision = policy.decide(batch)
+            _calibrate(spec, decision.calibrate, rows)
+            calibrated = True
+            decision = spec.policy.decide(len(rows.ids))
         return decision
 
-    calibrated: list[int] = []
-    start = time.perf_counter()
-    cache, hidden = _prefill(spec, prompts, K_MAX + 1)
-    last = pick(target.logits(hidden[:, 0]))
-    mx.eval(last)
-    rows = list(range(len(prompts)))  # caller's index of each active row
-    pos = [len(p) for p in prompts]  # position of each row's last token
-    emitted = [0] * len(prompts)
-    now = time.perf_counter()
-    for s in stats:
-        s.prefill_seconds = now - start
-    update = Update({}, {}, stats)
-
-    def emit(row, tokens):
+    def emit(update: Update, row: int, tokens: list[int]) -> None:
         for t in tokens:
-            if t in eos:
+            if t in spec.eos_token_ids:
                 update.finished[row] = "stop"
                 return
             update.tokens.setdefault(row, []).append(t)
@@ -222,79 +302,37 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options) -> Itera
                 update.finished[row] = "length"
                 return
 
-    for b, t in enumerate(last.tolist()):
-        emit(rows[b], [t])
+    start = time.perf_counter()
+    cache, hidden = _prefill(spec, prompts, K_MAX + 1)
+    last = sampler.pick(spec.target.logits(hidden[:, 0]))
+    mx.eval(last)
+    rows = Rows(list(range(len(prompts))), [len(p) for p in prompts], last, hidden, cache)
+    update = Update({}, {}, stats)
+    for row, token in zip(rows.ids, last.tolist()):
+        stats[row].prefill_seconds = time.perf_counter() - start
+        emit(update, row, [token])
 
     while True:
-        keep = [i for i, r in enumerate(rows) if r not in update.finished]
         yield update
+        keep = [i for i, row in enumerate(rows.ids) if row not in update.finished]
         if not keep:
             return
-        if len(keep) < len(rows):
-            idx = mx.array(keep)
-            cache, hidden, last = cache.select(keep), hidden[idx], last[idx]
-            rows, pos = [rows[i] for i in keep], [pos[i] for i in keep]
+        if len(keep) < len(rows.ids):
+            rows = rows.select(keep)
         update = Update({}, {}, stats)
         round_start = time.perf_counter()
-
-        # Draft: k tokens at the fixed position of each row's last token.
-        decision = decide(len(rows))
-        remaining = max(options.max_tokens - emitted[r] for r in rows)
-        k = min(decision.k, remaining - 1)
-        drafts, qs, tok, h = [], [], last, hidden
-        draft_start = time.perf_counter()
-        if k:
-            kv, position = target_kv(spec, cache), mx.array(pos, dtype=mx.int32)
-            for _ in range(k):
-                draft = drafter(tok, h, position, kv)
-                if params.greedy:
-                    tok = draft.greedy_tokens()
-                else:
-                    qs.append(_draft_distribution(draft, params, vocab))
-                    key, sub = mx.random.split(key)
-                    tok = sample(qs[-1], sub)
-                drafts.append(tok)
-                h = draft.hidden
-            mx.eval(drafts)
-        drafted = mx.stack(drafts, axis=1) if k else mx.zeros((len(rows), 0), dtype=mx.int32)
-        verify_start = time.perf_counter()
-
-        # Verify all k + 1 tokens in one pass; accept; keep the hidden state of
-        # the last accepted token for the next draft.
-        tokens = mx.concatenate([last[:, None], drafted.astype(last.dtype)], axis=1)
-        hiddens = target(tokens, Step(tuple(pos), k + 1), cache)
-        logits = target.logits(hiddens)
-        if params.greedy:
-            n, last = greedy_accept(mx.argmax(logits, axis=-1), drafted)
-        else:
-            key, sub = mx.random.split(key)
-            q = mx.stack(qs, axis=1) if k else mx.zeros((len(rows), 0, vocab))
-            n, last = speculative_accept(probabilities(logits, params), q, drafted, sub)
-        hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1)
-        mx.eval(n, last, hidden)
-        verify_end = time.perf_counter()
-
-        # Commit: the cache needs no edit (rejected entries lie past each row's
-        # position and are masked until overwritten).
-        n_host, last_host, drafted_host = n.tolist(), last.tolist(), drafted.tolist()
-        for b, row in enumerate(rows):
-            pos[b] += n_host[b] + 1
-            emit(row, drafted_host[b][: n_host[b]] + [last_host[b]])
-            s = stats[row]
-            s.rounds += 1
-            s.drafted += k
-            s.accepted += n_host[b]
-            s.k_histogram[k] = s.k_histogram.get(k, 0) + 1
-            for i in range(min(k, n_host[b] + 1)):
-                s.reached_by_position[i] += 1
-                s.accepted_by_position[i] += int(i < n_host[b])
-            if k == 0 and decision.k == 0:
-                s.off_reason = decision.reason
-            s.draft_seconds += verify_start - draft_start
-            s.verify_seconds += verify_end - verify_start
-            s.decode_seconds += time.perf_counter() - round_start
-        policy.record(len(rows), k, n_host, verify_start - draft_start, verify_end - verify_start,
-                      time.perf_counter() - verify_end)
+        decision = decide(rows)
+        # Drafts past max_tokens would be thrown away.
+        k = min(decision.k, max(options.max_tokens - emitted[row] for row in rows.ids) - 1)
+        batch = len(rows.ids)
+        rows, result = speculative_round(spec, rows, k, sampler)
+        for b, row in enumerate(rows.ids):
+            n = result.accepted[b]
+            emit(update, row, result.drafted[b][:n] + [result.next[b]])
+            stats[row].record_round(k, n, decision, result.draft_seconds, result.verify_seconds,
+                                    time.perf_counter() - round_start)
+        spec.policy.record(batch, k, result.accepted, result.draft_seconds, result.verify_seconds,
+                           time.perf_counter() - round_start - result.draft_seconds - result.verify_seconds)
 
 
 def check_prompt(prompt: list[int], vocab: int) -> list[int]:

@@ -27,12 +27,9 @@ def _plain(spec, ids, n):
 
 def standin(spec, prompts, max_tokens, error_rate=0.0, seed=0):
     """A SpecModel whose drafter proposes the target's own greedy continuation."""
-    seqs = []
-    for p in prompts:
-        plain = generate(spec, p, max_tokens=max_tokens, draft_tokens=0)
-        stop = [min(spec.eos_token_ids)] if plain.finish_reason == "stop" else []
-        # Pad past the end so the stand-in can always look ahead.
-        seqs.append(p + plain.tokens + stop + [3] * 12)
+    # The continuation runs past EOS and max_tokens so the stand-in can always look ahead.
+    endless = SpecModel(target=spec.target, drafter=None, tokenizer=None)
+    seqs = [p + _plain(endless, p, max_tokens + 12) for p in prompts]
     drafter = StandInDrafter(spec.target, seqs, error_rate=error_rate, seed=seed)
     return SpecModel(target=spec.target, drafter=drafter, tokenizer=None, eos_token_ids=spec.eos_token_ids)
 
