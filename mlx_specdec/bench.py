@@ -1,0 +1,461 @@
+"""`mlx-specdec bench`: tokens/s of speculative decoding against plain decoding, per workload,
+batch size and draft mode, measured in one process so the comparisons are like for like.
+
+Reading order: workloads, the measurement of one cell, the whole run, then what turns a run into
+a table, markdown, JSON and a chart. Nothing here prints; the CLI renders.
+
+What a cell reports, for one workload, batch size B and mode (plain = k 0, fixed k, or auto):
+- tokens/s: the median over repeated runs (warm-up runs excluded) of generated tokens over
+  decode time (wall time minus the prefill; each row's first token comes from the prefill and
+  is not counted, as in mlx-lm). A run sends every prompt of the workload once, B at a time.
+- speedup: tokens/s over plain decoding's, same workload and B, same process.
+- acceptance a: the chance a draft position is accepted given all before it were, pooled over
+  positions (the estimate of a constant rate that the geometric model below assumes).
+- tokens/round: what each target pass yielded per row (accepted drafts + the target's token).
+- ceiling E(k) = (1 - a^(k+1)) / (1 - a): tokens per round expected at acceptance a; it is the
+  speedup drafting could give if drafting were free and verifying k + 1 tokens cost as much as
+  one (Leviathan et al. 2023). For auto, E is averaged over the k it chose, round by round.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .api import generate, generate_batch
+from .errors import InputError
+from .loading import SpecModel
+from .policy import K_MAX, DraftPolicy, expected_tokens
+
+WORKLOADS_FILE = Path(__file__).with_name("bench_workloads.json")
+DEFAULT_BATCH_SIZES = (1, 2, 4)
+DEFAULT_MODES: tuple[int | str, ...] = (0, 1, 2, 3, 4, 5, 6, "auto")
+
+SLOW_MATMUL_SECONDS = 0.02
+"""A 512x512 fp32 matmul slower than this means MLX's bundled reference BLAS: it takes ~70-110 ms
+on a 2-core x86 machine where OpenBLAS takes 2-7 ms."""
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    prompts: tuple[str, ...]
+    chat: bool = False  # each prompt is a user turn through the chat template
+    max_tokens: int | None = None  # the workload's own answer length (e.g. short answers)
+
+
+def load_workloads(path: str | Path | None = None, names: Sequence[str] | None = None) -> list[Workload]:
+    """The built-in workloads (or those in ``path``), optionally only ``names``, in file order."""
+    path = Path(path) if path else WORKLOADS_FILE
+    try:
+        raw = json.loads(path.read_text())["workloads"]
+        workloads = [Workload(w["name"], w.get("description", ""), tuple(w["prompts"]), bool(w.get("chat", False)),
+                              w.get("max_tokens")) for w in raw]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"could not read workloads from {path}: {type(e).__name__}: {e}") from None
+    if names:
+        known = {w.name for w in workloads}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InputError(f"unknown workload(s) {', '.join(unknown)}: expected some of {', '.join(sorted(known))}")
+        workloads = [w for w in workloads if w.name in names]
+    if not workloads or any(not w.prompts for w in workloads):
+        raise InputError(f"{path} has a workload without prompts")
+    return workloads
+
+
+def parse_modes(text: str) -> list[int | str]:
+    """'plain,1-6,auto' -> [0, 1, ..., 6, 'auto']; 'plain' and 'off' are k = 0."""
+    modes: list[int | str] = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part in ("plain", "off", "0"):
+            modes.append(0)
+        elif part == "auto":
+            modes.append("auto")
+        elif "-" in part:
+            lo, _, hi = part.partition("-")
+            modes += list(range(_k(lo), _k(hi) + 1))
+        else:
+            modes.append(_k(part))
+    if not modes:
+        raise InputError("no modes given: expected e.g. plain,1-6,auto")
+    if 0 not in modes:
+        modes.insert(0, 0)  # speedups are against plain decoding in the same run
+    return list(dict.fromkeys(modes))
+
+
+def _k(text: str) -> int:
+    try:
+        k = int(text.removeprefix("k="))
+    except ValueError:
+        raise InputError(f"a mode must be plain, auto, k or a range a-b of k, got {text!r}") from None
+    if not 0 <= k <= K_MAX:
+        raise InputError(f"draft length k must be in 0..{K_MAX}, got {k}")
+    return k
+
+
+def mode_name(mode: int | str) -> str:
+    return "plain" if mode == 0 else "auto" if mode == "auto" else f"k={mode}"
+
+
+def encode_prompts(spec: SpecModel, workload: Workload) -> list[list[int]]:
+    tok = spec.tokenizer
+    if tok is None:
+        raise InputError(f"bench needs a tokenizer, and {spec.name} has no tokenizer files")
+    if workload.chat and getattr(tok, "has_chat_template", False):
+        from .chat import encode_text, render
+
+        return [encode_text(tok, render(tok, [{"role": "user", "content": p}])) for p in workload.prompts]
+    return [list(tok.encode(p)) for p in workload.prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class Cell:
+    """One workload x batch size x mode, aggregated over its timed runs."""
+
+    workload: str
+    batch_size: int
+    mode: str
+    runs_tokens_per_second: list[float]
+    generated_tokens: int  # per run (the last one)
+    rounds: int = 0  # row-rounds over all timed runs
+    drafted: int = 0
+    accepted: int = 0
+    reached_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
+    accepted_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
+    k_histogram: dict[int, int] = field(default_factory=dict)
+    speedup: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return statistics.median(self.runs_tokens_per_second)
+
+    @property
+    def acceptance(self) -> float | None:
+        reached = sum(self.reached_by_position)
+        return sum(self.accepted_by_position) / reached if reached else None
+
+    @property
+    def tokens_per_round(self) -> float | None:
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else None
+
+    @property
+    def ceiling(self) -> float | None:
+        """E(k) at the measured acceptance, averaged over the rounds' k."""
+        a = self.acceptance
+        drafting = {k: n for k, n in self.k_histogram.items() if k}
+        if a is None or not drafting:
+            return None
+        total = sum(self.k_histogram.values())
+        return sum(n * expected_tokens([a] * k, k) for k, n in self.k_histogram.items()) / total
+
+    @property
+    def auto_choice(self) -> str:
+        """The rounds' k as 'k=3: 80%, k=0: 20%' (what auto chose; a fixed k shows itself)."""
+        total = sum(self.k_histogram.values())
+        if not total:
+            return "-"
+        top = sorted(self.k_histogram.items(), key=lambda kv: -kv[1])[:3]
+        return ", ".join(f"k={k}: {n / total:.0%}" for k, n in top)
+
+    def add(self, stats) -> None:
+        for s in stats:
+            self.rounds += s.rounds
+            self.drafted += s.drafted
+            self.accepted += s.accepted
+            for i in range(K_MAX):
+                self.reached_by_position[i] += s.reached_by_position[i]
+                self.accepted_by_position[i] += s.accepted_by_position[i]
+            for k, n in s.k_histogram.items():
+                self.k_histogram[k] = self.k_histogram.get(k, 0) + n
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("reached_by_position", "accepted_by_position")}
+        out.update(tokens_per_second=self.tokens_per_second, acceptance=self.acceptance,
+                   acceptance_rate=self.accepted / self.drafted if self.drafted else None,
+                   tokens_per_round=self.tokens_per_round, ceiling=self.ceiling,
+                   k_histogram={str(k): n for k, n in sorted(self.k_histogram.items())})
+        return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    modes: tuple[int | str, ...] = DEFAULT_MODES
+    max_tokens: int = 64
+    repeats: int = 3
+    warmup: int = 1
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise InputError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
+        if self.repeats < 1 or self.warmup < 0 or self.max_tokens < 2:
+            raise InputError("repeats must be >= 1, warmup >= 0 and max_tokens >= 2")
+
+
+def one_run(spec: SpecModel, prompts: list[list[int]], batch: int, mode: int | str, max_tokens: int,
+            settings: Settings) -> tuple[float, int, list]:
+    """Send every prompt once, ``batch`` at a time: (tokens/s, tokens, per-row stats)."""
+    groups = [[prompts[(i + j) % len(prompts)] for j in range(batch)] for i in range(0, len(prompts), batch)]
+    kw = dict(max_tokens=max_tokens, temperature=settings.temperature, seed=settings.seed, draft_tokens=mode)
+    tokens, seconds, stats = 0, 0.0, []
+    for group in groups:
+        start = time.perf_counter()
+        results = [generate(spec, group[0], **kw)] if batch == 1 else generate_batch(spec, group, **kw)
+        wall = time.perf_counter() - start
+        rows = [r.stats for r in results]
+        seconds += wall - max(s.prefill_seconds for s in rows)
+        tokens += sum(max(s.generated_tokens - 1, 0) for s in rows)
+        stats += rows
+    return (tokens / seconds if seconds > 0 else 0.0), tokens, stats
+
+
+@dataclass
+class BenchResult:
+    environment: dict
+    settings: dict
+    workloads: list[dict]
+    cells: list[Cell]
+    command: str = ""
+
+    def as_dict(self) -> dict:
+        return dict(command=self.command, environment=self.environment, settings=self.settings,
+                    workloads=self.workloads, cells=[c.as_dict() for c in self.cells])
+
+
+def total_runs(workloads: list[Workload], settings: Settings) -> int:
+    return len(workloads) * len(settings.batch_sizes) * len(settings.modes) * (settings.repeats + settings.warmup)
+
+
+def run(spec: SpecModel, workloads: list[Workload], settings: Settings,
+        on_run: Callable[[str], None] | None = None) -> list[Cell]:
+    """Measure every cell; ``on_run(description)`` after each run (warm-ups included)."""
+    if spec.drafter is None and any(m != 0 for m in settings.modes):
+        raise InputError(f"{spec.name} has no drafter: only plain decoding can be measured (pass --drafter)")
+    cells = []
+    saved_policy = spec.policy
+    try:
+        for w in workloads:
+            prompts = encode_prompts(spec, w)
+            max_tokens = w.max_tokens or settings.max_tokens
+            for batch in settings.batch_sizes:
+                plain = None
+                for mode in settings.modes:
+                    if mode == "auto":
+                        spec.policy = DraftPolicy()  # auto learns from scratch in its warm-up, per cell
+                    label = f"{w.name} B={batch} {mode_name(mode)}"
+                    cell = None
+                    for i in range(settings.warmup + settings.repeats):
+                        tps, tokens, stats = one_run(spec, prompts, batch, mode, max_tokens, settings)
+                        if i >= settings.warmup:
+                            if cell is None:
+                                cell = Cell(w.name, batch, mode_name(mode), [], tokens)
+                            cell.runs_tokens_per_second.append(tps)
+                            cell.generated_tokens = tokens
+                            cell.add(stats)
+                        if on_run:
+                            on_run(label)
+                    if mode == 0:
+                        plain = cell.tokens_per_second
+                    if plain:
+                        cell.speedup = cell.tokens_per_second / plain
+                    cells.append(cell)
+    finally:
+        spec.policy = saved_policy
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment
+
+
+def openblas_loaded() -> bool:
+    """Is OpenBLAS mapped into this process as the BLAS (e.g. through LD_PRELOAD)? numpy's own
+    bundled copy (libscipy_openblas*) does not count: MLX does not call it."""
+    try:
+        paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+    except OSError:
+        return False
+    return any("openblas" in p.lower() and Path(p).name.startswith(("libblas", "libopenblas")) for p in paths)
+
+
+def matmul_seconds(n: int = 512, tries: int = 3) -> float:
+    """Best time of an n x n fp32 matmul on the default device."""
+    a = mx.random.normal((n, n))
+    mx.eval(a)
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        mx.eval(a @ a)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def reference_blas_warning() -> str | None:
+    """On Linux's CPU backend: a line saying how to leave MLX's slow bundled BLAS, if it is in use."""
+    if not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu:
+        return None
+    if openblas_loaded():
+        return None
+    seconds = matmul_seconds()
+    if seconds < SLOW_MATMUL_SECONDS:
+        return None
+    have = Path(OPENBLAS).exists()
+    return (f"MLX is using its slow reference BLAS (a 512x512 fp32 matmul takes {seconds * 1000:.0f} ms): "
+            + ("" if have else "install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread), then ")
+            + f"run with LD_PRELOAD={OPENBLAS}")
+
+
+def _params(module) -> tuple[int, int, set[str]]:
+    """(parameters, bytes, dtypes) of a module; quantized weights count their unpacked size."""
+    count, size, dtypes = 0, 0, set()
+    quantized = {}
+    for name, m in module.named_modules():
+        if hasattr(m, "bits") and "scales" in m:
+            quantized[f"{name}.weight" if name else "weight"] = m.bits
+    for name, a in tree_flatten(module.parameters()):
+        size += a.nbytes
+        if name in quantized:
+            count += a.size * 32 // quantized[name]
+            dtypes.add(f"{quantized[name]}-bit")
+        elif not name.endswith((".scales", ".biases")) or name.rsplit(".", 1)[0] + ".weight" not in quantized:
+            count += a.size
+            if mx.issubdtype(a.dtype, mx.floating):
+                dtypes.add(str(a.dtype).removeprefix("mlx.core."))
+    return count, size, dtypes
+
+
+def environment(spec: SpecModel, blas_warning: str | None) -> dict:
+    device = mx.default_device()
+    env = {
+        "mlx": mx.__version__,
+        "device": str(device.type).rsplit(".", 1)[-1],
+        "platform": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+    }
+    if device.type == mx.DeviceType.gpu and hasattr(mx, "metal") and mx.metal.is_available():
+        env["device_name"] = mx.metal.device_info().get("device_name", "")
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        import os
+
+        env["cpus"] = os.cpu_count()
+    n, size, dtypes = _params(spec.target)
+    env["model"] = {"name": spec.name, "parameters": n, "bytes": size, "dtype": "/".join(sorted(dtypes))}
+    if spec.drafter is not None:
+        n, size, dtypes = _params(spec.drafter)
+        env["drafter"] = {"name": spec.drafter_name, "parameters": n, "bytes": size,
+                          "dtype": "/".join(sorted(dtypes))}
+    else:
+        env["drafter"] = None
+    env["blas_warning"] = blas_warning
+    return env
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+        n /= 1000
+    return f"{n:.3g}P{unit}"
+
+
+def environment_lines(env: dict) -> list[str]:
+    lines = [f"MLX {env['mlx']} on {env['device']} ({env['device_name']}"
+             + (f", {env['cpus']} CPUs" if env.get("cpus") else "") + f"), {env['platform']}, Python {env['python']}"]
+    m = env["model"]
+    lines.append(f"target  {m['name']}: {human(m['parameters'])} parameters, {human(m['bytes'], 'B')}, {m['dtype']}")
+    d = env.get("drafter")
+    if d:
+        lines.append(f"drafter {d['name']}: {human(d['parameters'])} parameters, {human(d['bytes'], 'B')}, {d['dtype']}")
+    else:
+        lines.append("drafter none")
+    if env.get("blas_warning"):
+        lines.append("warning: " + env["blas_warning"])
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+COLUMNS = ("workload", "B", "mode", "tok/s", "speedup", "accept a", "tok/round", "ceiling E(k)", "k chosen")
+
+
+def row(cell: Cell) -> list[str]:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    return [cell.workload, str(cell.batch_size), cell.mode, f"{cell.tokens_per_second:.1f}",
+            f(cell.speedup, ".2f") + ("x" if cell.speedup is not None else ""), f(cell.acceptance, ".2f"),
+            f(cell.tokens_per_round, ".2f"), f(cell.ceiling, ".2f"),
+            cell.auto_choice if cell.mode == "auto" else "-"]
+
+
+def to_markdown(result: BenchResult) -> str:
+    lines = ["# mlx-specdec bench", ""]
+    if result.command:
+        lines += ["```", result.command, "```", ""]
+    lines += [f"- {line}" for line in environment_lines(result.environment)]
+    s = result.settings
+    lines += [f"- greedy={s['temperature'] == 0} temperature={s['temperature']}, max_tokens={s['max_tokens']}, "
+              f"median of {s['repeats']} runs after {s['warmup']} warm-up", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(c)) + " |" for c in result.cells]
+    lines += ["", "tok/s: median decode tokens/s over the runs; speedup: over plain, same workload and B; "
+              "accept a: acceptance of a draft position given the ones before it were accepted; "
+              "tok/round: tokens per target pass per row; ceiling E(k) = (1 - a^(k+1)) / (1 - a): "
+              "the speedup if drafting were free and verifying k + 1 tokens cost one; "
+              "k chosen: the draft lengths auto used, by share of rounds.", ""]
+    return "\n".join(lines)
+
+
+def chart(result: BenchResult, path: str | Path) -> Path:
+    """Speedup against k per workload, one line per batch size, auto as a dashed level. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(c.workload for c in result.cells))
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], names):
+        cells = [c for c in result.cells if c.workload == name]
+        for b in sorted({c.batch_size for c in cells}):
+            fixed = sorted(((0 if c.mode == "plain" else int(c.mode[2:]), c.speedup) for c in cells
+                            if c.batch_size == b and c.mode != "auto" and c.speedup is not None))
+            line, = ax.plot([k for k, _ in fixed], [s for _, s in fixed], marker="o", label=f"B={b}")
+            for c in cells:
+                if c.batch_size == b and c.mode == "auto" and c.speedup is not None:
+                    ax.axhline(c.speedup, color=line.get_color(), linestyle="--", linewidth=1)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("draft length k (dashed: auto)")
+    axes[0][0].set_ylabel("speedup over plain")
+    axes[0][-1].legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,83 @@
+"""`mlx-specdec bench`: the real command on a tiny model, and the numbers it derives."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mlx_specdec import bench
+from mlx_specdec.bench import Cell, load_workloads, parse_modes
+from mlx_specdec.errors import InputError
+from tests.cli_model import make_pair
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints, tmp_path_factory):
+    return make_pair(checkpoints, tmp_path_factory.mktemp("bench"))
+
+
+def test_bench_command_writes_table_json_markdown_and_chart(model, tmp_path):
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, "-m", "mlx_specdec.cli", "bench", "--model", str(model), "--workloads", "qa,short",
+         "--batch-sizes", "1,2", "--modes", "2,auto", "--max-tokens", "6", "--repeats", "2", "--warmup", "1",
+         "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"), "--chart", str(out / "bench.png")],
+        capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    # Environment header, then the table.
+    assert run.stdout.startswith("MLX ") and f"target  {model}" in run.stdout and "drafter " in run.stdout
+    assert "speedup" in run.stdout and "ceiling E(k)" in run.stdout
+
+    result = json.loads((out / "bench.json").read_text())
+    cells = {(c["workload"], c["batch_size"], c["mode"]): c for c in result["cells"]}
+    # plain is always measured: speedups are against it, in the same run.
+    assert set(cells) == {(w, b, m) for w in ("qa", "short") for b in (1, 2) for m in ("plain", "k=2", "auto")}
+    for (w, b, m), c in cells.items():
+        assert len(c["runs_tokens_per_second"]) == 2 and c["tokens_per_second"] > 0
+        assert c["speedup"] == pytest.approx(c["tokens_per_second"] / cells[(w, b, "plain")]["tokens_per_second"])
+        if m == "plain":
+            assert c["k_histogram"] == {"0": c["rounds"]} and c["ceiling"] is None
+        if m == "k=2":  # every round drafts 2 but the last of each answer (capped by max_tokens)
+            assert set(c["k_histogram"]) <= {"0", "1", "2"} and c["acceptance"] is not None
+    assert result["settings"]["modes"] == ["plain", "k=2", "auto"]
+    assert result["environment"]["model"]["parameters"] > 0 and result["command"].startswith("mlx-specdec bench")
+    markdown = (out / "bench.md").read_text()
+    assert "| workload | B | mode | tok/s | speedup |" in markdown and markdown.count("\n| qa |") == 6
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ceiling_is_the_expected_tokens_per_round_at_the_measured_acceptance():
+    cell = Cell("w", 1, "k=3", [10.0], 8, rounds=4, k_histogram={3: 4})
+    cell.reached_by_position[:3] = [4, 2, 1]
+    cell.accepted_by_position[:3] = [2, 1, 0]
+    a = 3 / 7
+    assert cell.acceptance == pytest.approx(a)
+    assert cell.ceiling == pytest.approx((1 - a**4) / (1 - a))
+    # auto: averaged over the k of its rounds (k = 0 rounds yield 1 token).
+    cell.k_histogram = {0: 2, 3: 2}
+    assert cell.ceiling == pytest.approx((1 + (1 - a**4) / (1 - a)) / 2)
+    assert cell.auto_choice in ("k=0: 50%, k=3: 50%", "k=3: 50%, k=0: 50%")
+
+
+def test_modes_and_workloads_parse():
+    assert parse_modes("plain,1-3,auto") == [0, 1, 2, 3, "auto"]
+    assert parse_modes("auto,k=4") == [0, "auto", 4]  # plain is added: speedups need it
+    with pytest.raises(InputError, match="draft length k must be in 0..8"):
+        parse_modes("9")
+    names = [w.name for w in load_workloads()]
+    assert names == ["code", "prose", "qa", "short"]
+    with pytest.raises(InputError, match="unknown workload"):
+        load_workloads(names=["poetry"])
+
+
+def test_reference_blas_is_detected_and_openblas_named(monkeypatch):
+    monkeypatch.setattr(bench, "openblas_loaded", lambda: False)
+    monkeypatch.setattr(bench, "matmul_seconds", lambda: 0.09)
+    warning = bench.reference_blas_warning()
+    assert "slow reference BLAS" in warning and "90 ms" in warning and f"LD_PRELOAD={bench.OPENBLAS}" in warning
+    monkeypatch.setattr(bench, "matmul_seconds", lambda: 0.003)
+    assert bench.reference_blas_warning() is None
+    monkeypatch.setattr(bench, "openblas_loaded", lambda: True)
+    monkeypatch.setattr(bench, "matmul_seconds", lambda: 1 / 0)  # not even timed
+    assert bench.reference_blas_warning() is None
