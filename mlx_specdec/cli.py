@@ -1,0 +1,423 @@
+"""The `mlx-specdec` command: generate, chat, bench, convert (and distill when installed).
+
+A thin layer: parse flags (named like mlx-lm's), load, call the Python API, render. Every
+failure is one line on stderr ("error: ...") and a non-zero exit: 2 for usage (a bad or
+missing flag or argument), 1 for a model or input error; --verbose adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .policy import K_MAX
+
+
+class _App(typer.Typer):
+    """Typer whose usage errors are one line too ("error: ... (see --help)"), exit code 2."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            _err("aborted")
+            sys.exit(130)
+        except typer.TyperException as e:  # click's usage errors (typer vendors click)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            _err(f"error: {_one_line(e.format_message())}{hint}")
+            sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = _App(
+    name="mlx-specdec",
+    help="Speculative decoding of Gemma 4 with its MTP assistant drafter, in MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@contextmanager
+def _errors(verbose: bool):
+    """Turn any failure into one stderr line and exit 1 (130 on Ctrl-C); --verbose adds the traceback."""
+    from .errors import SpecDecError
+
+    try:
+        yield
+    except (typer.Exit, typer.TyperException):
+        raise
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:  # e.g. `mlx-specdec generate ... | head -1`
+        sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - nothing more may reach the closed pipe
+        raise typer.Exit(0) from None
+    except Exception as e:  # the top of the program: every failure becomes one line
+        if verbose:
+            traceback.print_exc()
+        if isinstance(e, SpecDecError):
+            message = str(e)
+        else:
+            message = f"{type(e).__name__}: {e}" + ("" if verbose else " (run with --verbose for the traceback)")
+        _err(f"error: {_one_line(message)}")
+        raise typer.Exit(1) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared options
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="Target: a local folder or a hub repo id. Default: the embedded demo model.")]
+DrafterOpt = Annotated[Optional[str], typer.Option(
+    "--drafter", help="Drafter folder or hub repo id. Default: the model's own (a drafter/ folder inside it, "
+    "a <model>-assistant folder beside it, or the <repo>-assistant hub repo). 'none': plain decoding.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="Cast floating weights to float32, float16 or bfloat16 (default: float32 on the CPU, "
+    "the checkpoint's own on a GPU).")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")]
+TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest tokens; 0: all.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens below min-p times the top one.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the sampler (reproducible sampling).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")]
+
+
+def parse_draft_tokens(value: str) -> int | str:
+    value = value.strip().lower()
+    if value == "auto":
+        return "auto"
+    if value == "off":
+        return 0
+    try:
+        k = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected auto, off or an integer 0..{K_MAX}, got {value!r}",
+                                 param_hint="--draft-tokens") from None
+    if not 0 <= k <= K_MAX:
+        raise typer.BadParameter(f"expected auto, off or an integer 0..{K_MAX}, got {k}", param_hint="--draft-tokens")
+    return k
+
+
+DraftOpt = Annotated[str, typer.Option(
+    "--draft-tokens", "-k", help="Draft length per round: auto (the measured policy picks it, 0 included), "
+    f"off (plain decoding) or an integer 1..{K_MAX}.")]
+
+
+def _load(model: str | None, drafter: str | None, dtype: str | None):
+    from rich.console import Console
+
+    from .loading import load
+
+    drafter_arg: str | bool | None = False if drafter is not None and drafter.lower() in ("none", "off") else drafter
+    with Console(stderr=True).status(f"loading {model or 'the embedded demo model'}"):
+        return load(model, drafter_arg, dtype=dtype)
+
+
+def _messages(prompt: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def _summary(stats, draft_tokens, has_drafter: bool) -> str:
+    from .chat import draft_label
+
+    per_round = 1 + stats.mean_accepted_per_round if stats.rounds else 1.0
+    return " · ".join([
+        f"{stats.generated_tokens} tokens",
+        f"{stats.tokens_per_second:.1f} tok/s",
+        f"acceptance {stats.acceptance_rate:.0%}" if stats.drafted else "acceptance -",
+        f"{per_round:.2f} tokens/round",
+        draft_label(stats, draft_tokens, has_drafter),
+        f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1000:.0f} ms",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt. '-' or none: read it from stdin.",
+                                                    show_default=False)] = None,
+    prompt_opt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt (as in mlx-lm); "
+                                                      "same as the argument.", show_default=False)] = None,
+    model: ModelOpt = None,
+    drafter: DrafterOpt = None,
+    max_tokens: MaxTokensOpt = 256,
+    temp: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
+    seed: SeedOpt = None,
+    draft_tokens: DraftOpt = "auto",
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (with the chat template).")] = None,
+    ignore_chat_template: Annotated[bool, typer.Option(
+        "--ignore-chat-template", help="Continue the prompt as raw text instead of answering it as a user turn.")] = False,
+    dtype: DtypeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) "
+                                          "instead of streaming.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Answer one prompt, streamed to stdout; a summary line goes to stderr."""
+    k = parse_draft_tokens(draft_tokens)
+    if prompt is not None and prompt_opt is not None:
+        raise typer.BadParameter("give it once: as an argument or with --prompt", param_hint="PROMPT")
+    text = prompt_opt if prompt_opt is not None else prompt
+    if text is None or text == "-":
+        if text is None and sys.stdin.isatty():
+            raise typer.BadParameter("none given: pass it as an argument, with --prompt, or on stdin",
+                                     param_hint="PROMPT")
+        text = sys.stdin.read()
+    if not text.strip():
+        raise typer.BadParameter("it is empty", param_hint="PROMPT")
+    with _errors(verbose):
+        from .api import stream_generate
+        from .chat import encode_text, render
+        from .errors import InputError
+
+        spec = _load(model, drafter, dtype)
+        tok = spec.tokenizer
+        if tok is None:
+            raise InputError(f"{spec.name} has no tokenizer files (tokenizer.json / tokenizer.model); "
+                             "the command line needs one")
+        if ignore_chat_template or not tok.has_chat_template:
+            ids = list(tok.encode(text))
+        else:
+            ids = encode_text(tok, render(tok, _messages(text, system)))
+        tokens, finish, stats = [], None, None
+        for chunk in stream_generate(spec, ids, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
+                                     min_p=min_p, seed=seed, draft_tokens=k):
+            tokens += chunk.tokens
+            finish, stats = chunk.finish_reason, chunk.stats
+            if not as_json and chunk.text:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        if as_json:
+            out = {"text": tok.decode(tokens), "tokens": tokens, "finish_reason": finish, "prompt_tokens": len(ids),
+                   "model": spec.name, "drafter": spec.drafter_name, "stats": stats.as_dict()}
+            sys.stdout.write(json.dumps(out) + "\n")
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            _err(_summary(stats, k, spec.drafter is not None))
+
+
+# ---------------------------------------------------------------------------------------------
+# chat
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    drafter: DrafterOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    temp: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
+    seed: SeedOpt = None,
+    draft_tokens: DraftOpt = "auto",
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+    no_cache_reuse: Annotated[bool, typer.Option(
+        "--no-cache-reuse", help="Prefill the whole conversation every turn (for comparison).")] = False,
+    history: Annotated[Optional[Path], typer.Option(
+        "--history", help="Readline history file (default: ~/.cache/mlx-specdec/chat_history).")] = None,
+    dtype: DtypeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Chat in the terminal: streamed answers, the prompt cache kept across turns, /help for commands."""
+    k = parse_draft_tokens(draft_tokens)
+    with _errors(verbose):
+        from rich.console import Console
+
+        from . import chat as chat_mod
+
+        spec = _load(model, drafter, dtype)
+        settings = chat_mod.Settings(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                     seed=seed, draft_tokens=k)
+        settings.options()  # refuse bad values before the first turn
+        session = chat_mod.ChatSession(spec, settings, system=system, reuse_cache=not no_cache_reuse)
+        path = history or Path.home() / ".cache" / "mlx-specdec" / "chat_history"
+        chat_mod.run(session, Console(highlight=False), history=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+TABLE_WIDTH = 140
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{what} must be integers >= 1, got {text!r}")
+    return values
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    drafter: DrafterOpt = None,
+    workloads: Annotated[Optional[str], typer.Option(
+        "--workloads", "-w", help="Comma-separated workload names (default: all: code, prose, qa, short).")] = None,
+    workload_file: Annotated[Optional[Path], typer.Option(
+        "--workload-file", help="A JSON file of workloads in the format of bench/workloads.json.")] = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,2,4",
+    modes: Annotated[str, typer.Option(
+        "--modes", help="Draft modes: plain, auto, k values and ranges, e.g. plain,1-6,auto.")] = "plain,1-6,auto",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2,
+                                            help="Tokens per answer (a workload may set its own).")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed runs per cell (the median is reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per cell before the timed ones.")] = 1,
+    temp: TempOpt = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler (with --temp > 0).")] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown here.")] = None,
+    chart_path: Annotated[Optional[Path], typer.Option("--chart", help="Write a PNG of speedup against k per "
+                                                       "workload here (needs matplotlib: pip install 'mlx-specdec[chart]').")] = None,
+    dtype: DtypeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Measure tokens/s of plain, fixed-k and auto drafting on built-in workloads and batch sizes."""
+    sizes = _ints(batch_sizes, "--batch-sizes")
+    command = "mlx-specdec " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else ""
+    with _errors(verbose):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        from . import bench as B
+
+        if chart_path is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise B.InputError("--chart needs matplotlib: pip install 'mlx-specdec[chart]'") from None
+        chosen = B.load_workloads(workload_file, [w.strip() for w in workloads.split(",")] if workloads else None)
+        settings = B.Settings(batch_sizes=sizes, modes=tuple(B.parse_modes(modes)), max_tokens=max_tokens,
+                              repeats=repeats, warmup=warmup, temperature=temp, seed=seed)
+        # Piped output gets room for the whole table rather than rich's default 80 columns.
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
+        err = Console(stderr=True, highlight=False)
+        spec = _load(model, drafter, dtype)
+        env = B.environment(spec, B.reference_blas_warning())
+        for line in B.environment_lines(env):
+            warning = line.startswith("warning")
+            (err if warning else console).print(line, style="yellow" if warning else "dim", markup=False,
+                                                soft_wrap=True)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=err, transient=True) as progress:
+            task = progress.add_task("bench", total=B.total_runs(chosen, settings))
+            cells = B.run(spec, chosen, settings, on_run=lambda label: progress.update(task, advance=1,
+                                                                                       description=label))
+        result = B.BenchResult(env, {k: v for k, v in vars(settings).items()} | {"modes": [B.mode_name(m) for m in
+                               settings.modes]}, [vars(w) | {"prompts": list(w.prompts)} for w in chosen], cells,
+                               command)
+        table = Table(*B.COLUMNS, title="tokens/s by workload, batch size and draft mode")
+        for cell in cells:
+            table.add_row(*B.row(cell))
+        console.print(table)
+        for path, write in ((json_path, lambda p: p.write_text(json.dumps(result.as_dict(), indent=2) + "\n")),
+                            (markdown_path, lambda p: p.write_text(B.to_markdown(result))),
+                            (chart_path, lambda p: B.chart(result, p))):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write(path)
+                console.print(f"wrote {path}", style="dim", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+@app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="Target: a local folder or a hub repo id (HF original or mlx-lm "
+                                          "conversion).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", "--mlx-path", help="Folder to write.", show_default=False)],
+    drafter: DrafterOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="Target weights dtype: float16, bfloat16 or float32 (default: the source's).")] = None,
+    quantize: Annotated[Optional[int], typer.Option("--quantize", "-q", help="Quantize the target to 4 or 8 bits.")] = None,
+    group_size: Annotated[int, typer.Option("--group-size", help="Target quantization group size.")] = 64,
+    drafter_dtype: Annotated[Optional[str], typer.Option(
+        "--drafter-dtype", help="Drafter weights dtype (default: the target's).")] = None,
+    drafter_quantize: Annotated[Optional[int], typer.Option(
+        "--drafter-quantize", help="Quantize the drafter to 4 or 8 bits (default: not quantized).")] = None,
+    drafter_group_size: Annotated[int, typer.Option("--drafter-group-size", help="Drafter quantization group size.")] = 64,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    probe: Annotated[Optional[str], typer.Option("--probe", help="Prompt used to compare the result with the "
+                                                 "source.")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write a target and its drafter as one MLX folder (drafter in drafter/), then check it against the source."""
+    for name, bits in (("--quantize", quantize), ("--drafter-quantize", drafter_quantize)):
+        if bits is not None and bits not in (4, 8):
+            raise typer.BadParameter(f"expected 4 or 8, got {bits}", param_hint=name)
+    with _errors(verbose):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from . import convert as C
+
+        console = Console(highlight=False)
+        drafter_arg = False if drafter is not None and drafter.lower() in ("none", "off") else drafter
+        plan = C.Plan(source=source, out=out, drafter=drafter_arg, dtype=dtype, bits=quantize, group_size=group_size,
+                      drafter_dtype=drafter_dtype, drafter_bits=drafter_quantize,
+                      drafter_group_size=drafter_group_size, force=force, probe=probe or C.PROBE)
+        columns = [TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_progress(step: str, done: float, total: float) -> None:
+                if step not in tasks:
+                    tasks[step] = progress.add_task(step, total=total)
+                progress.update(tasks[step], completed=done, total=total)
+
+            report = C.convert(plan, on_progress)
+        for line in C.report_lines(report):
+            console.print(line, markup=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# distill (another module; registered only where it exists)
+
+
+def _register_distill() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("mlx_specdec.distill_cli") is None:
+        return
+    from .distill_cli import distill_command
+
+    app.command("distill")(distill_command)
+
+
+_register_distill()
+
+
+if __name__ == "__main__":
+    app()
