@@ -20,6 +20,7 @@ What a cell reports, for one workload, batch size B and mode (plain = k 0, fixed
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -359,9 +360,9 @@ def environment(spec: SpecModel, blas_warning: str | None) -> dict:
         env["device_name"] = mx.metal.device_info().get("device_name", "")
     else:
         env["device_name"] = platform.processor() or platform.machine()
-        import os
-
         env["cpus"] = os.cpu_count()
+        if sys.platform.startswith("linux"):
+            env["blas"] = "OpenBLAS" if openblas_loaded() else "MLX's bundled BLAS"
     n, size, dtypes = _params(spec.target)
     env["model"] = {"name": spec.name, "parameters": n, "bytes": size, "dtype": "/".join(sorted(dtypes))}
     if spec.drafter is not None:
@@ -384,7 +385,8 @@ def human(n: float, unit: str = "") -> str:
 
 def environment_lines(env: dict) -> list[str]:
     lines = [f"MLX {env['mlx']} on {env['device']} ({env['device_name']}"
-             + (f", {env['cpus']} CPUs" if env.get("cpus") else "") + f"), {env['platform']}, Python {env['python']}"]
+             + (f", {env['cpus']} CPUs" if env.get("cpus") else "") + (f", {env['blas']}" if env.get("blas") else "")
+             + f"), {env['platform']}, Python {env['python']}"]
     m = env["model"]
     lines.append(f"target  {m['name']}: {human(m['parameters'])} parameters, {human(m['bytes'], 'B')}, {m['dtype']}")
     d = env.get("drafter")

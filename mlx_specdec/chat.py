@@ -203,7 +203,7 @@ class ChatSession:
                 self._cache, self._cached = None, []  # a failure mid-pass: trust nothing
             raise
         finally:
-            if answer:  # an answer cut short still joins the conversation
+            if answer or finish:  # an answer cut short still joins the conversation; none cut at once doesn't
                 # Stripped, as Gemma's templates trim message content: the next render then
                 # starts with this turn's text and the answer keeps its own ids.
                 reply = self.spec.tokenizer.decode(answer).strip()

@@ -8,6 +8,8 @@ missing flag or argument), 1 for a model or input error; --verbose adds the trac
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 import traceback
 from contextlib import contextmanager
@@ -302,7 +304,11 @@ def bench(
 ) -> None:
     """Measure tokens/s of plain, fixed-k and auto drafting on built-in workloads and batch sizes."""
     sizes = _ints(batch_sizes, "--batch-sizes")
-    command = "mlx-specdec " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else ""
+    command = ""
+    if "bench" in sys.argv:  # as typed (not when called in-process), with a preloaded BLAS to reproduce it
+        preload = os.environ.get("LD_PRELOAD")
+        command = (f"LD_PRELOAD={preload} " if preload else "") + "mlx-specdec " + " ".join(
+            shlex.quote(a) for a in sys.argv[sys.argv.index("bench"):])
     with _errors(verbose):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
