@@ -391,7 +391,8 @@ def environment_lines(env: dict) -> list[str]:
     lines.append(f"target  {m['name']}: {human(m['parameters'])} parameters, {human(m['bytes'], 'B')}, {m['dtype']}")
     d = env.get("drafter")
     if d:
-        lines.append(f"drafter {d['name']}: {human(d['parameters'])} parameters, {human(d['bytes'], 'B')}, {d['dtype']}")
+        lines.append(f"drafter {d['name']}: {human(d['parameters'])} parameters, {human(d['bytes'], 'B')}, "
+                     f"{d['dtype']}")
     else:
         lines.append("drafter none")
     if env.get("blas_warning"):

@@ -31,6 +31,9 @@ class _App(typer.Typer):
             _err("aborted")
             sys.exit(130)
         except typer.TyperException as e:  # click's usage errors (typer vendors click)
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `mlx-specdec`: the help, as click shows it
+                _err(e.format_message())
+                sys.exit(e.exit_code)
             ctx = getattr(e, "ctx", None)
             hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
             _err(f"error: {_one_line(e.format_message())}{hint}")
@@ -172,7 +175,8 @@ def generate(
     draft_tokens: DraftOpt = "auto",
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt (with the chat template).")] = None,
     ignore_chat_template: Annotated[bool, typer.Option(
-        "--ignore-chat-template", help="Continue the prompt as raw text instead of answering it as a user turn.")] = False,
+        "--ignore-chat-template",
+        help="Continue the prompt as raw text instead of answering it as a user turn.")] = False,
     dtype: DtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) "
                                           "instead of streaming.")] = False,
@@ -291,14 +295,17 @@ def bench(
         "--modes", help="Draft modes: plain, auto, k values and ranges, e.g. plain,1-6,auto.")] = "plain,1-6,auto",
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=2,
                                             help="Tokens per answer (a workload may set its own).")] = 64,
-    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed runs per cell (the median is reported).")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1,
+                                         help="Timed runs per cell (the median is reported).")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per cell before the timed ones.")] = 1,
     temp: TempOpt = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler (with --temp > 0).")] = 0,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
-    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown here.")] = None,
-    chart_path: Annotated[Optional[Path], typer.Option("--chart", help="Write a PNG of speedup against k per "
-                                                       "workload here (needs matplotlib: pip install 'mlx-specdec[chart]').")] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown",
+                                                          help="Write the table as markdown here.")] = None,
+    chart_path: Annotated[Optional[Path], typer.Option(
+        "--chart", help="Write a PNG of speedup against k per workload here (needs matplotlib: "
+        "pip install 'mlx-specdec[chart]').")] = None,
     dtype: DtypeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -315,12 +322,13 @@ def bench(
         from rich.table import Table
 
         from . import bench as B
+        from .errors import InputError
 
         if chart_path is not None:
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
-                raise B.InputError("--chart needs matplotlib: pip install 'mlx-specdec[chart]'") from None
+                raise InputError("--chart needs matplotlib: pip install 'mlx-specdec[chart]'") from None
         chosen = B.load_workloads(workload_file, [w.strip() for w in workloads.split(",")] if workloads else None)
         settings = B.Settings(batch_sizes=sizes, modes=tuple(B.parse_modes(modes)), max_tokens=max_tokens,
                               repeats=repeats, warmup=warmup, temperature=temp, seed=seed)
@@ -338,9 +346,8 @@ def bench(
             task = progress.add_task("bench", total=B.total_runs(chosen, settings))
             cells = B.run(spec, chosen, settings, on_run=lambda label: progress.update(task, advance=1,
                                                                                        description=label))
-        result = B.BenchResult(env, {k: v for k, v in vars(settings).items()} | {"modes": [B.mode_name(m) for m in
-                               settings.modes]}, [vars(w) | {"prompts": list(w.prompts)} for w in chosen], cells,
-                               command)
+        result = B.BenchResult(env, vars(settings) | {"modes": [B.mode_name(m) for m in settings.modes]},
+                               [vars(w) | {"prompts": list(w.prompts)} for w in chosen], cells, command)
         table = Table(*B.COLUMNS, title="tokens/s by workload, batch size and draft mode")
         for cell in cells:
             table.add_row(*B.row(cell))
@@ -366,13 +373,15 @@ def convert(
     drafter: DrafterOpt = None,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="Target weights dtype: float16, bfloat16 or float32 (default: the source's).")] = None,
-    quantize: Annotated[Optional[int], typer.Option("--quantize", "-q", help="Quantize the target to 4 or 8 bits.")] = None,
+    quantize: Annotated[Optional[int], typer.Option("--quantize", "-q",
+                                                    help="Quantize the target to 4 or 8 bits.")] = None,
     group_size: Annotated[int, typer.Option("--group-size", help="Target quantization group size.")] = 64,
     drafter_dtype: Annotated[Optional[str], typer.Option(
         "--drafter-dtype", help="Drafter weights dtype (default: the target's).")] = None,
     drafter_quantize: Annotated[Optional[int], typer.Option(
         "--drafter-quantize", help="Quantize the drafter to 4 or 8 bits (default: not quantized).")] = None,
-    drafter_group_size: Annotated[int, typer.Option("--drafter-group-size", help="Drafter quantization group size.")] = 64,
+    drafter_group_size: Annotated[int, typer.Option("--drafter-group-size",
+                                                    help="Drafter quantization group size.")] = 64,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     probe: Annotated[Optional[str], typer.Option("--probe", help="Prompt used to compare the result with the "
                                                  "source.")] = None,
