@@ -8,6 +8,8 @@ What a cell reports, for one workload, batch size B and mode (plain = k 0, fixed
 - tokens/s: the median over repeated runs (warm-up runs excluded) of generated tokens over
   decode time (wall time minus the prefill; each row's first token comes from the prefill and
   is not counted, as in mlx-lm). A run sends every prompt of the workload once, B at a time.
+  Answers run to max_tokens, EOS ignored (unless ``stop_at_eos``), so every mode of a workload
+  times the same tokens, and rows of a batch finish together.
 - speedup: tokens/s over plain decoding's, same workload and B, same process.
 - acceptance a: the chance a draft position is accepted given all before it were, pooled over
   positions (the estimate of a constant rate that the geometric model below assumes).
@@ -25,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -208,6 +210,7 @@ class Settings:
     warmup: int = 1
     temperature: float = 0.0
     seed: int = 0
+    stop_at_eos: bool = False
 
     def __post_init__(self):
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -252,39 +255,36 @@ def total_runs(workloads: list[Workload], settings: Settings) -> int:
 
 def run(spec: SpecModel, workloads: list[Workload], settings: Settings,
         on_run: Callable[[str], None] | None = None) -> list[Cell]:
-    """Measure every cell; ``on_run(description)`` after each run (warm-ups included)."""
+    """Measure every cell; ``on_run(description)`` after each run (warm-ups included).
+
+    The modes of one workload and batch size take turns, run by run, so that a change in the
+    machine's load (other processes) falls on all of them alike rather than on whichever
+    mode happened to run then."""
     if spec.drafter is None and any(m != 0 for m in settings.modes):
         raise InputError(f"{spec.name} has no drafter: only plain decoding can be measured (pass --drafter)")
+    # Copies that share the weights: their own EOS set, and for auto its own draft policy.
+    model = replace(spec, eos_token_ids=spec.eos_token_ids if settings.stop_at_eos else frozenset())
     cells = []
-    saved_policy = spec.policy
-    try:
-        for w in workloads:
-            prompts = encode_prompts(spec, w)
-            max_tokens = w.max_tokens or settings.max_tokens
-            for batch in settings.batch_sizes:
-                plain = None
-                for mode in settings.modes:
-                    if mode == "auto":
-                        spec.policy = DraftPolicy()  # auto learns from scratch in its warm-up, per cell
-                    label = f"{w.name} B={batch} {mode_name(mode)}"
-                    cell = None
-                    for i in range(settings.warmup + settings.repeats):
-                        tps, tokens, stats = one_run(spec, prompts, batch, mode, max_tokens, settings)
-                        if i >= settings.warmup:
-                            if cell is None:
-                                cell = Cell(w.name, batch, mode_name(mode), [], tokens)
-                            cell.runs_tokens_per_second.append(tps)
-                            cell.generated_tokens = tokens
-                            cell.add(stats)
-                        if on_run:
-                            on_run(label)
-                    if mode == 0:
-                        plain = cell.tokens_per_second
-                    if plain:
-                        cell.speedup = cell.tokens_per_second / plain
-                    cells.append(cell)
-    finally:
-        spec.policy = saved_policy
+    for w in workloads:
+        prompts = encode_prompts(spec, w)
+        max_tokens = w.max_tokens or settings.max_tokens
+        for batch in settings.batch_sizes:
+            auto = replace(model, policy=DraftPolicy())  # learns from scratch in its warm-up
+            row = {mode: Cell(w.name, batch, mode_name(mode), [], 0) for mode in settings.modes}
+            for i in range(settings.warmup + settings.repeats):
+                for mode, cell in row.items():
+                    tps, tokens, stats = one_run(auto if mode == "auto" else model, prompts, batch, mode,
+                                                 max_tokens, settings)
+                    if i >= settings.warmup:
+                        cell.runs_tokens_per_second.append(tps)
+                        cell.generated_tokens = tokens
+                        cell.add(stats)
+                    if on_run:
+                        on_run(f"{w.name} B={batch} {mode_name(mode)}")
+            plain = row[0].tokens_per_second if 0 in row else None
+            for cell in row.values():
+                cell.speedup = cell.tokens_per_second / plain if plain else None
+                cells.append(cell)
     return cells
 
 
@@ -422,7 +422,9 @@ def to_markdown(result: BenchResult) -> str:
         lines += ["```", result.command, "```", ""]
     lines += [f"- {line}" for line in environment_lines(result.environment)]
     s = result.settings
-    lines += [f"- greedy={s['temperature'] == 0} temperature={s['temperature']}, max_tokens={s['max_tokens']}, "
+    decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}"
+    length = "stopping at EOS" if s.get("stop_at_eos") else "EOS ignored"
+    lines += [f"- {decoding}, answers of {s['max_tokens']} tokens ({length}; workloads may set their own), "
               f"median of {s['repeats']} runs after {s['warmup']} warm-up", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(c)) + " |" for c in result.cells]

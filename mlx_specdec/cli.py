@@ -300,6 +300,9 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per cell before the timed ones.")] = 1,
     temp: TempOpt = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler (with --temp > 0).")] = 0,
+    stop_at_eos: Annotated[bool, typer.Option(
+        "--stop-at-eos", help="End answers at EOS (default: run every answer to --max-tokens, so every mode "
+        "times the same tokens).")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     markdown_path: Annotated[Optional[Path], typer.Option("--markdown",
                                                           help="Write the table as markdown here.")] = None,
@@ -331,7 +334,7 @@ def bench(
                 raise InputError("--chart needs matplotlib: pip install 'mlx-specdec[chart]'") from None
         chosen = B.load_workloads(workload_file, [w.strip() for w in workloads.split(",")] if workloads else None)
         settings = B.Settings(batch_sizes=sizes, modes=tuple(B.parse_modes(modes)), max_tokens=max_tokens,
-                              repeats=repeats, warmup=warmup, temperature=temp, seed=seed)
+                              repeats=repeats, warmup=warmup, temperature=temp, seed=seed, stop_at_eos=stop_at_eos)
         # Piped output gets room for the whole table rather than rich's default 80 columns.
         console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
         err = Console(stderr=True, highlight=False)

@@ -35,6 +35,8 @@ def test_bench_command_writes_table_json_markdown_and_chart(model, tmp_path):
     assert set(cells) == {(w, b, m) for w in ("qa", "short") for b in (1, 2) for m in ("plain", "k=2", "auto")}
     for (w, b, m), c in cells.items():
         assert len(c["runs_tokens_per_second"]) == 2 and c["tokens_per_second"] > 0
+        # Every answer runs to max_tokens (EOS ignored; "short" sets 16): 4 prompts, first tokens not timed.
+        assert c["generated_tokens"] == 4 * ((16 if w == "short" else 6) - 1)
         assert c["speedup"] == pytest.approx(c["tokens_per_second"] / cells[(w, b, "plain")]["tokens_per_second"])
         if m == "plain":
             assert c["k_histogram"] == {"0": c["rounds"]} and c["ceiling"] is None
