@@ -10,7 +10,9 @@ What a cell reports, for one workload, batch size B and mode (plain = k 0, fixed
   is not counted, as in mlx-lm). A run sends every prompt of the workload once, B at a time.
   Answers run to max_tokens, EOS ignored (unless ``stop_at_eos``), so every mode of a workload
   times the same tokens, and rows of a batch finish together.
-- speedup: tokens/s over plain decoding's, same workload and B, same process.
+- speedup: over plain decoding, same workload and B: the median over runs of each run's
+  tokens/s over plain's in the same round of runs (the modes take turns, so a burst of load
+  from other processes falls on one round of all modes, and the ratio cancels most of it).
 - acceptance a: the chance a draft position is accepted given all before it were, pooled over
   positions (the estimate of a constant rate that the geometric model below assumes).
 - tokens/round: what each target pass yielded per row (accepted drafts + the target's token).
@@ -281,9 +283,10 @@ def run(spec: SpecModel, workloads: list[Workload], settings: Settings,
                         cell.add(stats)
                     if on_run:
                         on_run(f"{w.name} B={batch} {mode_name(mode)}")
-            plain = row[0].tokens_per_second if 0 in row else None
+            plain = row[0].runs_tokens_per_second if 0 in row else None
             for cell in row.values():
-                cell.speedup = cell.tokens_per_second / plain if plain else None
+                if plain:
+                    cell.speedup = statistics.median(t / p for t, p in zip(cell.runs_tokens_per_second, plain))
                 cells.append(cell)
     return cells
 
@@ -428,7 +431,8 @@ def to_markdown(result: BenchResult) -> str:
               f"median of {s['repeats']} runs after {s['warmup']} warm-up", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(c)) + " |" for c in result.cells]
-    lines += ["", "tok/s: median decode tokens/s over the runs; speedup: over plain, same workload and B; "
+    lines += ["", "tok/s: median decode tokens/s over the runs; speedup: over plain, same workload and B, the "
+              "median of run-by-run ratios (the modes take turns); "
               "accept a: acceptance of a draft position given the ones before it were accepted; "
               "tok/round: tokens per target pass per row; ceiling E(k) = (1 - a^(k+1)) / (1 - a): "
               "the speedup if drafting were free and verifying k + 1 tokens cost one; "
