@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     spec = load(args.model)
     with_reuse = run(spec, True, args.max_tokens, args.repeats)
     without = run(spec, False, args.max_tokens, args.repeats)
-    lines = [f"Model: {spec.name}; {len(TURNS)} turns, answers of up to {args.max_tokens} tokens, "
+    lines = [f"Model: {args.model or 'the embedded demo model'}; {len(TURNS)} turns, answers of up to {args.max_tokens} tokens, "
              f"median prefill time of {args.repeats} runs.", "",
              "| turn | conversation tokens | prefilled, reuse | prefilled, no reuse | prefill ms, reuse | "
              "prefill ms, no reuse |", "|---|---|---|---|---|---|"]

@@ -306,9 +306,11 @@ def draft_label(stats: Stats, draft_tokens: int | str, has_drafter: bool) -> str
         return f"draft k={draft_tokens}"
     used = {k: n for k, n in stats.k_histogram.items() if k}
     if not used:
-        return "draft auto: off" + (f" ({stats.off_reason})" if stats.off_reason else "")
-    k = max(used, key=used.get)
-    return f"draft auto: on (mostly k={k})"
+        return "draft auto: off"  # /stats says why
+    drafting, rounds = sum(used.values()), sum(stats.k_histogram.values())
+    if 2 * drafting < rounds:
+        return f"draft auto: mostly off (drafted in {drafting} of {rounds} rounds)"
+    return f"draft auto: on (mostly k={max(used, key=used.get)})"
 
 
 def status_line(report: TurnReport, has_drafter: bool) -> str:
