@@ -12,8 +12,9 @@ What one training step does, for a batch of B token sequences of length L:
    and read the drafter's own post-projected hidden state from the step before (as at
    inference) with the next token of the sequence, and predict tokens p + 2 .. p + S.
    The teacher for step s is the target's distribution at position p + s - 1, which is
-   conditioned on exactly the tokens the drafter was fed (``feed="data"``); ``feed="drafter"``
-   feeds the drafter's own greedy token instead, as an unaccepted round would.
+   conditioned on exactly the tokens the drafter was fed (``feed="data"``, the default);
+   ``feed="drafter"`` feeds the drafter's own greedy token instead, as it feeds itself at
+   inference (the teacher then still conditions on the text's token where the two differ).
    Positions are vectorised as the query axis of one drafter call: queries at positions
    1 .. L - S attend the same K/V under a per-query mask (keys before the query, within the
    sliding window), so the K/V is never copied per position.
@@ -137,7 +138,8 @@ def _jsonl_texts(path: Path, tokenizer) -> list[list[int]]:
 
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+        return sorted(p for p in path.rglob("*")
+                      if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
     if path.is_file():
         return [path]
     raise DataError(f"data path {path} does not exist")

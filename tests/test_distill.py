@@ -154,6 +154,23 @@ def test_from_scratch_centroid_training_and_transformers_names(checkpoints, pair
     np.testing.assert_array_equal(np.array(reloaded.drafter.masked_embedding.token_ordering), ordering)
 
 
+def test_reading_folders_and_jsonl(spec, tmp_path):
+    tok = spec.tokenizer
+    folder = tmp_path / ".cache" / "corpus"  # a hidden parent is fine; hidden files inside are not read
+    (folder / ".git").mkdir(parents=True)
+    (folder / "a.txt").write_text("the quick brown fox")
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (folder / "blob.bin").write_bytes(bytes([0xFF, 0xFE, 0x00]))
+    rows = [{"text": "a lazy dog"}, {"prompt": "the fox ", "completion": "jumps"}, "seven zebras",
+            {"messages": [{"role": "user", "content": "vex jim"}]}]
+    (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    docs = D.read_documents([folder], tok)
+    assert docs[0] == tok.encode("the quick brown fox")
+    assert docs[1:4] == [tok.encode("a lazy dog"), tok.encode("the fox jumps"), tok.encode("seven zebras")]
+    assert docs[4] == list(tok.apply_chat_template(rows[3]["messages"], tokenize=True))
+    assert len(docs) == 5
+
+
 def test_bad_input_is_one_clear_error(spec, pair, data_dir, tmp_path):
     tok = spec.tokenizer
     with pytest.raises(D.DataError, match="does not exist"):
