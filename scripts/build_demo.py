@@ -141,8 +141,10 @@ def main(argv=None) -> None:
     p.add_argument("--drafter-steps", type=int, default=240)
     p.add_argument("--quant-steps", type=int, default=50, help="distillation steps per quantized target (0: skip)")
     p.add_argument("--quant-lr", type=float, default=5e-4)
+    p.add_argument("--quant-bits", default="8,4,3", help="comma-separated bit widths for the quantized-target experiment")
     args = p.parse_args(argv)
     stages = args.stages.split(",")
+    args.quant_bits = [int(b) for b in args.quant_bits.split(",") if b]
     unknown = set(stages) - set(STAGES)
     if unknown:
         p.error(f"unknown stages {sorted(unknown)}; expected a subset of {STAGES}")
