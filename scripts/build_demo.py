@@ -11,7 +11,10 @@ Stages, each resumable (intermediate state lives in --work, default build/demo/)
             target with mlx_specdec.distill, the library behind `mlx-specdec distill`;
   eval      held-out acceptance per draft position and speed of plain vs speculative decoding
             (written to --work/report.json).
-Everything is seeded; the corpus depends on the Python version (built with CPython 3.11).
+Everything is seeded; the corpus depends on the Python version (built with CPython 3.11.7).
+A stage finds its checkpoint in --work and continues from it: delete --work to start over.
+Times on a shared 2-core x86 VM: data 1 min, target 39 min, drafter 16 min, eval ~52 min
+(`--stages eval --quant-steps 0`: acceptance and speed only, ~2 min).
 """
 
 from __future__ import annotations
