@@ -23,6 +23,9 @@ What one training step does, for a batch of B token sequences of length L:
    centroid scores against the target's probability mass per cluster (the head scores only
    the tokens of its top clusters at inference, so the right cluster must rank high).
 
+Memory is dominated by vocabulary-sized arrays, about (2 + 3 S) * B * L * V * 4 bytes: with
+Gemma's 262k vocabulary keep B * L near 512 (about 7.5 GB at S = 4).
+
 Acceptance is reported two ways. *Teacher-forced*: on held-out sequences, step s counts as
 accepted when the drafter's argmax equals the target's, and positions count for step s + 1 only
 while the text itself follows the target's greedy choice (so the drafter was fed what a greedy
