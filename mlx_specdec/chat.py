@@ -18,20 +18,18 @@ positions only, so a rewind further back than the ring still holds starts a fres
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import mlx.core as mx
 import numpy as np
 
 from .api import GenerationChunk, _options
-from .cache import Cache, Step
-from .decode import Options, Rows, Sampler, Stats, _calibrate, check_prompt, speculative_round
+from .cache import Cache
+from .decode import Options, Stats, check_prompt, decode
 from .errors import InputError, SpecDecError
 from .loading import SpecModel
-from .policy import K_MAX, Decision, fixed_decision
+from .policy import K_MAX
 
 # The cache's decode steps are at most k + 1 tokens (as decode.py sets it up).
 MAX_STEP = K_MAX + 1
@@ -186,13 +184,21 @@ class ChatSession:
         options = self.settings.options()
         rendered, ids = self.encode(self.conversation(text))
         start = self.reusable(ids)
+        if start == 0:
+            window = self.spec.drafter.config.sliding_window if self.spec.drafter else 0
+            self._cache = self.spec.target.make_cache(1, max_step=MAX_STEP, drafter_window=window)
+        # What the cache holds validly, kept true after every completed pass so that an
+        # interruption anywhere leaves it right.
+        self._cached = ids[:start]
         detok = self.spec.tokenizer.detokenizer
+        detok.reset()
         answer: list[int] = []
-        stats = Stats(prompt_tokens=len(ids))
-        finish = None
+        stats, finish = None, None
         try:
-            for tokens, finish in self._generate(ids, start, options, stats):
+            for update in decode(self.spec, [ids], options, cache=self._cache, cached=start):
+                tokens, finish, stats = update.tokens.get(0, []), update.finished.get(0), update.stats[0]
                 answer += tokens
+                self._cached = (ids + answer)[: update.positions[0]]
                 for t in tokens:
                     detok.add_token(t)
                 if finish:
@@ -211,74 +217,6 @@ class ChatSession:
                 self._history_text, self._history_ids = rendered + reply, ids + answer
                 self.reports.append(TurnReport(len(ids), len(ids) - start, stats, interrupted=finish is None,
                                                draft_tokens=self.settings.draft_tokens))
-
-    def _generate(self, ids: list[int], start: int, options: Options, stats: Stats):
-        """The speculative loop for one row, continuing a cache that holds ids[:start].
-
-        Yields (new tokens, finish reason or None) after the prefill and after each round.
-        It is decode.decode() for one row, except that the prefill writes only ids[start:] at
-        positions start.. of the kept cache; ``self._cached`` follows what the cache holds
-        after each completed pass, so an interruption anywhere leaves it true.
-        """
-        spec = self.spec
-        if start == 0:
-            window = spec.drafter.config.sliding_window if spec.drafter else 0
-            self._cache = spec.target.make_cache(1, max_step=MAX_STEP, drafter_window=window)
-        self._cached = ids[:start]
-        sampler = Sampler(options.sampling, spec.target.config.vocab_size)
-        began = time.perf_counter()
-        hidden = spec.target(mx.array([ids[start:]]), Step((start,), len(ids) - start), self._cache)[:, -1:]
-        last = sampler.pick(spec.target.logits(hidden[:, 0]))
-        mx.eval(last, hidden, *self._cache.arrays())
-        self._cached = list(ids)
-        stats.prefill_seconds = time.perf_counter() - began
-        rows = Rows([0], [len(ids)], last, hidden, self._cache)
-        produced = [int(last.item())]  # every token generated, in position order from len(ids)
-        emitted, calibrated = 0, False
-
-        def emit(tokens: list[int]) -> tuple[list[int], str | None]:
-            nonlocal emitted
-            out = []
-            for t in tokens:
-                if t in spec.eos_token_ids:
-                    return out, "stop"
-                out.append(t)
-                emitted += 1
-                stats.generated_tokens += 1
-                if emitted == options.max_tokens:
-                    return out, "length"
-            return out, None
-
-        def decide() -> Decision:
-            nonlocal calibrated
-            if spec.drafter is None:
-                return Decision(0, "k=0: the model has no drafter")
-            if options.draft_tokens != "auto":
-                return fixed_decision(options.draft_tokens)
-            decision = spec.policy.decide(1)
-            if decision.calibrate and not calibrated:
-                _calibrate(spec, decision.calibrate, rows)
-                calibrated = True
-                decision = spec.policy.decide(1)
-            return decision
-
-        tokens, finish = emit(produced)
-        yield tokens, finish
-        while finish is None:
-            round_start = time.perf_counter()
-            decision = decide()
-            k = min(decision.k, options.max_tokens - emitted - 1)
-            rows, result = speculative_round(spec, rows, k, sampler)
-            n = result.accepted[0]
-            new = result.drafted[0][:n] + [result.next[0]]
-            produced += new
-            self._cached = (ids + produced)[: rows.pos[0]]
-            stats.record_round(k, n, decision, result.draft_seconds, result.verify_seconds,
-                               time.perf_counter() - round_start)
-            spec.policy.record(1, k, result.accepted, result.draft_seconds, result.verify_seconds,
-                               time.perf_counter() - round_start - result.draft_seconds - result.verify_seconds)
-            tokens, finish = emit(new)
-            yield tokens, finish
 
     def transcript(self) -> dict:
         """The conversation and per-turn stats, as /save writes them."""

@@ -18,7 +18,7 @@ from .cache import Cache, Step
 from .errors import InputError
 from .loading import SpecModel
 from .models.assistant import Draft, TargetKV
-from .policy import K_MAX, Decision, DraftPolicy, fixed_decision
+from .policy import K_MAX, Decision, fixed_decision
 from .sampling import SamplingParams, greedy_accept, make_key, probabilities, sample, speculative_accept
 
 # Calibration times each verify length twice and keeps the second: the first
@@ -113,12 +113,14 @@ class Options:
 
 @dataclass
 class Update:
-    """One round's output: new tokens per row (by the caller's row index) and
-    the rows that finished, with why ("stop": EOS, "length": max_tokens)."""
+    """One round's output: new tokens per row (by the caller's row index), the
+    rows that finished, with why ("stop": EOS, "length": max_tokens), and each
+    row of the round's position: its cache now holds prompt + output up to there."""
 
     tokens: dict[int, list[int]]
     finished: dict[int, str]
     stats: list[Stats]
+    positions: dict[int, int] = field(default_factory=dict)
 
 
 def target_kv(spec: SpecModel, cache: Cache) -> dict[str, TargetKV]:
@@ -244,6 +246,14 @@ def _prefill(spec: SpecModel, prompts: list[list[int]], max_step: int) -> tuple[
     return cache, hidden
 
 
+def _extend(spec: SpecModel, cache: Cache, prompt: list[int], cached: int) -> mx.array:
+    """Prefill one prompt into a cache that already holds its first ``cached`` tokens."""
+    tokens = mx.array([prompt[cached:]])
+    hidden = spec.target(tokens, Step((cached,), len(prompt) - cached), cache)[:, -1:]
+    mx.eval(hidden, *cache.arrays())
+    return hidden
+
+
 def _calibrate(spec: SpecModel, lengths, rows: "Rows") -> None:
     """Time verify passes of the given lengths, and a drafter step, at this batch size.
 
@@ -268,8 +278,16 @@ def _calibrate(spec: SpecModel, lengths, rows: "Rows") -> None:
         policy.record_draft_time(B, seconds)
 
 
-def decode(spec: SpecModel, prompts: list[list[int]], options: Options) -> Iterator[Update]:
-    """Generate for every prompt; yields after the prefill and after each round."""
+def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
+           cache: Cache | None = None, cached: int = 0) -> Iterator[Update]:
+    """Generate for every prompt; yields after the prefill and after each round.
+
+    With ``cache`` (one prompt, a cache made by ``spec.target.make_cache(1, K_MAX + 1, ...)``)
+    generation continues a cache that already holds the prompt's first ``cached`` tokens and
+    prefills only the rest: how chat keeps one cache across turns.
+    """
+    if cache is not None and not (len(prompts) == 1 and 0 <= cached < len(prompts[0])):
+        raise ValueError("a kept cache continues exactly one prompt, which must extend past what it holds")
     sampler = Sampler(options.sampling, spec.target.config.vocab_size)
     stats = [Stats(prompt_tokens=len(p)) for p in prompts]
     emitted = [0] * len(prompts)
@@ -303,11 +321,14 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options) -> Itera
                 return
 
     start = time.perf_counter()
-    cache, hidden = _prefill(spec, prompts, K_MAX + 1)
+    if cache is None:
+        cache, hidden = _prefill(spec, prompts, K_MAX + 1)
+    else:
+        hidden = _extend(spec, cache, prompts[0], cached)
     last = sampler.pick(spec.target.logits(hidden[:, 0]))
     mx.eval(last)
     rows = Rows(list(range(len(prompts))), [len(p) for p in prompts], last, hidden, cache)
-    update = Update({}, {}, stats)
+    update = Update({}, {}, stats, dict(zip(rows.ids, rows.pos)))
     for row, token in zip(rows.ids, last.tolist()):
         stats[row].prefill_seconds = time.perf_counter() - start
         emit(update, row, [token])
@@ -326,6 +347,7 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options) -> Itera
         k = min(decision.k, max(options.max_tokens - emitted[row] for row in rows.ids) - 1)
         batch = len(rows.ids)
         rows, result = speculative_round(spec, rows, k, sampler)
+        update.positions = dict(zip(rows.ids, rows.pos))
         for b, row in enumerate(rows.ids):
             n = result.accepted[b]
             emit(update, row, result.drafted[b][:n] + [result.next[b]])
