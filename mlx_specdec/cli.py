@@ -1,4 +1,4 @@
-"""The `mlx-specdec` command: generate, chat, bench, convert (and distill when installed).
+"""The `mlx-specdec` command: generate, chat, bench, convert, distill.
 
 A thin layer: parse flags (named like mlx-lm's), load, call the Python API, render. Every
 failure is one line on stderr ("error: ...") and a non-zero exit: 2 for usage (a bad or
@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .distill_cli import distill_command
 from .policy import K_MAX
 
 
@@ -421,20 +422,9 @@ def convert(
 
 
 # ---------------------------------------------------------------------------------------------
-# distill (another module; registered only where it exists)
+# distill (its flags and rendering live in distill_cli.py)
 
-
-def _register_distill() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("mlx_specdec.distill_cli") is None:
-        return
-    from .distill_cli import distill_command
-
-    app.command("distill")(distill_command)
-
-
-_register_distill()
+app.command("distill")(distill_command)
 
 
 if __name__ == "__main__":

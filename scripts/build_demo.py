@@ -20,7 +20,6 @@ Times on a shared 2-core x86 VM: data 1 min, target 39 min, drafter 16 min, eval
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

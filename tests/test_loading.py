@@ -18,7 +18,6 @@ from mlx_specdec import (
     load,
 )
 from mlx_specdec.cache import Step
-from tests import oracle
 from tests.helpers import forward_in_steps, prompt
 
 

@@ -13,7 +13,6 @@ Reference semantics: transformers ``models/gemma4/modeling_gemma4.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
