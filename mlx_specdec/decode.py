@@ -291,20 +291,17 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
     sampler = Sampler(options.sampling, spec.target.config.vocab_size)
     stats = [Stats(prompt_tokens=len(p)) for p in prompts]
     emitted = [0] * len(prompts)
-    calibrated = False
 
-    def decide(rows: Rows) -> Decision:
-        nonlocal calibrated
+    def decide(rows: Rows, first: bool) -> Decision:
         if spec.drafter is None:
             return Decision(0, "k=0: the model has no drafter")
         if options.draft_tokens != "auto":
             return fixed_decision(options.draft_tokens)
         decision = spec.policy.decide(len(rows.ids))
-        # Calibrate the batch size a request starts with; as rows finish, the
-        # smaller batches are estimated from it and refined by their own rounds.
-        if decision.calibrate and not calibrated:
+        # Only the batch size a request starts with is calibrated, in its first round; as rows
+        # finish, the smaller batches are estimated from it and refined by their own rounds.
+        if decision.calibrate and first:
             _calibrate(spec, decision.calibrate, rows)
-            calibrated = True
             decision = spec.policy.decide(len(rows.ids))
         return decision
 
@@ -329,6 +326,7 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
     mx.eval(last)
     rows = Rows(list(range(len(prompts))), [len(p) for p in prompts], last, hidden, cache)
     update = Update({}, {}, stats, dict(zip(rows.ids, rows.pos)))
+    first = True
     for row, token in zip(rows.ids, last.tolist()):
         stats[row].prefill_seconds = time.perf_counter() - start
         emit(update, row, [token])
@@ -342,7 +340,8 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
             rows = rows.select(keep)
         update = Update({}, {}, stats)
         round_start = time.perf_counter()
-        decision = decide(rows)
+        decision = decide(rows, first=first)
+        first = False
         # Drafts past max_tokens would be thrown away.
         k = min(decision.k, max(options.max_tokens - emitted[row] for row in rows.ids) - 1)
         batch = len(rows.ids)

@@ -323,7 +323,7 @@ class DraftPolicy:
                t_other: float = 0.0) -> None:
         """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
         seconds spent drafting (all k steps), verifying, and on everything else (t_other is kept by
-        GenerationStats; the decision leaves it out, as in cost(k))."""
+        decode.Stats; the decision leaves it out, as in cost(k))."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
         self.costs.record_verify(batch_size, k + 1, t_verify)

@@ -59,3 +59,26 @@ def test_fixed_and_off_overrides_bypass_the_policy(checkpoints):
     # Their rounds still teach the policy their costs, but nothing was calibrated.
     assert {5, 9} <= set(spec.policy.needs_calibration(1))
     assert spec.policy.rounds == off.stats.rounds + fixed.stats.rounds
+
+
+def test_a_batch_that_shrinks_is_not_recalibrated_mid_request(checkpoints, monkeypatch):
+    from mlx_specdec import decode
+
+    target = checkpoints.target("dense")
+    spec = load(target, drafter=checkpoints.assistant(target))
+    prompts = [prompt(n, n) for n in (5, 9, 13)]
+    plain = [r.tokens for r in generate_batch(spec, prompts, max_tokens=12, draft_tokens=0)]
+    # Row 0 stops early at a token the other rows never produce, so the batch shrinks to 2.
+    stop = next(t for t in plain[0][1:8] if all(t not in other for other in plain[1:]))
+    spec.eos_token_ids = frozenset({stop})
+    timed = []
+    real = decode._calibrate
+    monkeypatch.setattr(decode, "_calibrate", lambda s, lengths, rows: (timed.append(len(rows.pos)),
+                                                                       real(s, lengths, rows)))
+    for _ in range(2):  # the second request starts at a batch size already calibrated
+        results = generate_batch(spec, prompts, max_tokens=12)
+        assert results[0].finish_reason == "stop" and results[0].tokens == plain[0][: plain[0].index(stop)]
+        assert [r.tokens for r in results[1:]] == plain[1:]
+    # B = 3 was calibrated in the first request's first round; B = 2 is estimated from it and
+    # refined by its own rounds, never timed in the middle of a request.
+    assert timed == [3]
