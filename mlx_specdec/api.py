@@ -74,18 +74,21 @@ def stream_generate(
     detok = model.tokenizer.detokenizer if model.tokenizer is not None else None
     if detok is not None:
         detok.reset()
-    for update in decode(model, [ids], options):
-        new = update.tokens.get(0, [])
-        finish = update.finished.get(0)
-        text = None
-        if detok is not None:
-            for t in new:
-                detok.add_token(t)
-            if finish:
-                detok.finalize()
-            text = detok.last_segment
-        if new or finish:
-            yield GenerationChunk(new, text, update.stats[0], finish)
+    try:
+        for update in decode(model, [ids], options):
+            new = update.tokens.get(0, [])
+            finish = update.finished.get(0)
+            text = None
+            if detok is not None:
+                for t in new:
+                    detok.add_token(t)
+                if finish:
+                    detok.finalize()
+                text = detok.last_segment
+            if new or finish:
+                yield GenerationChunk(new, text, update.stats[0], finish)
+    finally:
+        model.save_policy()
 
 
 def generate(model: SpecModel, prompt: str | list[int], **kwargs) -> GenerationResult:
@@ -118,12 +121,15 @@ def generate_batch(
     tokens = [[] for _ in ids]
     finish = [None] * len(ids)
     stats = None
-    for update in decode(model, ids, options):
-        for row, new in update.tokens.items():
-            tokens[row] += new
-        for row, why in update.finished.items():
-            finish[row] = why
-        stats = update.stats
+    try:
+        for update in decode(model, ids, options):
+            for row, new in update.tokens.items():
+                tokens[row] += new
+            for row, why in update.finished.items():
+                finish[row] = why
+            stats = update.stats
+    finally:
+        model.save_policy()
     decode_text = model.tokenizer.decode if model.tokenizer is not None else (lambda t: None)
     return [GenerationResult(t, decode_text(t), s, f) for t, s, f in zip(tokens, stats, finish)]
 

@@ -209,6 +209,7 @@ class ChatSession:
                 self._cache, self._cached = None, []  # a failure mid-pass: trust nothing
             raise
         finally:
+            self.spec.save_policy()
             if answer or finish:  # an answer cut short still joins the conversation; none cut at once doesn't
                 # Stripped, as Gemma's templates trim message content: the next render then
                 # starts with this turn's text and the answer keeps its own ids.

@@ -11,7 +11,10 @@ the two models hold one embedding array.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +45,66 @@ class SpecModel:
     eos_token_ids: frozenset[int] = frozenset()
     name: str = "model"
     drafter_name: str | None = None
-    # What the draft policy measured in this process (costs per batch size,
-    # acceptance); it outlives requests, so later ones start informed.
+    # What the draft policy measured (costs per batch size, acceptance); it
+    # outlives requests, so later ones start informed.
     policy: DraftPolicy = field(default_factory=DraftPolicy, repr=False)
+    # Where the policy is kept between processes (None: not kept).
+    policy_file: Path | None = None
+
+    def save_policy(self) -> None:
+        """Keep what the policy learned for the next process on this machine."""
+        if self.policy_file is None:
+            return
+        try:
+            self.policy_file.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.policy_file.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(self.policy.to_json())
+            partial.replace(self.policy_file)
+        except OSError:
+            pass  # a read-only cache costs the next process a calibration, never this request
+
+
+def policy_cache_dir(setting: str | Path | bool | None) -> Path | None:
+    """The folder policies are kept in: ``setting`` if a path, none if False; by default
+    $MLX_SPECDEC_CACHE (``off`` for none) or ~/.cache/mlx-specdec, under ``policy/``."""
+    if setting is False:
+        return None
+    if setting is None or setting is True:
+        setting = os.environ.get("MLX_SPECDEC_CACHE") or Path(
+            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-specdec"
+        if str(setting).lower() in ("off", "0", "none"):
+            return None
+    return Path(setting).expanduser() / "policy"
+
+
+def policy_key(target_path: Path, drafter_path: Path | None, dtype: str | None) -> str:
+    """Names one model pair on one machine: the measured costs hold for nothing else.
+
+    The weight files' sizes and dates stand for their contents (a re-conversion in place is
+    another model); the BLAS preloaded on Linux changes CPU costs many times over."""
+    def weights(folder: Path) -> list:
+        files = sorted(folder.glob("*.safetensors"))
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+    identity = {
+        "target": [str(target_path.resolve()), weights(target_path)],
+        "drafter": [str(drafter_path.resolve()), weights(drafter_path)] if drafter_path else None,
+        "dtype": dtype,
+        "machine": [platform.node(), platform.machine(), platform.system(), str(mx.default_device())],
+        "mlx": mx.__version__,
+        "blas": os.environ.get("LD_PRELOAD", ""),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_policy(path: Path | None) -> DraftPolicy:
+    """The policy kept at ``path``, or a fresh one when there is none or it cannot be read."""
+    if path is not None and path.is_file():
+        try:
+            return DraftPolicy.from_json(path.read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # another version's format, or a torn file: measure again
+    return DraftPolicy()
 
 
 def resolve(path_or_repo: str | Path, *, what: str = "model") -> Path:
@@ -220,6 +280,7 @@ def load(
     drafter: str | Path | bool | None = None,
     *,
     dtype: str | None = None,
+    policy_cache: str | Path | bool | None = None,
 ) -> SpecModel:
     """Load a Gemma 4 target and its drafter.
 
@@ -227,6 +288,9 @@ def load(
     one is found (a ``drafter/`` or ``assistant/`` subfolder, a ``<model>-assistant``
     sibling folder, or the ``<repo>-assistant`` hub repo); False for none.
     ``dtype`` casts floating weights (e.g. "float32" where the backend is slow in bf16).
+    ``policy_cache``: the folder where what the draft policy measures is kept per model
+    and machine, so a new process need not calibrate again; False keeps nothing; by
+    default $MLX_SPECDEC_CACHE (``off`` for nothing) or ~/.cache/mlx-specdec.
     With no ``model``, the embedded demo pair.
     """
     if model is None:
@@ -250,6 +314,8 @@ def load(
     tokenizer = load_tokenizer(path, eos)
     if tokenizer is not None:
         eos = sorted(set(eos or ()) | set(tokenizer.eos_token_ids or ()))
+    cache_dir = policy_cache_dir(policy_cache) if draft_model is not None else None
+    policy_file = cache_dir / f"{policy_key(path, drafter_path, dtype)}.json" if cache_dir else None
     return SpecModel(
         target=target,
         drafter=draft_model,
@@ -257,4 +323,6 @@ def load(
         eos_token_ids=frozenset(eos or ()),
         name=str(model),
         drafter_name=str(drafter_path) if drafter_path else None,
+        policy=load_policy(policy_file),
+        policy_file=policy_file,
     )

@@ -1,5 +1,7 @@
 """Shared fixtures: session-scoped tiny random Gemma 4 checkpoints built by tests/oracle.py."""
 
+import os
+
 import pytest
 
 
@@ -13,3 +15,9 @@ def checkpoints(tmp_path_factory):
     from tests import oracle
 
     return oracle.Checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+def pytest_configure(config):
+    # The policy cache would carry measurements from one test's model to the next (and into
+    # the user's ~/.cache); tests that exercise it pass their own folder.
+    os.environ["MLX_SPECDEC_CACHE"] = "off"

@@ -82,3 +82,30 @@ def test_a_batch_that_shrinks_is_not_recalibrated_mid_request(checkpoints, monke
     # B = 3 was calibrated in the first request's first round; B = 2 is estimated from it and
     # refined by its own rounds, never timed in the middle of a request.
     assert timed == [3]
+
+
+def test_what_the_policy_learned_is_kept_per_model_and_machine(checkpoints, tmp_path, monkeypatch):
+    target = checkpoints.target("dense")
+    drafter = checkpoints.assistant(target)
+    fresh = calibration_lengths(K_MAX)
+    spec = load(target, drafter=drafter, policy_cache=tmp_path)
+    assert spec.policy.needs_calibration(1) == fresh
+    generate(spec, prompt(6, 1), max_tokens=12)
+    kept = list((tmp_path / "policy").glob("*.json"))
+    assert kept == [spec.policy_file]
+    # A new process (here: a new load) starts from what the last one measured.
+    again = load(target, drafter=drafter, policy_cache=tmp_path)
+    assert again.policy.needs_calibration(1) == []
+    assert again.policy.costs.verify == spec.policy.costs.verify
+    assert again.policy.acceptance == spec.policy.acceptance
+    # Another model (the same weights cast otherwise) measures its own.
+    assert load(target, drafter=drafter, dtype="float16", policy_cache=tmp_path).policy.needs_calibration(1) == fresh
+    # A torn file is measured again, not an error.
+    spec.policy_file.write_text('{"format": 1, "k_max"')
+    assert load(target, drafter=drafter, policy_cache=tmp_path).policy.needs_calibration(1) == fresh
+    # Off: nothing is read or written; by default the folder comes from $MLX_SPECDEC_CACHE.
+    assert load(target, drafter=drafter, policy_cache=False).policy_file is None
+    monkeypatch.setenv("MLX_SPECDEC_CACHE", str(tmp_path / "env"))
+    assert load(target, drafter=drafter).policy_file.parent == tmp_path / "env" / "policy"
+    monkeypatch.setenv("MLX_SPECDEC_CACHE", "off")
+    assert load(target, drafter=drafter).policy_file is None
