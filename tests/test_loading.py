@@ -50,6 +50,29 @@ def test_drafter_holds_the_targets_embedding_not_a_copy(checkpoints):
     assert mx.allclose(before, spec.target.embed(tokens[None])[0])
 
 
+def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoints):
+    import gc
+
+    def active():
+        gc.collect()
+        mx.clear_cache()
+        return mx.get_active_memory()
+
+    target = checkpoints.target("e2b")
+    drafter = checkpoints.assistant(target)
+    base = active()
+    alone = load(target, drafter=False, policy_cache=False)
+    target_only = active() - base
+    del alone
+    base = active()
+    spec = load(target, drafter=drafter, policy_cache=False)
+    growth = active() - base - target_only
+    own = sum(a.nbytes for a in _arrays(spec.drafter).values())
+    table = spec.target.model.embed_tokens.weight.nbytes
+    # Measured memory, not bookkeeping: the drafter costs its own arrays and not a table more.
+    assert own <= growth < own + table // 2
+
+
 def test_multimodal_checkpoint_loads_text_weights_only(checkpoints):
     path = checkpoints.target("dense", multimodal=True)
     keys = set(mx.load(str(path / "model.safetensors")))
