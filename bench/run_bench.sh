@@ -9,6 +9,9 @@ OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 if [[ "$(uname -s)" == Linux && -e "$OPENBLAS" ]]; then
     export LD_PRELOAD="$OPENBLAS"
 fi
+# "auto" learns from scratch in each run (its warm-up calibrates), not from what earlier
+# processes kept on disk, so the table does not depend on this machine's history.
+export MLX_SPECDEC_CACHE="${MLX_SPECDEC_CACHE:-off}"
 mkdir -p bench/results
 chart=()
 if python -c "import matplotlib" 2>/dev/null; then

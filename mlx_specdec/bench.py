@@ -374,6 +374,9 @@ def environment(spec: SpecModel, blas_warning: str | None) -> dict:
                           "dtype": "/".join(sorted(dtypes))}
     else:
         env["drafter"] = None
+    # "auto" starts from what earlier processes measured when the policy is kept on disk.
+    env["policy_file"] = str(spec.policy_file) if spec.policy_file else None
+    env["policy_measured_before"] = bool(spec.policy.costs.verify)
     env["blas_warning"] = blas_warning
     return env
 
@@ -398,6 +401,9 @@ def environment_lines(env: dict) -> list[str]:
                      f"{d['dtype']}")
     else:
         lines.append("drafter none")
+    if env.get("policy_file"):
+        before = "what earlier runs measured" if env["policy_measured_before"] else "nothing measured yet"
+        lines.append(f"policy  {env['policy_file']}: auto starts from {before} (MLX_SPECDEC_CACHE=off: fresh)")
     if env.get("blas_warning"):
         lines.append("warning: " + env["blas_warning"])
     return lines

@@ -86,3 +86,16 @@ def test_reference_blas_is_detected_and_openblas_named(monkeypatch):
     monkeypatch.setattr(bench, "openblas_loaded", lambda: True)
     monkeypatch.setattr(bench, "matmul_seconds", lambda: 1 / 0)  # not even timed
     assert bench.reference_blas_warning() is None
+
+
+def test_header_says_whether_auto_starts_from_a_kept_policy(model, tmp_path):
+    from mlx_specdec import generate, load
+
+    spec = load(model, policy_cache=tmp_path)
+    fresh = bench.environment_lines(bench.environment(spec, None))
+    assert f"policy  {spec.policy_file}: auto starts from nothing measured yet" in "\n".join(fresh)
+    generate(spec, [5, 6, 7], max_tokens=4)
+    kept = bench.environment_lines(bench.environment(load(model, policy_cache=tmp_path), None))
+    assert f"policy  {spec.policy_file}: auto starts from what earlier runs measured" in "\n".join(kept)
+    off = bench.environment_lines(bench.environment(load(model, policy_cache=False), None))
+    assert not any(line.startswith("policy") for line in off)
