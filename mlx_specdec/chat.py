@@ -26,13 +26,11 @@ import numpy as np
 
 from .api import GenerationChunk, _options
 from .cache import Cache
-from .decode import Options, Stats, check_prompt, decode
+from .decode import Options, Stats, check_prompt, decode, new_cache
 from .errors import InputError, SpecDecError
 from .loading import SpecModel
 from .policy import K_MAX
 
-# The cache's decode steps are at most k + 1 tokens (as decode.py sets it up).
-MAX_STEP = K_MAX + 1
 
 
 def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
@@ -185,8 +183,7 @@ class ChatSession:
         rendered, ids = self.encode(self.conversation(text))
         start = self.reusable(ids)
         if start == 0:
-            window = self.spec.drafter.config.sliding_window if self.spec.drafter else 0
-            self._cache = self.spec.target.make_cache(1, max_step=MAX_STEP, drafter_window=window)
+            self._cache = new_cache(self.spec, 1)
         # What the cache holds validly, kept true after every completed pass so that an
         # interruption anywhere leaves it right.
         self._cached = ids[:start]

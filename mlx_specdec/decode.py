@@ -224,15 +224,21 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler) -> 
                         time.perf_counter() - verify_start)
 
 
-def _prefill(spec: SpecModel, prompts: list[list[int]], max_step: int) -> tuple[Cache, mx.array]:
-    """Prompts of one length share a pass; the batched cache keeps the callers' row order."""
+def new_cache(spec: SpecModel, batch_size: int) -> Cache:
+    """An empty cache the loop can decode in: steps of up to K_MAX + 1 tokens, and sliding
+    rings wide enough for the drafter's window too."""
     window = spec.drafter.config.sliding_window if spec.drafter else 0
+    return spec.target.make_cache(batch_size, max_step=K_MAX + 1, drafter_window=window)
+
+
+def _prefill(spec: SpecModel, prompts: list[list[int]]) -> tuple[Cache, mx.array]:
+    """Prompts of one length share a pass; the batched cache keeps the callers' row order."""
     by_length: dict[int, list[int]] = {}
     for row, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(row)
     caches, hiddens, order = [], [], []
     for length, rows in by_length.items():
-        cache = spec.target.make_cache(len(rows), max_step=max_step, drafter_window=window)
+        cache = new_cache(spec, len(rows))
         tokens = mx.array([prompts[r] for r in rows])
         hidden = spec.target(tokens, Step((0,) * len(rows), length), cache)[:, -1:]
         mx.eval(hidden, *cache.arrays())
@@ -282,7 +288,7 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
            cache: Cache | None = None, cached: int = 0) -> Iterator[Update]:
     """Generate for every prompt; yields after the prefill and after each round.
 
-    With ``cache`` (one prompt, a cache made by ``spec.target.make_cache(1, K_MAX + 1, ...)``)
+    With ``cache`` (one prompt, a cache from ``new_cache(spec, 1)``)
     generation continues a cache that already holds the prompt's first ``cached`` tokens and
     prefills only the rest: how chat keeps one cache across turns.
     """
@@ -319,7 +325,7 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
 
     start = time.perf_counter()
     if cache is None:
-        cache, hidden = _prefill(spec, prompts, K_MAX + 1)
+        cache, hidden = _prefill(spec, prompts)
     else:
         hidden = _extend(spec, cache, prompts[0], cached)
     last = sampler.pick(spec.target.logits(hidden[:, 0]))
