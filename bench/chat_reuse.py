@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from mlx_specdec import load
-from mlx_specdec.chat import ChatSession, Settings
+from mlx_specdec.commands.chat import ChatSession, Settings
 
 TURNS = [
     "What does textwrap.dedent do?",

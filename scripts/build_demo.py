@@ -8,7 +8,7 @@ Stages, each resumable (intermediate state lives in --work, default build/demo/)
             question -> answer chats built from its docstrings) and a byte-level BPE tokenizer;
   target    a small Gemma 4 target trained on it with MLX (demo_target.py);
   drafter   a 1-layer gemma4_assistant drafter distilled against the shipped (half-precision)
-            target with mlx_specdec.distill, the library behind `mlx-specdec distill`;
+            target with mlx_specdec.commands.distill, the library behind `mlx-specdec distill`;
   eval      held-out acceptance per draft position and speed of plain vs speculative decoding
             (written to --work/report.json).
 Everything is seeded; the corpus depends on the Python version (built with CPython 3.11.7).
@@ -84,7 +84,7 @@ DISTILL = dict(lr=2e-3, batch_size=8, seq_len=256, draft_steps=4, warmup=20, eva
 def _documents(spec, corpus, work: Path):
     """The distill inputs, as the CLI would get them: the training stdlib files and a JSONL of
     the training chats; held out: the HELD_OUT modules."""
-    from mlx_specdec import distill as D
+    from mlx_specdec.commands import distill as D
 
     jsonl = demo_corpus.write_qa_jsonl(corpus.train_qa, work / "data" / "qa_train.jsonl")
     docs = D.read_documents([*corpus.train_paths, jsonl], spec.tokenizer)
@@ -93,7 +93,7 @@ def _documents(spec, corpus, work: Path):
 
 
 def _train_drafter(spec, drafter, config, corpus, args, out: Path, steps: int, evaluate_before=True, **overrides):
-    from mlx_specdec import distill as D
+    from mlx_specdec.commands import distill as D
 
     settings = D.Settings(steps=steps, seed=args.seed, **{**DISTILL, **overrides})
     docs, held = _documents(spec, corpus, args.work)
@@ -118,7 +118,7 @@ def _train_drafter(spec, drafter, config, corpus, args, out: Path, steps: int, e
 
 
 def stage_drafter(args, corpus) -> None:
-    from mlx_specdec import distill as D
+    from mlx_specdec.commands import distill as D
     from mlx_specdec.loading import load
 
     spec = load(args.out, drafter=False)  # the shipped half-precision target, computed in fp32

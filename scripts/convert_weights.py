@@ -7,7 +7,7 @@ The same as `mlx-specdec convert` (see `python scripts/convert_weights.py --help
 
 import sys
 
-from mlx_specdec.cli import app
+from mlx_specdec.commands.cli import app
 
 if __name__ == "__main__":
     app(args=["convert", *sys.argv[1:]], prog_name="convert_weights.py")

@@ -54,7 +54,7 @@ def chat_prompts(spec, corpus, seed: int) -> list[list[int]]:
 
 
 def loop_acceptance(spec, prompts, k: int, max_tokens: int = NEW_TOKENS) -> dict:
-    from mlx_specdec import distill as D
+    from mlx_specdec.commands import distill as D
 
     acc = D.evaluate_loop(spec, spec.drafter, prompts, k, max_tokens)
     return {"by_position": acc.by_position, "reached": acc.reached, "E(k)": acc.expected_tokens_per_round}
@@ -63,7 +63,7 @@ def loop_acceptance(spec, prompts, k: int, max_tokens: int = NEW_TOKENS) -> dict
 def teacher_forced(spec, held_tokens: np.ndarray, seed: int, steps: int = 4) -> dict:
     import mlx.core as mx
 
-    from mlx_specdec import distill as D
+    from mlx_specdec.commands import distill as D
 
     rng = np.random.default_rng([seed, 9])
     starts = rng.integers(0, len(held_tokens) - 257, 16)
@@ -104,7 +104,7 @@ def speed(spec, prompts, log) -> dict:
 
 
 def quantized(args, corpus, held_tokens, prompts, log, train_drafter) -> dict:
-    from mlx_specdec import distill as D
+    from mlx_specdec.commands import distill as D
     from mlx_specdec.loading import load, load_drafter
 
     out = {}

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from mlx_specdec import bench
-from mlx_specdec.bench import Cell, load_workloads, parse_modes
+from mlx_specdec.commands import bench
+from mlx_specdec.commands.bench import Cell, load_workloads, parse_modes
 from mlx_specdec.errors import InputError
 from tests.cli_model import make_pair
 
@@ -20,7 +20,7 @@ def model(checkpoints, tmp_path_factory):
 def test_bench_command_writes_table_json_markdown_and_chart(model, tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
-        [sys.executable, "-m", "mlx_specdec.cli", "bench", "--model", str(model), "--workloads", "qa,short",
+        [sys.executable, "-m", "mlx_specdec.commands.cli", "bench", "--model", str(model), "--workloads", "qa,short",
          "--batch-sizes", "1,2", "--modes", "2,auto", "--max-tokens", "6", "--repeats", "2", "--warmup", "1",
          "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"), "--chart", str(out / "bench.png")],
         capture_output=True, text=True, timeout=180)

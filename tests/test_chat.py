@@ -9,11 +9,11 @@ import pexpect
 import pytest
 
 from mlx_specdec import load
-from mlx_specdec.chat import ChatSession, Settings
+from mlx_specdec.commands.chat import ChatSession, Settings
 from mlx_specdec.loading import SpecModel
 from tests.cli_model import make_pair
 
-CLI = [sys.executable, "-m", "mlx_specdec.cli"]
+CLI = [sys.executable, "-m", "mlx_specdec.commands.cli"]
 STATUS = re.compile(r"(\d+) tokens · [\d.]+ tok/s · acceptance \S+ · [\d.]+ tokens/round · (draft [^·]+?) · "
                     r"prefill (\d+) of (\d+) tokens \((\d+) reused\)")
 QUESTIONS = ["Hello there", "And what else?", "Tell me more"]

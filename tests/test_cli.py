@@ -12,12 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_specdec import generate, load
-from mlx_specdec.chat import encode_text, render
-from mlx_specdec.cli import app
+from mlx_specdec.commands.chat import encode_text, render
+from mlx_specdec.commands.cli import app
 from mlx_specdec.policy import K_MAX
 from tests.cli_model import make_pair
 
-CLI = [sys.executable, "-m", "mlx_specdec.cli"]
+CLI = [sys.executable, "-m", "mlx_specdec.commands.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_without_a_model_the_missing_demo_is_one_clear_line(monkeypatch, tmp_pat
 
 
 def test_draft_tokens_values():
-    from mlx_specdec.cli import parse_draft_tokens
+    from mlx_specdec.commands.cli import parse_draft_tokens
 
     assert parse_draft_tokens("auto") == "auto"
     assert parse_draft_tokens("off") == 0

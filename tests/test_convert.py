@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_specdec import ConfigError, DrafterMismatchError, generate, load
-from mlx_specdec import convert as C
+from mlx_specdec.commands import convert as C
 from tests.cli_model import TARGET, make_pair
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "convert_weights.py"

@@ -11,8 +11,8 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from mlx_specdec import InputError, generate, load
-from mlx_specdec import distill as D
-from mlx_specdec.distill_cli import distill_command
+from mlx_specdec.commands import distill as D
+from mlx_specdec.commands.distill_cli import distill_command
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven zebras quietly vex jim".split()
 

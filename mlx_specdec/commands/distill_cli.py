@@ -47,8 +47,8 @@ def distill_command(
     from rich.console import Console
 
     from . import distill as D
-    from .errors import SpecDecError
-    from .loading import load
+    from ..errors import SpecDecError
+    from ..loading import load
 
     console = Console(stderr=True)
     try:

@@ -30,10 +30,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import Step
-from .errors import ConfigError, DrafterMismatchError, LoadError, SpecDecError
-from .loading import DRAFTER_TYPE, TARGET_TYPES, SpecModel, _text_config, find_drafter, load, read_config, resolve
-from .models import assistant, gemma4
+from ..cache import Step
+from ..errors import ConfigError, DrafterMismatchError, LoadError, SpecDecError
+from ..loading import DRAFTER_TYPE, TARGET_TYPES, SpecModel, _text_config, find_drafter, load, read_config, resolve
+from ..models import assistant, gemma4
 
 PROBE = "The quick brown fox jumps over the lazy dog. def fibonacci(n):"
 DRAFT_PROBE_STEPS = 3
@@ -296,7 +296,7 @@ def probe_ids(spec: SpecModel, text: str) -> list[int]:
 
 def probe(spec: SpecModel, ids: list[int]) -> dict[str, np.ndarray]:
     """Target logits at every probe position, and the drafter's first greedy draft steps."""
-    from .decode import target_kv
+    from ..decode import target_kv
 
     window = spec.drafter.config.sliding_window if spec.drafter else 0
     cache = spec.target.make_cache(1, max_step=len(ids), drafter_window=window)

@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from .distill_cli import distill_command
-from .policy import K_MAX
+from ..policy import K_MAX
 
 
 class _App(typer.Typer):
@@ -63,7 +63,7 @@ def _one_line(text: str) -> str:
 @contextmanager
 def _errors(verbose: bool):
     """Turn any failure into one stderr line and exit 1 (130 on Ctrl-C); --verbose adds the traceback."""
-    from .errors import SpecDecError
+    from ..errors import SpecDecError
 
     try:
         yield
@@ -130,7 +130,7 @@ DraftOpt = Annotated[str, typer.Option(
 def _load(model: str | None, drafter: str | None, dtype: str | None):
     from rich.console import Console
 
-    from .loading import load
+    from ..loading import load
 
     drafter_arg: str | bool | None = False if drafter is not None and drafter.lower() in ("none", "off") else drafter
     with Console(stderr=True).status(f"loading {model or 'the embedded demo model'}"):
@@ -196,9 +196,9 @@ def generate(
     if not text.strip():
         raise typer.BadParameter("it is empty", param_hint="PROMPT")
     with _errors(verbose):
-        from .api import stream_generate
+        from ..api import stream_generate
         from .chat import encode_text, render
-        from .errors import InputError
+        from ..errors import InputError
 
         spec = _load(model, drafter, dtype)
         tok = spec.tokenizer
@@ -326,7 +326,7 @@ def bench(
         from rich.table import Table
 
         from . import bench as B
-        from .errors import InputError
+        from ..errors import InputError
 
         if chart_path is not None:
             try:

@@ -24,12 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from .api import GenerationChunk, _options
-from .cache import Cache
-from .decode import Options, Stats, check_prompt, decode, new_cache
-from .errors import InputError, SpecDecError
-from .loading import SpecModel
-from .policy import K_MAX
+from ..api import GenerationChunk, _options
+from ..cache import Cache
+from ..decode import Options, Stats, check_prompt, decode, new_cache
+from ..errors import InputError, SpecDecError
+from ..loading import SpecModel
+from ..policy import K_MAX
 
 
 

@@ -36,10 +36,10 @@ from typing import Callable, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .api import generate, generate_batch
-from .errors import InputError
-from .loading import SpecModel
-from .policy import K_MAX, DraftPolicy, expected_tokens
+from ..api import generate, generate_batch
+from ..errors import InputError
+from ..loading import SpecModel
+from ..policy import K_MAX, DraftPolicy, expected_tokens
 
 WORKLOADS_FILE = Path(__file__).with_name("bench_workloads.json")
 DEFAULT_BATCH_SIZES = (1, 2, 4)

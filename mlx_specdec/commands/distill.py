@@ -52,13 +52,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache import Plan, Step
-from .decode import target_kv
-from .errors import InputError
-from .loading import DRAFTER_TYPE, SpecModel, load_drafter
-from .models import assistant, gemma4
-from .models.assistant import FULL, SLIDING, TargetKV
-from .policy import K_MAX, DraftPolicy
+from ..cache import Plan, Step
+from ..decode import target_kv
+from ..errors import InputError
+from ..loading import DRAFTER_TYPE, SpecModel, load_drafter
+from ..models import assistant, gemma4
+from ..models.assistant import FULL, SLIDING, TargetKV
+from ..policy import K_MAX, DraftPolicy
 
 
 class DataError(InputError):
@@ -521,7 +521,7 @@ def evaluate_teacher_forced(spec: SpecModel, drafter: assistant.Drafter, sequenc
 def evaluate_loop(spec: SpecModel, drafter: assistant.Drafter, prompts: list[list[int]],
                   draft_tokens: int, max_tokens: int) -> Acceptance:
     """Greedy speculative decoding of each held-out prompt with k = ``draft_tokens``."""
-    from .api import generate_batch
+    from ..api import generate_batch
 
     model = dataclasses.replace(spec, drafter=drafter, policy=DraftPolicy())  # keep the caller's policy stats clean
     results = generate_batch(model, prompts, max_tokens=max_tokens, draft_tokens=draft_tokens)
