@@ -370,6 +370,8 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
     while engine.has_work:
         update = Update({}, {}, stats)
         for event in engine.step():
+            if event.error is not None:
+                raise event.error
             row = row_of[event.request_id]
             stats[row] = event.stats
             update.positions[row] = event.position
