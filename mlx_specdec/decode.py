@@ -184,24 +184,67 @@ class Rows:
                     self.hidden[idx], self.cache.select(keep))
 
 
-@dataclass
 class Round:
-    drafted: list[list[int]]  # (B, k) drafts per row
-    accepted: list[int]  # per row
-    next: list[int]  # per row: the target's correction or bonus token
-    draft_seconds: float
-    verify_seconds: float
+    """What one round did: drafts (B, k), accepted drafts and the next token per row.
+
+    The lists are read from the device on first use, the round's one host sync
+    after the verify pass (``read``); ``verify_seconds`` runs from the verify
+    pass's launch, or from ``since`` (the previous round's read, when the loop
+    launched this round before reading that one), to that read."""
+
+    def __init__(self, drafted: mx.array, accepted: mx.array, next: mx.array, draft_seconds: float,
+                 started: float):
+        self._arrays = (drafted, accepted, next)
+        self.draft_seconds = draft_seconds
+        self._started = started
+        self._lists: tuple[list, list, list] | None = None
+        self._verify_seconds = 0.0
+
+    def read(self, since: float = 0.0) -> "Round":
+        if self._lists is None:
+            drafted, accepted, next = self._arrays
+            self._lists = (drafted.tolist(), accepted.tolist(), next.tolist())
+            self._verify_seconds = time.perf_counter() - max(self._started, since)
+        return self
+
+    @property
+    def drafted(self) -> list[list[int]]:
+        return self.read()._lists[0]
+
+    @property
+    def accepted(self) -> list[int]:
+        return self.read()._lists[1]
+
+    @property
+    def next(self) -> list[int]:
+        return self.read()._lists[2]
+
+    @property
+    def verify_seconds(self) -> float:
+        return self.read()._verify_seconds
 
 
 def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler) -> tuple[Rows, Round]:
-    """Draft k tokens, verify k + 1 in one target pass, accept: the rows after it, and what happened."""
+    """Draft k tokens, verify k + 1 in one target pass, accept: the rows after it, and what happened.
+
+    k must be at most ``rows.cache.max_step - 1`` (the loop clamps it). Host syncs: one
+    after drafting (it times the drafter for the policy, and costs nothing measurable here)
+    and one to read how many drafts each row accepted. A plain round (k = 0) is
+    returned unread, its arrays computing in the background (``mx.async_eval``): each
+    row's position just advances by one, so a loop can pipeline plain decoding as
+    mlx-lm's ``generate_step`` does: launch the next round on the returned rows, then
+    read this one (``result.read(since=...)``), and drop rows that finished from the
+    rows of the round already launched. Its K/V writes for those rows lie past their
+    end, as harmless as rejected drafts.
+    """
     start = time.perf_counter()
     drafts, qs = [], []
     if k:
         kv, position = target_kv(spec, rows.cache), mx.array(rows.pos, dtype=mx.int32)
+        masks = spec.drafter.masks(position, kv)  # the drafts share position and K/V: one mask
         token, hidden = rows.last, rows.hidden
         for _ in range(k):  # autoregressive, at the fixed position of each row's last token
-            draft = spec.drafter(token, hidden, position, kv)
+            draft = spec.drafter(token, hidden, position, kv, masks)
             token, q = sampler.draft(draft)
             drafts.append(token)
             qs += [q] if q is not None else []
@@ -210,18 +253,17 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler) -> 
     drafted = mx.stack(drafts, axis=1) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
     verify_start = time.perf_counter()
 
-    tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1)
+    tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1) if k else rows.last[:, None]
     hiddens = spec.target(tokens, Step(tuple(rows.pos), k + 1), rows.cache)
     n, last = sampler.accept(spec.target.logits(hiddens), drafted, qs)
     # The next draft starts from the hidden state of the last accepted token. The
     # cache needs no edit: rejected entries lie past each row's new position and
     # stay masked until overwritten.
-    hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1)
-    mx.eval(n, last, hidden)
-    accepted = n.tolist()
-    after = Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache)
-    return after, Round(drafted.tolist(), accepted, last.tolist(), verify_start - start,
-                        time.perf_counter() - verify_start)
+    hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1) if k else hiddens
+    mx.async_eval(n, last, hidden)
+    result = Round(drafted, n, last, verify_start - start, verify_start)
+    accepted = result.accepted if k else [0] * len(rows.pos)
+    return Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache), result
 
 
 def new_cache(spec: SpecModel, batch_size: int) -> Cache:
@@ -332,34 +374,78 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
     mx.eval(last)
     rows = Rows(list(range(len(prompts))), [len(p) for p in prompts], last, hidden, cache)
     update = Update({}, {}, stats, dict(zip(rows.ids, rows.pos)))
-    first = True
     for row, token in zip(rows.ids, last.tolist()):
         stats[row].prefill_seconds = time.perf_counter() - start
         emit(update, row, [token])
+    # Plain rounds pipeline (see speculative_round) unless a batch samples from one key:
+    # there a finished row's slot in an already launched round would shift the others' draws.
+    pipeline = options.sampling.greedy or len(prompts) == 1
+    finished: dict[int, str] = dict(update.finished)
+    yield update
 
-    while True:
-        yield update
-        keep = [i for i, row in enumerate(rows.ids) if row not in update.finished]
-        if not keep:
-            return
-        if len(keep) < len(rows.ids):
-            rows = rows.select(keep)
-        update = Update({}, {}, stats)
+    def launch(rows: Rows, first: bool, before: Launch | None = None, since: float = 0.0) -> Launch | None:
+        """Start a round on these rows, maybe ahead of reading the plain round ``before``."""
+        room = max(options.max_tokens - emitted[row] - (before is not None) for row in rows.ids)
+        if room < 1:
+            return None
         round_start = time.perf_counter()
-        decision = decide(rows, first=first)
-        first = False
-        # Drafts past max_tokens would be thrown away.
-        k = min(decision.k, max(options.max_tokens - emitted[row] for row in rows.ids) - 1)
-        batch = len(rows.ids)
-        rows, result = speculative_round(spec, rows, k, sampler)
-        update.positions = dict(zip(rows.ids, rows.pos))
-        for b, row in enumerate(rows.ids):
+        decision = decide(rows, first)
+        # Drafts past max_tokens would be thrown away; the cache's rings bound k whatever the policy says.
+        k = max(0, min(decision.k, room - 1, K_MAX, rows.cache.max_step - 1))
+        if k and before is not None:
+            before.result.read(since)  # drafting syncs anyway: time the plain round alone
+        after, result = speculative_round(spec, rows, k, sampler)
+        return Launch(list(rows.ids), list(after.pos), after, result, k, decision, round_start)
+
+    keep = [i for i, row in enumerate(rows.ids) if row not in finished]
+    current = launch(rows.select(keep) if len(keep) < len(rows.ids) else rows, True) if keep else None
+    read_done = time.perf_counter()
+    while current is not None:
+        ahead = None
+        if current.k == 0 and pipeline:
+            ahead = launch(current.after, False, current, read_done)
+        result = current.result.read(since=read_done)
+        round_seconds = time.perf_counter() - max(current.start, read_done)
+        read_done = time.perf_counter()
+        update = Update({}, {}, stats)
+        for b, row in enumerate(current.ids):
+            if row in finished:  # it finished while this round was already running
+                continue
             n = result.accepted[b]
             emit(update, row, result.drafted[b][:n] + [result.next[b]])
-            stats[row].record_round(k, n, decision, result.draft_seconds, result.verify_seconds,
-                                    time.perf_counter() - round_start)
-        spec.policy.record(batch, k, result.accepted, result.draft_seconds, result.verify_seconds,
-                           time.perf_counter() - round_start - result.draft_seconds - result.verify_seconds)
+            update.positions[row] = current.pos[b]
+            stats[row].record_round(current.k, n, current.decision, result.draft_seconds,
+                                    result.verify_seconds, round_seconds)
+        spec.policy.record(len(current.ids), current.k, result.accepted, result.draft_seconds,
+                           result.verify_seconds, round_seconds - result.draft_seconds - result.verify_seconds)
+        finished.update(update.finished)
+        yield update
+        if ahead is None:
+            keep = [i for i, row in enumerate(current.ids) if row not in finished]
+            if not keep:
+                return
+            rows = current.after if len(keep) == len(current.ids) else current.after.select(keep)
+            current = launch(rows, False)
+        else:
+            keep = [i for i, row in enumerate(ahead.ids) if row not in finished]
+            if not keep:
+                return
+            if len(keep) < len(ahead.ids):
+                ahead.after = ahead.after.select(keep)
+            current = ahead
+
+
+@dataclass
+class Launch:
+    """A round launched and not yet read: the rows it ran on, the rows after it, and its choice."""
+
+    ids: list[int]
+    pos: list[int]  # each row's position after it
+    after: Rows  # the rows the next round runs on (finished rows leave it)
+    result: Round
+    k: int
+    decision: Decision
+    start: float
 
 
 def check_prompt(prompt: list[int], vocab: int) -> list[int]:
