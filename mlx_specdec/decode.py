@@ -44,6 +44,7 @@ class Stats:
     reached_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
     accepted_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
     off_reason: str | None = None  # why the policy last chose not to draft
+    policy_kept: bool | None = None  # "auto" only: whether its policy was read back from disk
 
     @property
     def acceptance_rate(self) -> float:
@@ -84,7 +85,7 @@ class Stats:
 
     def as_dict(self) -> dict:
         keys = ("prompt_tokens", "generated_tokens", "rounds", "drafted", "accepted", "prefill_seconds",
-                "decode_seconds", "draft_seconds", "verify_seconds", "off_reason")
+                "decode_seconds", "draft_seconds", "verify_seconds", "off_reason", "policy_kept")
         out = {k: getattr(self, k) for k in keys}
         out.update(
             acceptance_rate=self.acceptance_rate,
@@ -337,7 +338,8 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
     if cache is not None and not (len(prompts) == 1 and 0 <= cached < len(prompts[0])):
         raise ValueError("a kept cache continues exactly one prompt, which must extend past what it holds")
     sampler = Sampler(options.sampling, spec.target.config.vocab_size)
-    stats = [Stats(prompt_tokens=len(p)) for p in prompts]
+    auto = options.draft_tokens == "auto" and spec.drafter is not None
+    stats = [Stats(prompt_tokens=len(p), policy_kept=spec.policy.kept if auto else None) for p in prompts]
     emitted = [0] * len(prompts)
 
     def decide(rows: Rows, first: bool) -> Decision:
