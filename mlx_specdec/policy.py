@@ -104,7 +104,13 @@ def tokens_per_second(
 ) -> list[float]:
     """Expected throughput B * E(k) / (k * t_draft + t_verify[k]) for k = 0..len(t_verify) - 1,
     where t_verify[k] is the time to verify k + 1 tokens per row and t_draft one drafter step."""
-    return [batch_size * expected_tokens(acceptance, k) / (k * t_draft + t) for k, t in enumerate(t_verify)]
+    out, total, reach = [], 1.0, 1.0  # E(k) built up as k grows, not summed again for each k
+    for k, t in enumerate(t_verify):
+        if k:
+            reach *= acceptance[k - 1]
+            total += reach
+        out.append(batch_size * total / (k * t_draft + t))
+    return out
 
 
 def position_counts(k: int, accepted: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -230,6 +236,7 @@ class CostModel:
         self._samples: dict[tuple, list[float]] = {}  # ("verify", B, L) or ("draft", B): this process's
         self._priors: dict[tuple, float] = {}  # kept from an earlier process, until measured here
         self.version = 0
+        self.firsts = 0  # cells measured for the first time in this process
         for (b, n), t in (verify or {}).items():
             self.record_verify(b, n, t)
         for b, t in (draft or {}).items():
@@ -263,8 +270,10 @@ class CostModel:
         if len(samples) > COST_SAMPLES:
             del samples[0]
         self._set(key, sorted(samples)[int((len(samples) - 1) * COST_QUANTILE)])
-        if len(samples) == 1 and key in self._priors:
-            self._rescale_priors(key[1])
+        if len(samples) == 1:  # a new cell, or this process's first look at a kept one
+            self.firsts += 1
+            if key in self._priors:
+                self._rescale_priors(key[1])
 
     def _cells(self, key: tuple) -> tuple[dict, object]:
         return (self.verify, key[1:]) if key[0] == "verify" else (self.draft, key[1])
@@ -371,14 +380,20 @@ class DraftPolicy:
         # decision not to draft probes at once instead of waiting out the probe interval.
         self.kept = False
         self.recheck = False
-        self._cached: tuple | None = None  # (costs.version, B, t_draft, t_verify) last derived
+        self._cached: tuple | None = None  # what _estimates last derived, and from what
+        self._calibrated: set[int] = set()  # batch sizes with every calibration length measured
 
     # -- measurements
 
     def needs_calibration(self, batch_size: int) -> list[int]:
         """Verify lengths from `calibration_lengths(k_max)` not yet measured at this batch size."""
+        if batch_size in self._calibrated:  # cells are never forgotten: checked once
+            return []
         measured = self.costs.lengths(batch_size)
-        return [n for n in calibration_lengths(self.k_max) if n not in measured]
+        missing = [n for n in calibration_lengths(self.k_max) if n not in measured]
+        if not missing:
+            self._calibrated.add(batch_size)
+        return missing
 
     def record_verify_time(self, batch_size: int, length: int, seconds: float) -> None:
         """One timed target pass over `length` tokens per row (calibration, or any pass)."""
@@ -409,8 +424,9 @@ class DraftPolicy:
 
     def _estimates(self, batch_size: int) -> tuple[list[float], float, list[float]] | None:
         """(a_1..a_k_max, t_draft, [t_verify(B, 1..k_max+1)]), or None before any verify is timed."""
-        cached = self._cached
-        if cached is None or cached[:2] != (self.costs.version, batch_size):
+        cached, costs = self._cached, self.costs
+        if (cached is None or cached[1:3] != (batch_size, costs) or cached[3] != costs.firsts
+                or (cached[0] != costs.version and self.rounds - cached[6] >= REDERIVE_ROUNDS)):
             plain = self.costs.verify_time(batch_size, 1)
             if plain is None:
                 return None
@@ -418,10 +434,10 @@ class DraftPolicy:
             if t_draft is None:
                 t_draft = DRAFT_STEP_PRIOR * plain
             t_verify = [self.costs.verify_time(batch_size, n) for n in range(1, self.k_max + 2)]
-            # Costs change rarely (a cell is a quantile); rederiving them every round would
-            # cost more than a small model's round.
-            cached = self._cached = (self.costs.version, batch_size, t_draft, t_verify)
-        return self.acceptance.rates(self.rounds), cached[2], cached[3]
+            # Rederiving every round would cost a tenth of a small model's round; costs move
+            # slowly (each cell a quantile), so a few rounds' lag changes no decision.
+            cached = self._cached = (costs.version, batch_size, costs, costs.firsts, t_draft, t_verify, self.rounds)
+        return self.acceptance.rates(self.rounds), cached[4], cached[5]
 
     def probe_interval(self, batch_size: int) -> int:
         """Plain rounds before the next probe: PROBE_MIN_INTERVAL, stretched so that a probe that
@@ -524,6 +540,10 @@ class DraftPolicy:
         policy.kept = policy.recheck = True
         return policy
 
+
+REDERIVE_ROUNDS = 4
+"""Rounds the derived costs may lag behind new samples of cells already measured (a new cell is
+used at once; see DraftPolicy._estimates)."""
 
 POLICY_FORMAT = 2
 """Version of the kept file; 2: costs are low quantiles (1 kept running means, which a busy period
