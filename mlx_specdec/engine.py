@@ -268,7 +268,9 @@ class Engine:
         prompt = check_prompt(list(prompt), self.spec.target.config.vocab_size)
         if cache is not None and not (cache.batch_size == 1 and 0 <= cached < len(prompt)):
             raise ValueError("a kept cache holds one row and must end before the prompt does")
-        request = _Request(-1, prompt, options, Stats(prompt_tokens=len(prompt)), time.perf_counter(),
+        auto = options.draft_tokens == "auto" and self.spec.drafter is not None
+        stats = Stats(prompt_tokens=len(prompt), policy_kept=self.spec.policy.kept if auto else None)
+        request = _Request(-1, prompt, options, stats, time.perf_counter(),
                            cache=cache, prefilled=cached if cache is not None else 0, seq=list(prompt))
         if self._kv is not None and self._kv.batch([request]) > self.kv_memory_bytes:
             raise InputError(f"this request could need {self._kv.batch([request]) / 2**30:.2f} GiB of K/V "
@@ -521,7 +523,9 @@ class Engine:
                     auto = spec.policy.decide(B)
             decisions = [auto if r.options.draft_tokens == "auto" else fixed_decision(r.options.draft_tokens)
                          for r in requests]
-        limits = [min(d.k, r.options.max_tokens - r.emitted - 1) for d, r in zip(decisions, requests)]
+        # The cache's rings bound k whatever the policy says.
+        cap = min(K_MAX, rows.cache.max_step - 1)
+        limits = [max(0, min(d.k, r.options.max_tokens - r.emitted - 1, cap)) for d, r in zip(decisions, requests)]
         return max(limits), limits, decisions
 
     def _round(self, events: dict[int, Event]) -> None:
