@@ -240,13 +240,16 @@ def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype) -
     mx.eval(model.parameters())
 
 
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+"""The floating dtypes weights can be cast to (load, convert and distill's --dtype)."""
+
+
 def _dtype(name: str | None):
     if name is None:
         return None
-    table = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-    if name not in table:
-        raise LoadError(f"unknown dtype {name!r}: expected one of {', '.join(table)}")
-    return table[name]
+    if name not in DTYPES:
+        raise LoadError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def load_target(path: Path, dtype: str | None = None) -> gemma4.Model:

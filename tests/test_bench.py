@@ -68,7 +68,7 @@ def test_ceiling_is_the_expected_tokens_per_round_at_the_measured_acceptance():
 def test_modes_and_workloads_parse():
     assert parse_modes("plain,1-3,auto") == [0, 1, 2, 3, "auto"]
     assert parse_modes("auto,k=4") == [0, "auto", 4]  # plain is added: speedups need it
-    with pytest.raises(InputError, match="draft length k must be in 0..8"):
+    with pytest.raises(InputError, match="draft length must be auto, off or an integer 1..8"):
         parse_modes("9")
     names = [w.name for w in load_workloads()]
     assert names == ["code", "prose", "qa", "short"]

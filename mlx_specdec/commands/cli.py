@@ -313,7 +313,7 @@ def bench(
     workloads: Annotated[Optional[str], typer.Option(
         "--workloads", "-w", help="Comma-separated workload names (default: all: code, prose, qa, short).")] = None,
     workload_file: Annotated[Optional[Path], typer.Option(
-        "--workload-file", help="A JSON file of workloads in the format of bench/workloads.json.")] = None,
+        "--workload-file", help="A JSON file of workloads in the format of mlx_specdec/commands/bench_workloads.json.")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,2,4",
     modes: Annotated[str, typer.Option(
         "--modes", help="Draft modes: plain, auto, k values and ranges, e.g. plain,1-6,auto.")] = "plain,1-6,auto",

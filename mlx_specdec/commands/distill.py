@@ -55,10 +55,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..cache import Plan, Step
 from ..decode import target_kv
 from ..errors import InputError
-from ..loading import DRAFTER_TYPE, SpecModel, load_drafter
+from ..loading import DRAFTER_TYPE, DTYPES, SpecModel, load_drafter
 from ..models import assistant, gemma4
 from ..models.assistant import FULL, SLIDING, TargetKV
-from ..policy import K_MAX, DraftPolicy
+from ..policy import K_MAX, DraftPolicy, expected_tokens
 
 
 class DataError(InputError):
@@ -338,7 +338,6 @@ def hf_weights(drafter: assistant.Drafter, dtype=mx.bfloat16) -> dict[str, mx.ar
     return out
 
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def save_drafter(drafter: assistant.Drafter, config: dict, out: Path, dtype: str = "bfloat16") -> Path:
@@ -498,12 +497,8 @@ class Acceptance:
 
     @property
     def expected_tokens_per_round(self) -> float:
-        """E(k) = 1 + a_1 + a_1 a_2 + ... for the measured rates."""
-        total, run = 1.0, 1.0
-        for a in self.by_position:
-            run *= a
-            total += run
-        return total
+        """E(k) for the measured rates, k = the positions measured."""
+        return expected_tokens(self.by_position, len(self.by_position))
 
 
 def evaluate_teacher_forced(spec: SpecModel, drafter: assistant.Drafter, sequences: mx.array,
