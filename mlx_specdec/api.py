@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+
 from .decode import Options, Stats, check_prompt, decode
 from .errors import InputError
 from .loading import SpecModel, load
@@ -30,22 +32,33 @@ class GenerationChunk:
 
 
 def encode(model: SpecModel, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt: text through the tokenizer, or ids (ints, NumPy integers) as given."""
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise InputError("this model has no tokenizer files: pass the prompt as a list of token ids")
         if not prompt:
             raise InputError("prompt is empty")
+        check_text(prompt)
         prompt = model.tokenizer.encode(prompt)
+    elif isinstance(prompt, np.ndarray) and prompt.ndim == 1:
+        prompt = prompt.tolist()
     elif not isinstance(prompt, (list, tuple)):
         raise InputError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-    return check_prompt(list(prompt), model.target.config.vocab_size)
+    return check_prompt(list(prompt), model.target.config.vocab_size, model.target.config.max_position_embeddings)
+
+
+def check_text(text: str) -> str:
+    """Refuse text that is not Unicode through and through (lone surrogates: undecodable bytes
+    that Python smuggled in from stdin or argv), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the text is not valid UTF-8 (undecodable bytes at character {e.start})") from None
+    return text
 
 
 def _options(max_tokens, temperature, top_p, top_k, min_p, seed, draft_tokens) -> Options:
-    try:
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     return Options(max_tokens=max_tokens, sampling=sampling, draft_tokens=draft_tokens)
 
 
@@ -114,6 +127,9 @@ def generate_batch(
     draft_tokens: int | str = "auto",
 ) -> list[GenerationResult]:
     """Decode several prompts together: one batched draft and verify pass per round."""
+    if not isinstance(prompts, (list, tuple)):
+        raise InputError(f"prompts must be a list of prompts (each a str or a list of token ids), "
+                         f"got {type(prompts).__name__}")
     if not prompts:
         raise InputError("prompts is empty")
     options = _options(max_tokens, temperature, top_p, top_k, min_p, seed, draft_tokens)
