@@ -66,34 +66,59 @@ def short(tmp_path_factory):
 # The command line: every case a process, all started at once.
 
 
+# Usage errors run in one process (they load nothing, so only the imports would repeat): each
+# case calls the command-line app as `python -m mlx_specdec.commands.cli` would, with its stderr
+# and exit code captured.
+USAGE_DRIVER = """
+import contextlib, io, json, sys
+from mlx_specdec.commands.cli import app
+results = {}
+for name, argv in json.load(sys.stdin).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            app(argv, prog_name="mlx-specdec")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results[name] = [code, "", err.getvalue()]
+print(json.dumps(results))
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     bad_config = copy_demo(root)
     edit_config(bad_config / "config.json", sliding_window=0)
     missing = str(root / "no-such-model")
-    gen = CLI + ["generate", "hi", "--model", missing]
-    distill = CLI + ["distill", "--data", str(REPO / "README.md"), "--out", str(root / "out"), "--model", missing]
-    commands = {
+    gen = ["generate", "hi", "--model", missing]
+    distill = ["distill", "--data", str(REPO / "README.md"), "--out", str(root / "out"), "--model", missing]
+    usage = {
         # Usage errors: exit 2, found before the (missing) model is looked at.
-        "top_p_0": (gen + ["--top-p", "0"], None),
-        "min_p_1": (gen + ["--min-p", "1"], None),
-        "temp_inf": (gen + ["--temp", "inf"], None),
-        "temp_nan": (gen + ["--temp", "nan"], None),
-        "dtype_fp8": (gen + ["--dtype", "fp8"], None),
-        "chat_top_p_0": (CLI + ["chat", "--model", missing, "--top-p", "0"], None),
-        "chat_dtype": (CLI + ["chat", "--model", missing, "--dtype", "fp8"], None),
-        "bench_modes_9": (CLI + ["bench", "--model", missing, "--modes", "9"], None),
-        "bench_workload": (CLI + ["bench", "--model", missing, "--workloads", "nonsense"], None),
-        "bench_temp_inf": (CLI + ["bench", "--model", missing, "--temp", "inf"], None),
-        "distill_steps_0": (distill + ["--steps", "0"], None),
-        "distill_bits_7": (distill + ["--quantize-bits", "7"], None),
-        "distill_dtype": (distill + ["--dtype", "fp8"], None),
-        "distill_feed": (distill + ["--feed", "nonsense"], None),
-        "distill_layers_0": (distill + ["--layers", "0"], None),
-        "distill_hidden_0": (distill + ["--hidden-size", "0"], None),
-        "distill_no_data": (CLI + ["distill", "--data", str(root / "absent.txt"), "--out", str(root / "out"),
-                                   "--model", missing], None),
+        "top_p_0": gen + ["--top-p", "0"],
+        "min_p_1": gen + ["--min-p", "1"],
+        "temp_inf": gen + ["--temp", "inf"],
+        "temp_nan": gen + ["--temp", "nan"],
+        "dtype_fp8": gen + ["--dtype", "fp8"],
+        "chat_top_p_0": ["chat", "--model", missing, "--top-p", "0"],
+        "chat_dtype": ["chat", "--model", missing, "--dtype", "fp8"],
+        "bench_modes_9": ["bench", "--model", missing, "--modes", "9"],
+        "bench_workload": ["bench", "--model", missing, "--workloads", "nonsense"],
+        "bench_temp_inf": ["bench", "--model", missing, "--temp", "inf"],
+        "distill_steps_0": distill + ["--steps", "0"],
+        "distill_bits_7": distill + ["--quantize-bits", "7"],
+        "distill_dtype": distill + ["--dtype", "fp8"],
+        "distill_feed": distill + ["--feed", "nonsense"],
+        "distill_layers_0": distill + ["--layers", "0"],
+        "distill_hidden_0": distill + ["--hidden-size", "0"],
+        "distill_lr_0": distill + ["--lr", "0"],
+        "distill_resume": distill + ["--resume"],
+        "distill_no_data": ["distill", "--data", str(root / "absent.txt"), "--out", str(root / "out"),
+                            "--model", missing],
+    }
+    commands = {
+        "usage": (CLI[:1] + ["-c", USAGE_DRIVER], json.dumps(usage).encode()),
         # Seeds: any integer is accepted (reduced to the key's 64 bits); these run the demo model.
         "seed_negative": (CLI + ["generate", "hi", "--max-tokens", "3", "--temp", "0.7", "--seed", "-5", "--json"],
                           None),
@@ -110,6 +135,9 @@ def runs(tmp_path_factory):
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(commands[name][1], timeout=300)
         out[name] = (proc.returncode, stdout.decode(), stderr.decode())
+    code, stdout, stderr = out.pop("usage")
+    assert code == 0, stderr
+    out.update({name: tuple(result) for name, result in json.loads(stdout).items()})
     return out
 
 
@@ -123,14 +151,14 @@ def one_line(run) -> str:
 
 @pytest.mark.parametrize("name, words", [
     ("top_p_0", ["--top-p", "top_p"]), ("min_p_1", ["--min-p", "min_p"]), ("temp_inf", ["--temp", "inf"]),
-    ("temp_nan", ["--temp", "nan"]), ("dtype_fp8", ["--dtype", "fp8", "float16"]),
+    ("temp_nan", ["--temp"]), ("dtype_fp8", ["--dtype", "fp8", "float16"]),
     ("chat_top_p_0", ["--top-p"]), ("chat_dtype", ["--dtype", "fp8"]),
     ("bench_modes_9", ["--modes", "9"]), ("bench_workload", ["--workloads", "nonsense"]),
     ("bench_temp_inf", ["--temp", "inf"]),
     ("distill_steps_0", ["--steps"]), ("distill_bits_7", ["--quantize-bits", "7"]),
     ("distill_dtype", ["--dtype", "fp8"]), ("distill_feed", ["--feed", "nonsense"]),
-    ("distill_layers_0", ["--layers"]), ("distill_hidden_0", ["--hidden-size"]),
-    ("distill_no_data", ["--data", "absent.txt"]),
+    ("distill_layers_0", ["--layers"]), ("distill_hidden_0", ["--hidden-size"]), ("distill_lr_0", ["--lr"]),
+    ("distill_resume", ["--resume", "nothing to resume"]), ("distill_no_data", ["--data", "absent.txt"]),
 ])
 def test_usage_errors_exit_2_before_loading(runs, name, words):
     line = one_line(runs[name])
