@@ -45,7 +45,7 @@ class SamplingParams:
                 raise InputError(f"{name} must be a number, got {value!r}")
         # Written as `not (a <= x)` so that NaN is rejected too.
         if not 0 <= self.temperature < math.inf:
-            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+            raise InputError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not is_integer(self.top_k) or self.top_k < 0:
