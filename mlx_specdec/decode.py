@@ -224,11 +224,11 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler) -> 
                         time.perf_counter() - verify_start)
 
 
-def new_cache(spec: SpecModel, batch_size: int) -> Cache:
-    """An empty cache the loop can decode in: steps of up to K_MAX + 1 tokens, and sliding
-    rings wide enough for the drafter's window too."""
-    window = spec.drafter.config.sliding_window if spec.drafter else 0
-    return spec.target.make_cache(batch_size, max_step=K_MAX + 1, drafter_window=window)
+def new_cache(spec: SpecModel, batch_size: int, max_step: int = K_MAX + 1) -> Cache:
+    """An empty cache the loop can decode in: steps of up to ``max_step`` tokens (a round's
+    k + 1), and sliding rings wide enough for the drafter's window too."""
+    window = spec.drafter.sliding_window if spec.drafter else 0
+    return spec.target.make_cache(batch_size, max_step=max_step, drafter_window=window)
 
 
 def _prefill(spec: SpecModel, prompts: list[list[int]]) -> tuple[Cache, mx.array]:

@@ -10,7 +10,6 @@ the two models hold one embedding array.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ import platform
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,12 +36,25 @@ _TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "multi_
 _DRAFTER_SUBDIRS = ("drafter", "assistant")
 
 
+class DraftModel(Protocol):
+    """What the speculative loop asks of a drafter: the MTP assistant (`assistant.Drafter`), or
+    a test's stand-in (tests/stand_in.py)."""
+
+    @property
+    def sliding_window(self) -> int:
+        """How far back it reads the target's sliding-window K/V (0: it reads none)."""
+
+    def __call__(self, tokens: mx.array, hidden: mx.array, position: mx.array,
+                 kv: dict[str, assistant.TargetKV]) -> assistant.Draft:
+        """One draft step for each row: the next token's logits and the hidden state to feed back."""
+
+
 @dataclass
 class SpecModel:
     """A loaded target with its optional drafter and tokenizer."""
 
     target: gemma4.Model
-    drafter: assistant.Drafter | None
+    drafter: DraftModel | None
     tokenizer: object | None  # mlx_lm TokenizerWrapper
     eos_token_ids: frozenset[int] = frozenset()
     name: str = "model"
@@ -118,12 +131,21 @@ def resolve(path_or_repo: str | Path, *, what: str = "model") -> Path:
         raise LoadError(f"{what} path {name} is a file, expected a folder with config.json")
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise LoadError(f"{what} {name!r} is neither a local folder nor a hub repo id (owner/name)")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError as e:  # it exists, this user may not read it: an error, not an absence
+        raise LoadError(f"could not fetch {what} {name!r} from the hub: {type(e).__name__}: {e}") from e
+    except RepositoryNotFoundError as e:
+        raise _NoSuchRepo(f"{what} {name!r} is not on the hub: {e}") from e
     except Exception as e:  # the hub client raises many types; all mean "could not fetch"
         raise LoadError(f"could not fetch {what} {name!r} from the hub: {type(e).__name__}: {e}") from e
+
+
+class _NoSuchRepo(LoadError):
+    """The hub answered that the repository does not exist (not: unreachable, or refused)."""
 
 
 def read_config(path: Path, role: str = "model") -> dict:
@@ -401,6 +423,27 @@ def find_drafter(target_path: Path, name: str) -> Path | None:
     return None
 
 
+def locate_drafter(model: str | Path, target_path: Path, drafter: str | Path | bool | None) -> Path | None:
+    """Where the drafter is: ``drafter`` itself (a folder or hub repo id), none if False; by
+    default (None, or True, which fails when there is none) the target's own (`find_drafter`),
+    or for a hub target its ``<repo>-assistant`` repo. Only the hub's answer that no such repo exists means "no drafter"; a network or
+    authorization failure is an error, not a silent switch to plain decoding."""
+    if drafter is False:
+        return None
+    if drafter is not None and drafter is not True:
+        return resolve(drafter, what="drafter")
+    found = find_drafter(target_path, str(model))
+    if found is None and not Path(str(model)).expanduser().exists():
+        try:
+            found = resolve(f"{model}-assistant", what="drafter")
+        except _NoSuchRepo:
+            found = None  # the target has no published drafter: plain decoding
+    if found is None and drafter is True:  # True: the model's own drafter, which must exist
+        raise LoadError(f"no drafter found for {model}: looked for {', '.join(_DRAFTER_SUBDIRS)} folders inside "
+                        f"it and a {Path(str(model)).name}-assistant folder beside it (or hub repo)")
+    return found
+
+
 def load_tokenizer(path: Path, eos_token_ids=None):
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
@@ -444,35 +487,23 @@ def load(
 
         model = demo_path()
     path = resolve(model)
-    drafter_path = None
-    if drafter is None or drafter is True:
-        drafter_path = find_drafter(path, str(model))
-        if drafter_path is None and not Path(str(model)).expanduser().exists():
-            try:
-                drafter_path = resolve(f"{model}-assistant", what="drafter")
-            except LoadError:
-                drafter_path = None  # the target has no published drafter: plain decoding
-        if drafter_path is None and drafter is True:
-            raise LoadError(f"no drafter found for {model}: looked for {', '.join(_DRAFTER_SUBDIRS)} folders inside "
-                            f"it and a {Path(str(model)).name}-assistant folder beside it (or hub repo)")
-    elif drafter is not False:
-        drafter_path = resolve(drafter, what="drafter")
-    check_memory([(path, "target")] + ([(drafter_path, "drafter")] if drafter_path else []), cast)
+    where = locate_drafter(model, path, drafter)
+    check_memory([(path, "target")] + ([(where, "drafter")] if where else []), cast)
     target = load_target(path, dtype)
-    draft_model = load_drafter(drafter_path, target, dtype) if drafter_path else None
+    draft_model = load_drafter(where, target, dtype) if where else None
     eos = list(target.config.eos_token_id) or None
     tokenizer = load_tokenizer(path, eos)
     if tokenizer is not None:
         eos = sorted(set(eos or ()) | set(tokenizer.eos_token_ids or ()))
     cache_dir = policy_cache_dir(policy_cache) if draft_model is not None else None
-    policy_file = cache_dir / f"{policy_key(path, drafter_path, dtype)}.json" if cache_dir else None
+    policy_file = cache_dir / f"{policy_key(path, where, dtype)}.json" if cache_dir else None
     return SpecModel(
         target=target,
         drafter=draft_model,
         tokenizer=tokenizer,
         eos_token_ids=frozenset(eos or ()),
         name=str(model),
-        drafter_name=str(drafter_path) if drafter_path else None,
+        drafter_name=str(where) if where else None,
         policy=load_policy(policy_file),
         policy_file=policy_file,
     )

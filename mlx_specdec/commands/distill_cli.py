@@ -30,7 +30,7 @@ def _fail(message: str) -> None:
 def distill_command(
     data: Annotated[list[str], typer.Option("--data", "-d", help="Training text: a file, a folder (read recursively) or a .jsonl of {'text'} / {'prompt','completion'} / {'messages'} rows. Repeatable.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the drafter (config.json + model.safetensors), its checkpoint/ and distill_report.json.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Target: local folder or hub repo id (default: the embedded demo model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Target: local folder or hub repo id (default: the embedded demo model).")] = None,
     drafter: Annotated[Optional[str], typer.Option("--drafter", help="Drafter to start from (folder or repo id); omitted: a new one of --hidden-size/--layers.")] = None,
     eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out text for the acceptance estimates (default: the last 5% of --data).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,

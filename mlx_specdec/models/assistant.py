@@ -139,6 +139,11 @@ class Drafter(nn.Module):
         self._target_embedding = target_embedding
 
     @property
+    def sliding_window(self) -> int:
+        """How far back it reads the target's sliding-window K/V (`loading.DraftModel`)."""
+        return self.config.sliding_window
+
+    @property
     def input_embedding(self) -> nn.Module:
         return self._target_embedding
 
