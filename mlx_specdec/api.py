@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence, Union
 
+import numpy as np
+
 from .decode import Options, Stats, check_prompt, decode
 from .errors import InputError
 from .loading import SpecModel, load
@@ -57,11 +59,8 @@ class Settings:
         return cls(**options)
 
     def options(self) -> Options:
-        try:
-            sampling = SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                      min_p=self.min_p, seed=self.seed)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        sampling = SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                  min_p=self.min_p, seed=self.seed)
         return Options(max_tokens=self.max_tokens, sampling=sampling, draft_tokens=self.draft_tokens)
 
 
@@ -74,10 +73,12 @@ def encode(model: SpecModel, prompt: Prompt, chat_template_config: dict | None =
         ids = encode_text(model.tokenizer, prompt)
     elif isinstance(prompt, (list, tuple)):
         ids = list(prompt)
+    elif isinstance(prompt, np.ndarray) and prompt.ndim == 1:
+        ids = prompt.tolist()
     else:
         raise InputError(f"prompt must be a str, a list of token ids or a list of chat messages, "
                          f"got {type(prompt).__name__}")
-    return check_prompt(ids, model.target.config.vocab_size)
+    return check_prompt(ids, model.target.config.vocab_size, model.target.config.max_position_embeddings)
 
 
 def _prompt(prompt: Prompt | None, messages: Messages | None) -> Prompt:

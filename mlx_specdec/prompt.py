@@ -45,9 +45,19 @@ def render(tokenizer, messages: Messages, *, add_generation_prompt: bool = True,
                                          tokenize=False, **(template_config or {}))
 
 
+def check_text(text: str) -> str:
+    """Refuse text that is not Unicode through and through (lone surrogates: undecodable bytes
+    that Python smuggled in from stdin or argv), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the text is not valid UTF-8 (undecodable bytes at character {e.start})") from None
+    return text
+
+
 def encode_rendered(tokenizer, text: str) -> list[int]:
     """Ids of rendered template text (the template writes its own BOS)."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(check_text(text), add_special_tokens=False))
 
 
 def encode_messages(tokenizer, messages: Messages, template_config: dict | None = None) -> list[int]:
@@ -60,7 +70,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
         raise InputError("this model has no tokenizer files: pass the prompt as a list of token ids")
     if not text:
         raise InputError("prompt is empty")
-    return list(tokenizer.encode(text))
+    return list(tokenizer.encode(check_text(text)))
 
 
 def user_turn(text: str, system: str | None = None) -> Messages:

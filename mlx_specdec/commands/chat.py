@@ -18,7 +18,7 @@ positions only, so a rewind further back than the ring still holds starts a fres
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +31,7 @@ from ..decode import Stats, check_prompt, decode, new_cache
 from ..errors import InputError, SpecDecError
 from ..loading import SpecModel
 from ..policy import parse_draft_tokens
-from ..prompt import TextStream, answer_text, encode_rendered, render
+from ..prompt import TextStream, answer_text, check_text, encode_rendered, render
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -125,7 +125,16 @@ class ChatSession:
             ids = self._history_ids + encode_rendered(tokenizer, text[len(self._history_text):])
         else:
             ids = encode_rendered(tokenizer, text)
-        return text, check_prompt(ids, self.spec.target.config.vocab_size)
+        limit = self.spec.target.config.max_position_embeddings
+        if len(ids) >= limit:  # never dropped silently: the user decides what to forget
+            raise InputError(f"this turn would make the conversation {len(ids)} tokens, and the model reads at most "
+                             f"{limit} positions: /reset starts a new conversation")
+        return text, check_prompt(ids, self.spec.target.config.vocab_size, limit)
+
+    @property
+    def at_limit(self) -> bool:
+        """Has the conversation filled the model's positions (so no further turn fits)?"""
+        return len(self._history_ids) >= self.spec.target.config.max_position_embeddings
 
     def reusable(self, ids: list[int]) -> int:
         """How many leading ids of this prompt the cache can keep (0: start a fresh cache)."""
@@ -153,6 +162,7 @@ class ChatSession:
         """Stream the answer to ``text``; the turn is committed when the generator ends."""
         if not text.strip():
             raise InputError("empty message")
+        check_text(text)
         options = self.settings.options()
         rendered, ids = self.encode(self.conversation(text))
         start = self.reusable(ids)
@@ -258,8 +268,7 @@ def command(session: ChatSession, line: str, console) -> None:
             t = float(arg)
         except ValueError:
             raise InputError(f"usage: /temp X with X >= 0, got {arg!r}") from None
-        if not t >= 0:
-            raise InputError(f"temperature must be >= 0, got {arg}")
+        replace(s, temperature=t).options()  # the API's own checks; nothing changes unless they pass
         s.temperature = t
         console.print(f"[dim]temperature: {t}[/dim]")
     elif name == "/max":
@@ -267,8 +276,7 @@ def command(session: ChatSession, line: str, console) -> None:
             n = int(arg)
         except ValueError:
             raise InputError(f"usage: /max N with N >= 1, got {arg!r}") from None
-        if n < 1:
-            raise InputError(f"max tokens must be >= 1, got {n}")
+        replace(s, max_tokens=n).options()
         s.max_tokens = n
         console.print(f"[dim]max tokens: {n}[/dim]")
     elif name == "/stats":
@@ -337,6 +345,10 @@ def answer(session: ChatSession, text: str, console) -> None:
         width = console.width if console.is_terminal else None  # a pipe takes the whole line
         console.print(status_line(session.reports[-1], session.spec.drafter is not None, width), style="dim",
                       markup=False, highlight=False, soft_wrap=True)
+    if session.at_limit:
+        console.print(f"[yellow]the conversation has reached the model's limit of "
+                      f"{session.spec.target.config.max_position_embeddings} positions: /reset starts a new one[/yellow]",
+                      highlight=False)
 
 
 def _setup_readline(history: Path | None):
@@ -372,6 +384,9 @@ def run(session: ChatSession, console, history: Path | None = None) -> None:
                 break
             except KeyboardInterrupt:
                 console.print()
+                continue
+            except UnicodeDecodeError:  # bytes the terminal's encoding cannot read
+                console.print("[red]error:[/red] that line is not valid UTF-8 text; nothing was sent", highlight=False)
                 continue
             line = line.strip()
             if not line:

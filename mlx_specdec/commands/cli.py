@@ -151,6 +151,41 @@ def parse_template_config(value: str | None) -> dict | None:
     return config
 
 
+# The API's names for the sampling flags, to point a refusal at the flag the user typed.
+_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
+          "min_p": "--min-p", "seed": "--seed", "draft_tokens": "--draft-tokens"}
+
+
+def check_sampling(**values) -> None:
+    """Judge sampling flags by the API's own rules before anything loads: a bad value is a
+    usage error (exit 2) found in a moment, not a model error after the weights loaded."""
+    from ..api import Settings
+    from ..errors import InputError
+
+    try:
+        Settings(**values).options()
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint=_FLAGS.get(str(e).split()[0])) from None
+
+
+def check_dtype(dtype: str | None, flag: str = "--dtype") -> None:
+    from ..loading import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}, got {dtype!r}", param_hint=flag)
+
+
+def read_stdin() -> str:
+    """The prompt from stdin, which must be UTF-8: one clear line (exit 1) otherwise."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _err(f"error: stdin is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+             "convert it first, e.g. with iconv")
+        raise typer.Exit(1) from None
+
+
 DraftOpt = Annotated[str, typer.Option(
     "--draft-tokens", "-k", "--num-draft-tokens", help="Draft length per round: auto (the measured policy picks it, 0 included), "
     f"off (plain decoding) or an integer 1..{K_MAX}.")]
@@ -167,6 +202,10 @@ def _load(model: str | None, drafter: str | None, dtype: str | None):
     with Console(stderr=True).status(f"loading {model or 'the embedded demo model'}"):
         spec = load(model, drafter_arg, dtype=dtype)
     print_blas_hint()
+    if "transformers" in sys.modules:  # its tokenizer warns of long prompts; the position limit is ours to judge
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
     return spec
 
 
@@ -201,6 +240,8 @@ def generate(
 ) -> None:
     """Answer one prompt, streamed to stdout; a summary line goes to stderr."""
     k = parse_draft_tokens(draft_tokens)
+    check_sampling(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    check_dtype(dtype)
     template_config = parse_template_config(chat_template_config)
     if prompt is not None and prompt_opt is not None:
         raise typer.BadParameter("give it once: as an argument or with --prompt", param_hint="PROMPT")
@@ -209,15 +250,16 @@ def generate(
         if text is None and sys.stdin.isatty():
             raise typer.BadParameter("none given: pass it as an argument, with --prompt, or on stdin",
                                      param_hint="PROMPT")
-        text = sys.stdin.read()
+        text = read_stdin()
     if not text.strip():
         raise typer.BadParameter("it is empty", param_hint="PROMPT")
     with _errors(verbose):
         from ..api import stream_generate
         from ..errors import InputError
-        from ..prompt import encode_messages, encode_text, user_turn
+        from ..prompt import check_text, encode_messages, encode_text, user_turn
         from .common import status_line
 
+        check_text(text)
         spec = _load(model, drafter, dtype)
         tok = spec.tokenizer
         if tok is None:
@@ -272,6 +314,8 @@ def chat(
 ) -> None:
     """Chat in the terminal: streamed answers, the prompt cache kept across turns, /help for commands."""
     k = parse_draft_tokens(draft_tokens)
+    check_sampling(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    check_dtype(dtype)
     template_config = parse_template_config(chat_template_config)
     with _errors(verbose):
         from rich.console import Console
@@ -281,7 +325,6 @@ def chat(
 
         settings = Settings(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                             seed=seed, draft_tokens=k)
-        settings.options()  # refuse bad values before loading and before the first turn
         spec = _load(model, drafter, dtype)
         session = chat_mod.ChatSession(spec, settings, system=system, reuse_cache=not no_cache_reuse,
                                        template_config=template_config)
@@ -337,7 +380,22 @@ def bench(
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure tokens/s of plain, fixed-k and auto drafting on built-in workloads and batch sizes."""
+    from . import bench as B
+    from ..errors import InputError
+
     sizes = _ints(batch_sizes, "--batch-sizes")
+    check_sampling(temperature=temp, seed=seed)
+    check_dtype(dtype)
+    try:
+        chosen = B.load_workloads(workload_file, [w.strip() for w in workloads.split(",")] if workloads else None)
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint="--workload-file" if workload_file else "--workloads") from None
+    try:
+        draft_modes = tuple(B.parse_modes(modes))
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint="--modes") from None
+    settings = B.Settings(batch_sizes=sizes, modes=draft_modes, max_tokens=max_tokens, repeats=repeats, warmup=warmup,
+                          temperature=temp, seed=seed, stop_at_eos=stop_at_eos)
     command = ""
     if "bench" in sys.argv:  # as typed (not when called in-process), with a preloaded BLAS to reproduce it
         preload = os.environ.get("LD_PRELOAD")
@@ -348,18 +406,13 @@ def bench(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from . import bench as B
         from .common import blas_hint
-        from ..errors import InputError
 
         if chart_path is not None:
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise InputError("--chart needs matplotlib: pip install 'mlx-specdec[chart]'") from None
-        chosen = B.load_workloads(workload_file, [w.strip() for w in workloads.split(",")] if workloads else None)
-        settings = B.Settings(batch_sizes=sizes, modes=tuple(B.parse_modes(modes)), max_tokens=max_tokens,
-                              repeats=repeats, warmup=warmup, temperature=temp, seed=seed, stop_at_eos=stop_at_eos)
         # Piped output gets room for the whole table rather than rich's default 80 columns.
         console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
         err = Console(stderr=True, highlight=False)

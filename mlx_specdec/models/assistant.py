@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from ..cache import Plan
 from ..errors import ConfigError, DrafterMismatchError
-from .gemma4 import FULL, SLIDING, DecoderLayer, TextConfig
+from .gemma4 import FULL, SLIDING, DecoderLayer, TextConfig, config_bool, config_dict, config_int
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,10 @@ class AssistantConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "AssistantConfig":
-        if cfg.get("model_type") != "gemma4_assistant":
-            raise ConfigError(f"expected model_type 'gemma4_assistant', found {cfg.get('model_type')!r}")
-        text = dict(cfg.get("text_config") or {})
+        if not isinstance(cfg, dict) or cfg.get("model_type") != "gemma4_assistant":
+            found = cfg.get("model_type") if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}"
+            raise ConfigError(f"expected model_type 'gemma4_assistant', found {found!r}")
+        text = dict(config_dict(cfg, "text_config"))
         if not text:
             raise ConfigError("gemma4_assistant config has no text_config")
         # Every assistant layer reads the target's K/V.
@@ -45,12 +46,16 @@ class AssistantConfig:
             raise ConfigError("every gemma4_assistant layer must be KV-shared")
         if text_config.hidden_size_per_layer_input or text_config.enable_moe_block:
             raise ConfigError("a gemma4_assistant has no per-layer inputs and no MoE block")
+        centroids = config_int(cfg, "num_centroids", 2048)
+        top_k = config_int(cfg, "centroid_intermediate_top_k", 32)
+        if top_k > centroids:
+            raise ConfigError(f"centroid_intermediate_top_k must be at most num_centroids ({centroids}), got {top_k}")
         return cls(
             text=text_config,
-            backbone_hidden_size=int(cfg.get("backbone_hidden_size", 1536)),
-            use_ordered_embeddings=bool(cfg.get("use_ordered_embeddings", False)),
-            num_centroids=int(cfg.get("num_centroids", 2048)),
-            centroid_intermediate_top_k=int(cfg.get("centroid_intermediate_top_k", 32)),
+            backbone_hidden_size=config_int(cfg, "backbone_hidden_size", 1536),
+            use_ordered_embeddings=config_bool(cfg, "use_ordered_embeddings", False),
+            num_centroids=centroids,
+            centroid_intermediate_top_k=top_k,
         )
 
     @property
