@@ -99,3 +99,11 @@ def test_header_says_whether_auto_starts_from_a_kept_policy(model, tmp_path):
     assert f"policy  {spec.policy_file}: auto starts from what earlier runs measured" in "\n".join(kept)
     off = bench.environment_lines(bench.environment(load(model, policy_cache=False), None))
     assert not any(line.startswith("policy") for line in off)
+
+
+def test_cells_whose_runs_spread_widely_are_named():
+    cells = [Cell("code", 1, "k=3", [10.0, 17.0, 12.0], 8), Cell("qa", 2, "plain", [10.0, 11.0], 8)]
+    warning = bench.spread_warning(cells)
+    assert "1 cell(s)" in warning and "code B=1 k=3 1.7x" in warning and "qa" not in warning
+    assert bench.spread_warning(cells[1:]) is None
+    assert "median of run-by-run ratios" in bench.FOOTNOTE and "need not equal" in bench.FOOTNOTE
