@@ -17,6 +17,7 @@ def model(checkpoints, tmp_path_factory):
     return make_pair(checkpoints, tmp_path_factory.mktemp("bench"))
 
 
+@pytest.mark.slow
 def test_bench_command_writes_table_json_markdown_and_chart(model, tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(

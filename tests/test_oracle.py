@@ -189,6 +189,7 @@ def test_reference_draft_is_the_first_round_of_generate(checkpoints, geometry, c
     assert assisted["rounds"][0]["drafted"] == draft["tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("geometry", "centroids", "multimodal"),
     [("dense", False, False), ("e2b", True, False), ("31b", False, True), ("26b", True, False)],
