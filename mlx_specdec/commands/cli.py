@@ -487,8 +487,10 @@ def convert(
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from . import convert as C
+        from .common import print_blas_hint
 
         console = Console(highlight=False)
+        print_blas_hint()  # convert loads both models and runs them to check the result
         drafter_arg = False if drafter is not None and drafter.lower() in ("none", "off") else drafter
         plan = C.Plan(source=source, out=out, drafter=drafter_arg, dtype=dtype, bits=target_bits, group_size=group_size,
                       drafter_dtype=drafter_dtype, drafter_bits=drafter_quantize,

@@ -53,6 +53,7 @@ def distill_command(
     from rich.console import Console
 
     from . import distill as D
+    from .common import print_blas_hint
     from ..errors import SpecDecError
     from ..loading import load
 
@@ -84,6 +85,7 @@ def distill_command(
             spec = load(model, drafter=False)
             if quantize_bits is not None:
                 D.quantize_target(spec.target, quantize_bits, group_size)
+        print_blas_hint()
         with console.status("reading the data"):
             docs = D.read_documents(data, spec.tokenizer)
             held = D.read_documents(eval_data, spec.tokenizer) if eval_data else None

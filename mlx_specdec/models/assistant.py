@@ -151,12 +151,13 @@ class Drafter(nn.Module):
         h = self._target_embedding(tokens)
         return h * mx.array(self.config.backbone_hidden_size**0.5, dtype=h.dtype)
 
-    def masks(self, position: mx.array, kv: dict[str, TargetKV]) -> dict[str, mx.array]:
+    def masks(self, position: mx.array, kv: dict[str, TargetKV], queries: int = 1) -> dict[str, mx.array]:
         """What a query at ``position`` may read: the accepted prefix only
         (entries at or past it are rejected drafts or empty), and for sliding
         layers the same look-back as the reference: the newest
-        ``sliding_window + 1`` keys before the position."""
-        p = position[:, None, None, None]
+        ``sliding_window + 1`` keys before the position. With ``queries`` > 1,
+        for queries at position, position + 1, ... (see `forward`)."""
+        p = position[:, None, None, None] + mx.arange(queries, dtype=position.dtype)[None, None, :, None]
         out = {}
         for kind, entry in kv.items():
             k = entry.positions[:, None, None, :]
@@ -166,6 +167,21 @@ class Drafter(nn.Module):
             out[kind] = mask
         return out
 
+    def forward(self, tokens: mx.array, hidden: mx.array, position: mx.array, kv: dict[str, TargetKV],
+                masks: dict[str, mx.array] | None = None) -> tuple[mx.array, mx.array]:
+        """The drafter's layers for L queries per row at positions position, position + 1, ...:
+        tokens (B, L), hidden (B, L, backbone). Returns the normed hidden state (what the heads
+        read) and its post-projection (what the next draft step is fed). A draft step is L = 1;
+        distillation runs one from every position of a sequence at once as L queries."""
+        x = mx.concatenate([self.embed(tokens), hidden], axis=-1)
+        h = self.pre_projection(x)
+        masks = self.masks(position, kv, tokens.shape[1]) if masks is None else masks
+        for kind, layer in zip(self.config.text.layer_types, self.layers):
+            plan = Plan(slots=None, written=0, concat=False, mask=masks[kind])
+            h, _ = layer(h, position, plan, (kv[kind].keys, kv[kind].values))
+        h = self.norm(h)
+        return h, self.post_projection(h)
+
     def __call__(self, tokens: mx.array, hidden: mx.array, position: mx.array, kv: dict[str, TargetKV]) -> Draft:
         """One draft step for B rows.
 
@@ -174,15 +190,7 @@ class Drafter(nn.Module):
         token before it; position (B,): the fixed drafting position (that of
         ``tokens``); kv: the target's K/V per attention type.
         """
-        x = mx.concatenate([self.embed(tokens[:, None]), hidden], axis=-1)
-        h = self.pre_projection(x)
-        masks = self.masks(position, kv)
-        for i, layer in enumerate(self.layers):
-            kind = self.config.text.layer_types[i]
-            plan = Plan(slots=None, written=0, concat=False, mask=masks[kind])
-            h, _ = layer(h, position, plan, (kv[kind].keys, kv[kind].values))
-        h = self.norm(h)
-        projected = self.post_projection(h)
+        h, projected = self.forward(tokens[:, None], hidden, position, kv)
         last = h[:, 0]
         if self.config.use_ordered_embeddings:
             logits, candidates = self.masked_embedding(last, self.lm_head)

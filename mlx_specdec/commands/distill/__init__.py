@@ -45,15 +45,15 @@ from ...loading import DTYPES
 from .data import Data, DataError, read_documents
 from .drafter import QUANT_BITS, hf_weights, new_drafter, quantize_target, save_drafter, scratch_config, start_drafter
 from .evaluate import Acceptance, evaluate_loop, evaluate_teacher_forced
-from .objective import TeacherPass, draft_step, full_logits, loss_terms, query_masks, teacher, teacher_forced_acceptance, unroll
+from .objective import TeacherPass, full_logits, loss_terms, teacher, teacher_forced_acceptance, unroll
 from .settings import FEEDS, Settings
 from .train import (CHECKPOINT_DIR, Progress, Report, Trainer, acceptances_as_dict, distill, read_checkpoint_state,
                     resume_drafter)
 
 __all__ = [
     "CHECKPOINT_DIR", "DTYPES", "FEEDS", "QUANT_BITS", "Acceptance", "Data", "DataError", "InputError", "Progress",
-    "Report", "Settings", "TeacherPass", "Trainer", "acceptances_as_dict", "distill", "draft_step", "evaluate_loop",
+    "Report", "Settings", "TeacherPass", "Trainer", "acceptances_as_dict", "distill", "evaluate_loop",
     "evaluate_teacher_forced", "full_logits", "hf_weights", "loss_terms", "new_drafter", "quantize_target",
-    "query_masks", "read_checkpoint_state", "read_documents", "resume_drafter", "save_drafter", "scratch_config",
+    "read_checkpoint_state", "read_documents", "resume_drafter", "save_drafter", "scratch_config",
     "start_drafter", "teacher", "teacher_forced_acceptance", "unroll",
 ]

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ...cache import Plan, Step
+from ...cache import Step
 from ...decode import target_kv
 from ...loading import SpecModel
 from ...models import assistant, gemma4
-from ...models.assistant import SLIDING, TargetKV
+from ...models.assistant import TargetKV
 
 from .settings import Settings
 
@@ -43,35 +43,6 @@ def teacher(target: gemma4.Model, tokens: mx.array, drafter_window: int) -> Teac
     return out
 
 
-def query_masks(drafter: assistant.Drafter, first: int, count: int, kv: dict[str, TargetKV]) -> dict[str, mx.array]:
-    """``Drafter.masks`` for ``count`` queries at positions first, first + 1, ...: each reads
-    the keys before its own position (and, sliding, within the drafter's window)."""
-    q = mx.arange(first, first + count, dtype=mx.int32)[None, None, :, None]
-    out = {}
-    for kind, entry in kv.items():
-        k = entry.positions[:, None, None, :]
-        mask = (k >= 0) & (k < q)
-        if kind == SLIDING:
-            mask = mask & (q - 1 - k <= drafter.config.sliding_window)
-        out[kind] = mask
-    return out
-
-
-def draft_step(drafter: assistant.Drafter, tokens: mx.array, hidden: mx.array, first: int,
-               kv: dict[str, TargetKV], masks: dict[str, mx.array]):
-    """``Drafter.__call__`` for a row of queries at positions first .. first + Q - 1 (one
-    speculative round starting at each), returning the normed hidden (for the full-vocab and
-    centroid heads) and the post-projected hidden fed to the next step."""
-    x = mx.concatenate([drafter.embed(tokens), hidden], axis=-1)
-    h = drafter.pre_projection(x)
-    offsets = mx.full((tokens.shape[0],), first, dtype=mx.int32)
-    for kind, layer in zip(drafter.config.text.layer_types, drafter.layers):
-        plan = Plan(slots=None, written=0, concat=False, mask=masks[kind])
-        h, _ = layer(h, offsets, plan, (kv[kind].keys, kv[kind].values))
-    h = drafter.norm(h)
-    return h, drafter.post_projection(h)
-
-
 def full_logits(drafter: assistant.Drafter, h: mx.array) -> mx.array:
     return drafter.lm_head.as_linear(h)
 
@@ -88,10 +59,12 @@ def unroll(drafter: assistant.Drafter, t: TeacherPass, steps: int, feed: str):
     teacher's index range, teacher greedy) per step s = 1 .. S."""
     L = t.tokens.shape[1]
     Q = L - steps
-    masks = query_masks(drafter, 1, Q, t.kv)
+    # Every step of every round starts at its own position 1 .. Q: queries 1 .. Q of one call.
+    position = mx.ones((t.tokens.shape[0],), dtype=mx.int32)
+    masks = drafter.masks(position, t.kv, Q)
     tokens, hidden = t.tokens[:, 1 : 1 + Q], t.hidden[:, :Q]
     for s in range(1, steps + 1):
-        h, hidden = draft_step(drafter, tokens, hidden, 1, t.kv, masks)
+        h, hidden = drafter.forward(tokens, hidden, position, t.kv, masks)
         logits = full_logits(drafter, h)
         yield s, logits, h, slice(s, s + Q), t.greedy[:, s : s + Q]
         if s == steps:
