@@ -371,6 +371,7 @@ def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype, r
 
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+"""The floating dtypes weights can be cast to (load, convert and distill's --dtype)."""
 
 
 def _dtype(name: str | None):

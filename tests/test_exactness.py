@@ -34,6 +34,7 @@ def standin(spec, prompts, max_tokens, error_rate=0.0, seed=0):
     return SpecModel(target=spec.target, drafter=drafter, tokenizer=None, eos_token_ids=spec.eos_token_ids)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     geometry=st.sampled_from(oracle.GEOMETRIES),
@@ -85,6 +86,7 @@ def test_perfect_drafter_accepts_every_token_in_exact_rounds(checkpoints):
         assert result.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_transformers_assisted_generation_agrees(checkpoints):
     target = checkpoints.target("e2b")
     drafter = checkpoints.assistant(target, centroids=True)
@@ -118,6 +120,7 @@ def test_max_tokens_is_exact(checkpoints, max_tokens):
         assert result.finish_reason == "length"
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     geometry=st.sampled_from(oracle.GEOMETRIES),
