@@ -30,8 +30,9 @@ def _arrays(module):
     return {id(a): a for _, a in tree_flatten(module.parameters())}
 
 
-def test_drafter_holds_the_targets_embedding_not_a_copy(checkpoints):
-    target = checkpoints.target("e2b")
+@pytest.mark.parametrize("geometry", ["e2b", "unified-shared"])
+def test_drafter_holds_the_targets_embedding_not_a_copy(checkpoints, geometry):
+    target = checkpoints.target(geometry)
     spec = load(target, drafter=checkpoints.assistant(target))
     table = spec.target.model.embed_tokens.weight
     assert spec.drafter.input_embedding.weight is table
@@ -50,7 +51,8 @@ def test_drafter_holds_the_targets_embedding_not_a_copy(checkpoints):
     assert mx.allclose(before, spec.target.embed(tokens[None])[0])
 
 
-def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoints):
+@pytest.mark.parametrize("geometry", ["e2b", "unified-shared"])
+def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoints, geometry):
     import gc
 
     def active():
@@ -58,7 +60,7 @@ def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoint
         mx.clear_cache()
         return mx.get_active_memory()
 
-    target = checkpoints.target("e2b")
+    target = checkpoints.target(geometry)
     drafter = checkpoints.assistant(target)
     base = active()
     alone = load(target, drafter=False, policy_cache=False)
@@ -73,10 +75,14 @@ def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoint
     assert own <= growth < own + table // 2
 
 
-def test_multimodal_checkpoint_loads_text_weights_only(checkpoints):
-    path = checkpoints.target("dense", multimodal=True)
+@pytest.mark.parametrize(
+    "geometry, towers",
+    [("dense", ("vision_tower", "audio_tower")), ("unified", ("vision_embedder", "embed_vision", "embed_audio"))],
+)
+def test_multimodal_checkpoint_loads_text_weights_only(checkpoints, geometry, towers):
+    path = checkpoints.target(geometry, multimodal=True)
     keys = set(mx.load(str(path / "model.safetensors")))
-    assert any("vision_tower" in k for k in keys) and any("audio_tower" in k for k in keys)
+    assert all(any(k.startswith(f"model.{t}.") for k in keys) for t in towers)
     spec = load(path, drafter=False)
     names = {k for k, _ in tree_flatten(spec.target.parameters())}
     assert not any("vision" in k or "audio" in k for k in names)
@@ -128,6 +134,34 @@ def test_text_prompt_with_tokenizer(checkpoints):
     result = generate(spec, "the cat sat on the mat", max_tokens=6)
     assert isinstance(result.text, str)
     assert result.tokens == generate(spec, spec.tokenizer.encode("the cat sat on the mat"), max_tokens=6).tokens
+
+
+def test_hub_target_finds_its_assistant_repo(checkpoints, monkeypatch):
+    """load("google/gemma-4-12b-it") fetches google/gemma-4-12b-it-assistant, as for the others
+    (the hub client replaced by a table of local folders: no network)."""
+    import huggingface_hub
+
+    target = checkpoints.target("unified", multimodal=True, published=True)
+    drafter = checkpoints.assistant(target, centroids=True, published=True)
+    hub = {"google/gemma-4-12b-it": target, "google/gemma-4-12b-it-assistant": drafter,
+           "google/gemma-4-E2B-it": checkpoints.target("e2b")}
+    fetched = []
+
+    def snapshot_download(repo_id, **kwargs):
+        fetched.append(repo_id)
+        if repo_id not in hub:
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"no repo {repo_id}")
+        return str(hub[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    spec = load("google/gemma-4-12b-it")
+    assert fetched == ["google/gemma-4-12b-it", "google/gemma-4-12b-it-assistant"]
+    assert spec.drafter is not None and spec.drafter_name == str(drafter)
+    assert spec.drafter.config.use_ordered_embeddings and spec.target.config.model_type == "gemma4_unified_text"
+    # A target without a published assistant decodes plainly.
+    fetched.clear()
+    assert load("google/gemma-4-E2B-it").drafter is None
+    assert fetched == ["google/gemma-4-E2B-it", "google/gemma-4-E2B-it-assistant"]
 
 
 def test_drafter_found_beside_the_target(checkpoints, tmp_path):

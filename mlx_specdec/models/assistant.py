@@ -6,7 +6,8 @@ only, to the K/V the target already computed (its last non-shared sliding and
 full-attention layers). It drafts autoregressively at one fixed position, the
 position of the token it was handed, feeding back its post-projected hidden.
 
-Reference semantics: transformers ``models/gemma4_assistant``.
+Reference semantics: transformers ``models/gemma4_assistant``; the 12B's
+``gemma4_unified_assistant`` is the same model over the unified text config.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ import mlx.nn as nn
 
 from ..cache import Plan
 from ..errors import ConfigError, DrafterMismatchError
-from .gemma4 import FULL, SLIDING, DecoderLayer, TextConfig
+from .gemma4 import FULL, GEMMA4_TEXT, SLIDING, UNIFIED_TEXT, DecoderLayer, TextConfig
+
+# A drafter's model_type -> its text_config's model_type, with transformers'
+# default backbone_hidden_size (the E2B's width, the 12B's width).
+DRAFTER_TYPES = {"gemma4_assistant": GEMMA4_TEXT, "gemma4_unified_assistant": UNIFIED_TEXT}
+_DEFAULT_BACKBONE = {"gemma4_assistant": 1536, "gemma4_unified_assistant": 3840}
 
 
 @dataclass(frozen=True)
@@ -31,23 +37,25 @@ class AssistantConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "AssistantConfig":
-        if cfg.get("model_type") != "gemma4_assistant":
-            raise ConfigError(f"expected model_type 'gemma4_assistant', found {cfg.get('model_type')!r}")
+        kind = cfg.get("model_type")
+        if kind not in DRAFTER_TYPES:
+            raise ConfigError(f"expected model_type one of {', '.join(DRAFTER_TYPES)}, found {kind!r}")
         text = dict(cfg.get("text_config") or {})
         if not text:
-            raise ConfigError("gemma4_assistant config has no text_config")
+            raise ConfigError(f"{kind} config has no text_config")
+        text.setdefault("model_type", DRAFTER_TYPES[kind])
         # Every assistant layer reads the target's K/V.
         text["num_kv_shared_layers"] = text.get("num_kv_shared_layers") or text.get("num_hidden_layers")
         text.setdefault("hidden_size_per_layer_input", 0)
         text.setdefault("vocab_size_per_layer_input", 0)
         text_config = TextConfig.from_dict(text)
         if text_config.num_kv_shared_layers != text_config.num_hidden_layers:
-            raise ConfigError("every gemma4_assistant layer must be KV-shared")
+            raise ConfigError(f"every {kind} layer must be KV-shared")
         if text_config.hidden_size_per_layer_input or text_config.enable_moe_block:
-            raise ConfigError("a gemma4_assistant has no per-layer inputs and no MoE block")
+            raise ConfigError(f"a {kind} has no per-layer inputs and no MoE block")
         return cls(
             text=text_config,
-            backbone_hidden_size=int(cfg.get("backbone_hidden_size", 1536)),
+            backbone_hidden_size=int(cfg.get("backbone_hidden_size", _DEFAULT_BACKBONE[kind])),
             use_ordered_embeddings=bool(cfg.get("use_ordered_embeddings", False)),
             num_centroids=int(cfg.get("num_centroids", 2048)),
             centroid_intermediate_top_k=int(cfg.get("centroid_intermediate_top_k", 32)),
@@ -225,4 +233,4 @@ def check_compatible(drafter: AssistantConfig, target: TextConfig, sources: dict
         raise DrafterMismatchError("drafter does not match the target: " + "; ".join(problems))
 
 
-__all__ = ["AssistantConfig", "Draft", "Drafter", "TargetKV", "check_compatible", "FULL", "SLIDING"]
+__all__ = ["DRAFTER_TYPES", "AssistantConfig", "Draft", "Drafter", "TargetKV", "check_compatible", "FULL", "SLIDING"]

@@ -2,12 +2,15 @@
 
 Covers every published geometry: per-layer inputs and KV-shared layers
 (E2B/E4B), k=v global attention with its own head dim and KV-head count (31B),
-the MoE block (26B A4B), sliding and full attention, logit soft-capping.
+the MoE block (26B A4B), sliding and full attention, logit soft-capping. The
+12B's decoder (transformers' ``gemma4_unified_text``) is this one without
+per-layer inputs and MoE, so it is a config here, not another model.
 
 One forward pass returns the final (normed) hidden state; ``logits()`` turns it
 into soft-capped logits, and the drafter reads the K/V of the two layers named
 by ``drafter_sources`` straight out of the cache the same pass filled.
-Reference semantics: transformers ``models/gemma4/modeling_gemma4.py``.
+Reference semantics: transformers ``models/gemma4/modeling_gemma4.py`` and
+``models/gemma4_unified/modeling_gemma4_unified.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ _DEFAULT_ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 _DEFAULT_SLIDING_PATTERN = 6
+
+GEMMA4_TEXT = "gemma4_text"
+UNIFIED_TEXT = "gemma4_unified_text"
+TEXT_TYPES = (GEMMA4_TEXT, UNIFIED_TEXT)
+# Where transformers' Gemma4UnifiedTextConfig (the 12B) departs from Gemma4TextConfig's
+# defaults. Its decoder layer has no per-layer inputs and no MoE block: it never reads
+# those keys, so they are off whatever a config.json says.
+_DEFAULTS = {
+    GEMMA4_TEXT: {"sliding_window": 512, "use_bidirectional_attention": None},
+    UNIFIED_TEXT: {"sliding_window": 1024, "use_bidirectional_attention": "vision"},
+}
 
 
 def _layer_overrides(cfg: dict, layer_types: list[str]) -> list[dict]:
@@ -85,6 +99,7 @@ class TextConfig:
     tie_word_embeddings: bool = True
     use_bidirectional_attention: str | None = None
     eos_token_id: tuple[int, ...] = ()
+    model_type: str = GEMMA4_TEXT
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -95,6 +110,8 @@ class TextConfig:
             heads = int(cfg["num_attention_heads"])
         except KeyError as e:
             raise ConfigError(f"config is missing {e.args[0]!r}") from None
+        model_type = UNIFIED_TEXT if cfg.get("model_type") == UNIFIED_TEXT else GEMMA4_TEXT
+        defaults, gemma4 = _DEFAULTS[model_type], model_type == GEMMA4_TEXT
         act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
         if act != "gelu_pytorch_tanh":
             raise ConfigError(f"unsupported hidden_activation {act!r} (expected 'gelu_pytorch_tanh')")
@@ -125,21 +142,22 @@ class TextConfig:
             head_dims=tuple(int(o.get("head_dim", head_dim)) for o in overrides),
             kv_heads=tuple(int(o.get("num_key_value_heads", kv_heads)) for o in overrides),
             rope_parameters=rope,
-            sliding_window=int(cfg.get("sliding_window", 512)),
+            sliding_window=int(cfg.get("sliding_window", defaults["sliding_window"])),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
-            hidden_size_per_layer_input=int(cfg.get("hidden_size_per_layer_input", 256) or 0),
-            vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input", 262_144) or 0),
+            hidden_size_per_layer_input=int(cfg.get("hidden_size_per_layer_input", 256) or 0) if gemma4 else 0,
+            vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input", 262_144) or 0) if gemma4 else 0,
             attention_k_eq_v=bool(cfg.get("attention_k_eq_v", False)),
             num_kv_shared_layers=int(cfg.get("num_kv_shared_layers", 0) or 0),
             use_double_wide_mlp=bool(cfg.get("use_double_wide_mlp", False)),
-            enable_moe_block=bool(cfg.get("enable_moe_block", False)),
+            enable_moe_block=bool(cfg.get("enable_moe_block", False)) if gemma4 else False,
             num_experts=cfg.get("num_experts"),
             top_k_experts=cfg.get("top_k_experts"),
             moe_intermediate_size=cfg.get("moe_intermediate_size"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-            use_bidirectional_attention=cfg.get("use_bidirectional_attention"),
+            use_bidirectional_attention=cfg.get("use_bidirectional_attention", defaults["use_bidirectional_attention"]),
             eos_token_id=eos,
+            model_type=model_type,
             extra=cfg,
         )
 
