@@ -263,3 +263,37 @@ def test_cache_refuses_a_step_of_another_batch_size(checkpoints):
     cache = spec.target.make_cache(2)
     with pytest.raises(ValueError, match="step has 1 rows but the cache holds 2"):
         spec.target(mx.array([[5]]), Step((0,), 1), cache)
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4_unified_text"])
+def test_config_defaults_are_transformers_defaults(model_type):
+    """What a config.json leaves out resolves as transformers resolves it, per family: the
+    unified text config has its own window and bidirectional mode and no PLE/MoE at all."""
+    from transformers import AutoConfig, Gemma4UnifiedAssistantConfig
+
+    from mlx_specdec.models import assistant, gemma4
+
+    cfg = {"model_type": model_type, "num_hidden_layers": 6, "hidden_size": 64, "num_attention_heads": 4,
+           "attention_k_eq_v": True, "num_global_key_value_heads": 1}
+    ours, theirs = gemma4.TextConfig.from_dict(cfg), AutoConfig.for_model(**cfg)
+    assert ours.model_type == theirs.model_type == model_type
+    assert ours.sliding_window == theirs.sliding_window
+    assert ours.use_bidirectional_attention == theirs.use_bidirectional_attention
+    assert list(ours.layer_types) == theirs.layer_types and ours.rope_parameters == theirs.rope_parameters
+    assert list(ours.head_dims) == [theirs.per_layer_config[i].head_dim for i in range(6)]
+    assert list(ours.kv_heads) == [theirs.per_layer_config[i].num_key_value_heads for i in range(6)]
+    assert ours.hidden_size_per_layer_input == getattr(theirs, "hidden_size_per_layer_input", 0)
+    assert ours.enable_moe_block == getattr(theirs, "enable_moe_block", False)
+    if model_type == "gemma4_unified_text":
+        assert (ours.sliding_window, ours.use_bidirectional_attention) == (1024, "vision")
+        # Keys the unified decoder never reads change nothing.
+        stray = gemma4.TextConfig.from_dict({**cfg, "hidden_size_per_layer_input": 256, "enable_moe_block": True})
+        assert (stray.hidden_size_per_layer_input, stray.enable_moe_block) == (0, False)
+        drafter = assistant.AssistantConfig.from_dict(
+            {"model_type": "gemma4_unified_assistant", "text_config": {**cfg, "num_hidden_layers": 2}})
+        reference = Gemma4UnifiedAssistantConfig()
+        assert drafter.text.model_type == model_type
+        assert (drafter.backbone_hidden_size, drafter.num_centroids, drafter.centroid_intermediate_top_k) == (
+            reference.backbone_hidden_size, reference.num_centroids, reference.centroid_intermediate_top_k)
+        assert (reference.backbone_hidden_size, reference.num_centroids, reference.centroid_intermediate_top_k) == (
+            3840, 2048, 32)
