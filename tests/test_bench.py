@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlx_specdec.commands import bench
+from mlx_specdec.commands import bench, common
 from mlx_specdec.commands.bench import Cell, load_workloads, parse_modes
 from mlx_specdec.errors import InputError
 from tests.cli_model import make_pair
@@ -77,15 +77,15 @@ def test_modes_and_workloads_parse():
 
 
 def test_reference_blas_is_detected_and_openblas_named(monkeypatch):
-    monkeypatch.setattr(bench, "openblas_loaded", lambda: False)
-    monkeypatch.setattr(bench, "matmul_seconds", lambda: 0.09)
-    warning = bench.reference_blas_warning()
-    assert "slow reference BLAS" in warning and "90 ms" in warning and f"LD_PRELOAD={bench.OPENBLAS}" in warning
-    monkeypatch.setattr(bench, "matmul_seconds", lambda: 0.003)
-    assert bench.reference_blas_warning() is None
-    monkeypatch.setattr(bench, "openblas_loaded", lambda: True)
-    monkeypatch.setattr(bench, "matmul_seconds", lambda: 1 / 0)  # not even timed
-    assert bench.reference_blas_warning() is None
+    monkeypatch.setattr(common, "openblas_loaded", lambda: False)
+    monkeypatch.setattr(common, "matmul_seconds", lambda: 0.09)
+    warning = common.reference_blas_warning()
+    assert "slow reference BLAS" in warning and "90 ms" in warning and f"LD_PRELOAD={common.OPENBLAS}" in warning
+    monkeypatch.setattr(common, "matmul_seconds", lambda: 0.003)
+    assert common.reference_blas_warning() is None
+    monkeypatch.setattr(common, "openblas_loaded", lambda: True)
+    monkeypatch.setattr(common, "matmul_seconds", lambda: 1 / 0)  # not even timed
+    assert common.reference_blas_warning() is None
 
 
 def test_header_says_whether_auto_starts_from_a_kept_policy(model, tmp_path):

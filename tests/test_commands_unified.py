@@ -23,17 +23,17 @@ def model(checkpoints, tmp_path_factory):
 
 
 def _run(*args, input=None):
+    """The command's stdout (status lines and hints go to stderr)."""
     result = CliRunner().invoke(app, [str(a) for a in args], input=input)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def test_generate_drafts_and_equals_plain_decoding(model):
-    def tokens(k):
-        out = json.loads(_run("generate", PROMPT, "--model", model, "--max-tokens", 10, "--draft-tokens", k, "--json"))
-        return out
+    def run(k):
+        return json.loads(_run("generate", PROMPT, "--model", model, "--max-tokens", 10, "--draft-tokens", k, "--json"))
 
-    drafted, plain = tokens(3), tokens(0)
+    drafted, plain = run(3), run(0)
     assert drafted["tokens"] == plain["tokens"] and drafted["stats"]["drafted"] > 0
 
 
@@ -65,8 +65,8 @@ def test_convert_keeps_the_unified_family_and_decodes_like_the_source(model, tmp
         assert generate(converted, ids, max_tokens=12, draft_tokens=k).tokens == \
             generate(original, ids, max_tokens=12, draft_tokens=k).tokens
     quantized = tmp_path / "q"
-    _run("convert", model, "--out", quantized, "--quantize", 8, "--group-size", 32, "--drafter-quantize", 8,
-         "--drafter-group-size", 32)
+    _run("convert", model, "--out", quantized, "--q-bits", 8, "--q-group-size", 32, "--drafter-q-bits", 8,
+         "--drafter-q-group-size", 32)
     spec = load(quantized)
     assert generate(spec, ids, max_tokens=12, draft_tokens=3).tokens == \
         generate(spec, ids, max_tokens=12, draft_tokens=0).tokens

@@ -10,7 +10,7 @@ from mlx_specdec import generate, generate_batch, load
 from mlx_specdec.loading import SpecModel
 from tests import oracle
 from tests.helpers import prompt, until_eos
-from mlx_specdec.oracle_drafter import StandInDrafter
+from tests.stand_in import StandInDrafter
 
 WINDOW = 8
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))

@@ -39,16 +39,16 @@ def test_drafter_holds_the_targets_embedding_not_a_copy(checkpoints, geometry):
     # Nothing the drafter owns is a table of the target's shape (V x target width).
     drafter_arrays = _arrays(spec.drafter)
     assert all(a.shape != table.shape for a in drafter_arrays.values())
-    # Memory of both models: each array counted once, and the target's table once.
-    both = {**_arrays(spec.target), **drafter_arrays}
-    total = sum(a.nbytes for a in both.values())
-    assert total == sum(a.nbytes for a in _arrays(spec.target).values()) + sum(
-        a.nbytes for a in drafter_arrays.values()
-    )
-    # The drafter reads through the same array: changing it changes the drafter's input.
+    # No array is held by both models.
+    assert not set(_arrays(spec.target)) & set(drafter_arrays)
+    # The drafter reads through the target's embedding: changing the table changes its input
+    # (a copy would keep the old one).
     tokens = mx.array([5])
     before = spec.drafter.embed(tokens)
     assert mx.allclose(before, spec.target.embed(tokens[None])[0])
+    spec.target.model.embed_tokens.weight = table + 1.0
+    after = spec.drafter.embed(tokens)
+    assert not mx.allclose(after, before) and mx.allclose(after, spec.target.embed(tokens[None])[0])
 
 
 @pytest.mark.parametrize("geometry", ["e2b", "unified-shared"])
@@ -147,10 +147,14 @@ def test_hub_target_finds_its_assistant_repo(checkpoints, monkeypatch):
            "google/gemma-4-E2B-it": checkpoints.target("e2b")}
     fetched = []
 
+    class Response:  # what the hub's errors read of an HTTP response
+        headers: dict = {}
+        request = None
+
     def snapshot_download(repo_id, **kwargs):
         fetched.append(repo_id)
         if repo_id not in hub:
-            raise huggingface_hub.errors.RepositoryNotFoundError(f"no repo {repo_id}")
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"404 no repo {repo_id}", response=Response())
         return str(hub[repo_id])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
@@ -230,6 +234,32 @@ def test_drafter_with_other_head_dim_is_refused(checkpoints):
     other = checkpoints.target("dense", seed=4, head_dim=16)
     with pytest.raises(DrafterMismatchError, match="head_dim"):
         load(checkpoints.target("dense"), drafter=checkpoints.assistant(other))
+
+
+def test_only_a_missing_hub_repo_means_no_drafter(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from mlx_specdec.loading import locate_drafter
+
+    class Response:  # what the hub's errors read of an HTTP response
+        headers: dict = {}
+        request = None
+
+    def hub(error):
+        def snapshot_download(name, allow_patterns=None):
+            raise error
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+    hub(RepositoryNotFoundError("404 no such repo", response=Response()))
+    assert locate_drafter("owner/model", tmp_path, None) is None  # plain decoding
+    for failure in (ConnectionError("network is unreachable"), GatedRepoError("401 gated", response=Response())):
+        hub(failure)
+        with pytest.raises(LoadError, match="could not fetch drafter 'owner/model-assistant'"):
+            locate_drafter("owner/model", tmp_path, None)
+    with pytest.raises(LoadError, match="is not on the hub"):  # asked for by name: an error
+        hub(RepositoryNotFoundError("404 no such repo", response=Response()))
+        locate_drafter("owner/model", tmp_path, "owner/other-assistant")
 
 
 @pytest.mark.parametrize(

@@ -39,18 +39,13 @@ from mlx.utils import tree_flatten
 from ..api import generate, generate_batch
 from ..errors import InputError
 from ..loading import SpecModel
-from ..policy import K_MAX, DraftPolicy, expected_tokens
+from .common import human, openblas_loaded
+from ..prompt import encode_messages, encode_text, user_turn
+from ..policy import K_MAX, DraftPolicy, expected_tokens, parse_draft_tokens
 
 WORKLOADS_FILE = Path(__file__).with_name("bench_workloads.json")
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 DEFAULT_MODES: tuple[int | str, ...] = (0, 1, 2, 3, 4, 5, 6, "auto")
-
-SLOW_MATMUL_SECONDS = 0.02
-"""A 512x512 fp32 matmul slower than this means MLX's bundled reference BLAS: it takes ~70-110 ms
-on a 2-core x86 machine where OpenBLAS takes 2-7 ms."""
-
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-
 
 # ---------------------------------------------------------------------------------------------
 # Workloads
@@ -86,33 +81,23 @@ def load_workloads(path: str | Path | None = None, names: Sequence[str] | None =
 
 
 def parse_modes(text: str) -> list[int | str]:
-    """'plain,1-6,auto' -> [0, 1, ..., 6, 'auto']; 'plain' and 'off' are k = 0."""
+    """'plain,1-6,auto' -> [0, 1, ..., 6, 'auto']: draft lengths as `parse_draft_tokens` reads
+    them, and ranges a-b of k."""
     modes: list[int | str] = []
     for part in (p.strip().lower() for p in text.split(",") if p.strip()):
-        if part in ("plain", "off", "0"):
-            modes.append(0)
-        elif part == "auto":
-            modes.append("auto")
-        elif "-" in part:
-            lo, _, hi = part.partition("-")
-            modes += list(range(_k(lo), _k(hi) + 1))
+        lo, dash, hi = part.partition("-")
+        if dash:
+            a, b = parse_draft_tokens(lo), parse_draft_tokens(hi)
+            if "auto" in (a, b):
+                raise InputError(f"a range of draft lengths is a-b of integers, got {part!r}")
+            modes += list(range(a, b + 1))
         else:
-            modes.append(_k(part))
+            modes.append(parse_draft_tokens(part))
     if not modes:
         raise InputError("no modes given: expected e.g. plain,1-6,auto")
     if 0 not in modes:
         modes.insert(0, 0)  # speedups are against plain decoding in the same run
     return list(dict.fromkeys(modes))
-
-
-def _k(text: str) -> int:
-    try:
-        k = int(text.removeprefix("k="))
-    except ValueError:
-        raise InputError(f"a mode must be plain, auto, k or a range a-b of k, got {text!r}") from None
-    if not 0 <= k <= K_MAX:
-        raise InputError(f"draft length k must be in 0..{K_MAX}, got {k}")
-    return k
 
 
 def mode_name(mode: int | str) -> str:
@@ -123,11 +108,9 @@ def encode_prompts(spec: SpecModel, workload: Workload) -> list[list[int]]:
     tok = spec.tokenizer
     if tok is None:
         raise InputError(f"bench needs a tokenizer, and {spec.name} has no tokenizer files")
-    if workload.chat and getattr(tok, "has_chat_template", False):
-        from .chat import encode_text, render
-
-        return [encode_text(tok, render(tok, [{"role": "user", "content": p}])) for p in workload.prompts]
-    return [list(tok.encode(p)) for p in workload.prompts]
+    if workload.chat and tok.has_chat_template:
+        return [encode_messages(tok, user_turn(p)) for p in workload.prompts]
+    return [encode_text(tok, p) for p in workload.prompts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,43 +278,6 @@ def run(spec: SpecModel, workloads: list[Workload], settings: Settings,
 # The environment
 
 
-def openblas_loaded() -> bool:
-    """Is OpenBLAS mapped into this process as the BLAS (e.g. through LD_PRELOAD)? numpy's own
-    bundled copy (libscipy_openblas*) does not count: MLX does not call it."""
-    try:
-        paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
-    except OSError:
-        return False
-    return any("openblas" in p.lower() and Path(p).name.startswith(("libblas", "libopenblas")) for p in paths)
-
-
-def matmul_seconds(n: int = 512, tries: int = 3) -> float:
-    """Best time of an n x n fp32 matmul on the default device."""
-    a = mx.random.normal((n, n))
-    mx.eval(a)
-    best = float("inf")
-    for _ in range(tries):
-        start = time.perf_counter()
-        mx.eval(a @ a)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def reference_blas_warning() -> str | None:
-    """On Linux's CPU backend: a line saying how to leave MLX's slow bundled BLAS, if it is in use."""
-    if not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu:
-        return None
-    if openblas_loaded():
-        return None
-    seconds = matmul_seconds()
-    if seconds < SLOW_MATMUL_SECONDS:
-        return None
-    have = Path(OPENBLAS).exists()
-    return (f"MLX is using its slow reference BLAS (a 512x512 fp32 matmul takes {seconds * 1000:.0f} ms): "
-            + ("" if have else "install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread), then ")
-            + f"run with LD_PRELOAD={OPENBLAS}")
-
-
 def _params(module) -> tuple[int, int, set[str]]:
     """(parameters, bytes, dtypes) of a module; quantized weights count their unpacked size."""
     count, size, dtypes = 0, 0, set()
@@ -379,14 +325,6 @@ def environment(spec: SpecModel, blas_warning: str | None) -> dict:
     env["policy_measured_before"] = bool(spec.policy.costs.verify)
     env["blas_warning"] = blas_warning
     return env
-
-
-def human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
-        n /= 1000
-    return f"{n:.3g}P{unit}"
 
 
 def environment_lines(env: dict) -> list[str]:

@@ -32,8 +32,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..cache import Step
+from ..decode import new_cache
 from ..errors import ConfigError, DrafterMismatchError, LoadError, SpecDecError
-from ..loading import DRAFTER_TYPES, TARGET_TYPES, SpecModel, _text_config, find_drafter, load, read_config, resolve
+from ..loading import (
+    DRAFTER_TYPES, TARGET_TYPES, SpecModel, _text_config, load, locate_drafter, read_config, resolve,
+)
 from ..models import assistant, gemma4
 
 PROBE = "The quick brown fox jumps over the lazy dog. def fibonacci(n):"
@@ -189,20 +192,6 @@ def check_pair(target_path: Path, drafter_path: Path | None) -> tuple[dict, dict
     return cfg, dcfg
 
 
-def _drafter_path(plan: Plan, target_path: Path) -> Path | None:
-    if plan.drafter is False:
-        return None
-    if plan.drafter is not None:
-        return resolve(plan.drafter, what="drafter")
-    found = find_drafter(target_path, str(plan.source))
-    if found is None and not Path(str(plan.source)).expanduser().exists():
-        try:
-            found = resolve(f"{plan.source}-assistant", what="drafter")
-        except LoadError:
-            found = None
-    return found
-
-
 # ---------------------------------------------------------------------------------------------
 # Conversion
 
@@ -303,8 +292,7 @@ def probe(spec: SpecModel, ids: list[int]) -> dict[str, np.ndarray]:
     """Target logits at every probe position, and the drafter's first greedy draft steps."""
     from ..decode import target_kv
 
-    window = spec.drafter.config.sliding_window if spec.drafter else 0
-    cache = spec.target.make_cache(1, max_step=len(ids), drafter_window=window)
+    cache = new_cache(spec, 1, max_step=len(ids))
     hidden = spec.target(mx.array([ids]), Step((0,), len(ids)), cache)
     logits = spec.target.logits(hidden)[0].astype(mx.float32)
     out = {"logits": np.array(logits)}
@@ -347,7 +335,7 @@ def convert(plan: Plan, progress: Progress | None = None) -> Report:
 
     progress("checking", 0, 1)
     target_path = resolve(plan.source)
-    drafter_path = _drafter_path(plan, target_path)
+    drafter_path = locate_drafter(plan.source, target_path, plan.drafter)
     cfg, dcfg = check_pair(target_path, drafter_path)
     check_output(out, plan.force, [p for p in (target_path, drafter_path) if p is not None])
     dtype = plan.dtype or source_dtype(target_path)

@@ -19,7 +19,9 @@ import mlx.nn as nn
 
 from ..cache import Plan
 from ..errors import ConfigError, DrafterMismatchError
-from .gemma4 import FULL, GEMMA4_TEXT, SLIDING, UNIFIED_TEXT, DecoderLayer, TextConfig
+from .gemma4 import (
+    FULL, GEMMA4_TEXT, SLIDING, UNIFIED_TEXT, DecoderLayer, TextConfig, config_bool, config_dict, config_int,
+)
 
 # A drafter's model_type -> its text_config's model_type, with transformers'
 # default backbone_hidden_size (the E2B's width, the 12B's width).
@@ -37,10 +39,11 @@ class AssistantConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "AssistantConfig":
-        kind = cfg.get("model_type")
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
         if kind not in DRAFTER_TYPES:
-            raise ConfigError(f"expected model_type one of {', '.join(DRAFTER_TYPES)}, found {kind!r}")
-        text = dict(cfg.get("text_config") or {})
+            found = kind if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}"
+            raise ConfigError(f"expected model_type one of {', '.join(DRAFTER_TYPES)}, found {found!r}")
+        text = dict(config_dict(cfg, "text_config"))
         if not text:
             raise ConfigError(f"{kind} config has no text_config")
         text.setdefault("model_type", DRAFTER_TYPES[kind])
@@ -53,12 +56,16 @@ class AssistantConfig:
             raise ConfigError(f"every {kind} layer must be KV-shared")
         if text_config.hidden_size_per_layer_input or text_config.enable_moe_block:
             raise ConfigError(f"a {kind} has no per-layer inputs and no MoE block")
+        centroids = config_int(cfg, "num_centroids", 2048)
+        top_k = config_int(cfg, "centroid_intermediate_top_k", 32)
+        if top_k > centroids:
+            raise ConfigError(f"centroid_intermediate_top_k must be at most num_centroids ({centroids}), got {top_k}")
         return cls(
             text=text_config,
-            backbone_hidden_size=int(cfg.get("backbone_hidden_size", _DEFAULT_BACKBONE[kind])),
-            use_ordered_embeddings=bool(cfg.get("use_ordered_embeddings", False)),
-            num_centroids=int(cfg.get("num_centroids", 2048)),
-            centroid_intermediate_top_k=int(cfg.get("centroid_intermediate_top_k", 32)),
+            backbone_hidden_size=config_int(cfg, "backbone_hidden_size", _DEFAULT_BACKBONE[kind]),
+            use_ordered_embeddings=config_bool(cfg, "use_ordered_embeddings", False),
+            num_centroids=centroids,
+            centroid_intermediate_top_k=top_k,
         )
 
     @property
@@ -140,6 +147,11 @@ class Drafter(nn.Module):
         # The target's table, held by reference and kept out of this module's
         # parameters: one array between the two models, never a copy.
         self._target_embedding = target_embedding
+
+    @property
+    def sliding_window(self) -> int:
+        """How far back it reads the target's sliding-window K/V (`loading.DraftModel`)."""
+        return self.config.sliding_window
 
     @property
     def input_embedding(self) -> nn.Module:
