@@ -308,6 +308,7 @@ def test_config_defaults_are_transformers_defaults(model_type):
     ours, theirs = gemma4.TextConfig.from_dict(cfg), AutoConfig.for_model(**cfg)
     assert ours.model_type == theirs.model_type == model_type
     assert ours.sliding_window == theirs.sliding_window
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
     assert ours.use_bidirectional_attention == theirs.use_bidirectional_attention
     assert list(ours.layer_types) == theirs.layer_types and ours.rope_parameters == theirs.rope_parameters
     assert list(ours.head_dims) == [theirs.per_layer_config[i].head_dim for i in range(6)]
