@@ -291,7 +291,7 @@ def scratch_config(target: gemma4.Model, *, hidden_size: int, layers: int, heads
         "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": c.rms_norm_eps,
         "tie_word_embeddings": True,
-        "max_position_embeddings": extra.get("max_position_embeddings", 131072),
+        "max_position_embeddings": c.max_position_embeddings,
         "num_kv_shared_layers": layers,
         "use_double_wide_mlp": False,
     }
