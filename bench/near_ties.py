@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_map
 import numpy as np
 
 from mlx_specdec import load
@@ -48,12 +49,13 @@ def prompts(spec, n_random: int, seed: int) -> list[list[int]]:
     return out
 
 
+INIT_STD = 0.02
 NEAR = 0.05  # logits: the gaps counted as "near zero" for the density
 
 
 def random_model(seed: int) -> SpecModel:
-    """An untrained Gemma 4 target (MLX's own initialisation): its logits are nearly flat, so
-    near-ties are common, as on the tests' tiny random checkpoints."""
+    """An untrained Gemma 4 target: its logits are nearly flat, so near-ties are common, as on
+    the tests' tiny random checkpoints."""
     mx.random.seed(seed)
     config = gemma4.TextConfig.from_dict(dict(
         vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
@@ -61,6 +63,9 @@ def random_model(seed: int) -> SpecModel:
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, final_logit_softcapping=30.0))
     model = gemma4.Model(config)
+    # Matrices drawn as transformers initialises them (normal, std 0.02), as in the tests'
+    # checkpoints; the norms keep their initial scales.
+    model.update(tree_map(lambda w: mx.random.normal(w.shape) * INIT_STD if w.ndim >= 2 else w, model.parameters()))
     mx.eval(model.parameters())
     return SpecModel(target=model, drafter=None, tokenizer=None)
 

@@ -32,6 +32,7 @@ def trained(checkpoints, tmp_path_factory, request):
     return target, out
 
 
+@pytest.mark.slow
 def test_acceptance_per_round_is_at_least_transformers(trained):
     target, drafter = trained
     spec = load(target, drafter=drafter, policy_cache=False)

@@ -126,6 +126,25 @@ def test_resume_reproduces_an_uninterrupted_run(spec, pair, data_dir, tmp_path):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def test_an_interrupted_run_keeps_its_last_step_and_its_before(spec, pair, data_dir, tmp_path):
+    settings = D.Settings(**{**SMALL, "checkpoint_every": 100})  # no checkpoint but the last, normally
+    data = _data(spec, data_dir, settings)
+    drafter, config = _fresh(spec, pair)
+    events = D.distill(spec, drafter, config, data, settings, tmp_path)
+    for event in events:
+        if event.step == 4:
+            events.close()  # what Ctrl-C in the command does once its progress bar is closed
+            break
+    state = D.read_checkpoint_state(tmp_path)
+    assert state["step"] == 4 and set(state["before"]) == {"teacher-forced", "loop"}
+    resumed, config, _ = D.resume_drafter(spec, tmp_path)
+    events = list(D.distill(spec, resumed, config, data, settings, tmp_path, resume=True))
+    report = events[-1]
+    assert [e.step for e in events[:-1]] == [5, 6]
+    assert report.steps == 6 and report.resumed_from == 4
+    assert {m: a.as_dict() for m, a in report.before.items()} == state["before"]
+
+
 def test_from_scratch_centroid_training_and_transformers_names(checkpoints, pair, spec, data_dir, tmp_path):
     """A drafter built from sizes trains and saves under transformers' parameter names; a
     centroid drafter's cluster scores are trained too."""
@@ -220,5 +239,7 @@ def test_cli_distills_and_resumes(pair, data_dir, tmp_path):
     assert again.exit_code == 2 and "pass --resume" in again.output
     resumed = CliRunner().invoke(app, args[:-2] + ["--dtype", "float32", "--resume", "--steps", "6"])
     assert resumed.exit_code == 0, resumed.output
+    assert "resumed from step 4 of 6" in resumed.output and "6 steps, resumed from step 4" in resumed.output
+    assert "before (loop)" in resumed.output
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 6
     assert load(pair[0], drafter=tmp_path).drafter is not None

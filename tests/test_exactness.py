@@ -34,6 +34,7 @@ def standin(spec, prompts, max_tokens, error_rate=0.0, seed=0):
     return SpecModel(target=spec.target, drafter=drafter, tokenizer=None, eos_token_ids=spec.eos_token_ids)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     geometry=st.sampled_from(oracle.GEOMETRIES),
@@ -86,6 +87,7 @@ def test_perfect_drafter_accepts_every_token_in_exact_rounds(checkpoints, geomet
         assert result.finish_reason == "length"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("geometry", ["e2b", "unified", "unified-shared"])
 def test_transformers_assisted_generation_agrees(checkpoints, geometry):
     target = checkpoints.target(geometry)
@@ -120,6 +122,7 @@ def test_max_tokens_is_exact(checkpoints, max_tokens):
         assert result.finish_reason == "length"
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     geometry=st.sampled_from(oracle.GEOMETRIES),
@@ -148,6 +151,7 @@ def test_batch_with_real_drafter_equals_single(checkpoints, geometry):
     assert [r.tokens for r in results] == [_plain(spec, p, 15) for p in prompts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("geometry", oracle.UNIFIED_GEOMETRIES)
 def test_unified_pairs_are_exact_for_every_k(checkpoints, geometry):
     """The 12B's decoder with its real (random) drafter: every k, one row and a batch, equal

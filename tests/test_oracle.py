@@ -203,6 +203,7 @@ def test_reference_draft_is_the_first_round_of_generate(checkpoints, geometry, c
     assert assisted["rounds"][0]["drafted"] == draft["tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("geometry", "centroids", "multimodal"),
     [("dense", False, False), ("e2b", True, False), ("31b", False, True), ("26b", True, False)],
@@ -219,6 +220,45 @@ def test_assisted_greedy_equals_plain_greedy(checkpoints, geometry, centroids, m
     assert rounds and all(0 <= r["accepted"] <= len(r["drafted"]) <= 3 for r in rounds)
     # Every round emits its accepted drafts plus one target token; the prefill emits one.
     assert 1 + sum(r["accepted"] + 1 for r in rounds) == 16
+
+
+@pytest.mark.parametrize(("geometry", "centroids"), [("dense", False), ("e2b", True), ("26b", False)])
+def test_our_rounds_follow_transformers_round_by_round(checkpoints, geometry, centroids):
+    """Fixed k = 3: the same number of rounds, each accepting as many drafts and emitting as
+    many tokens as transformers' assisted generate, and the first round's drafts identical.
+    (From the second round on transformers hands the drafter sliding K/V that still hold the
+    rejected drafts, see `oracle.reference_assisted`, so later drafts may differ by design.)"""
+    import dataclasses
+
+    from mlx_specdec import load
+    from mlx_specdec.api import Settings
+    from mlx_specdec.decode import decode
+
+    target = checkpoints.target(geometry)
+    assistant = checkpoints.assistant(target, centroids=centroids)
+    reference = oracle.reference_assisted(target, PROMPT, 16, assistant, num_assistant_tokens=3)
+
+    class Recording:  # the drafter, its greedy drafts recorded call by call
+        def __init__(self, inner):
+            self.inner, self.drafts = inner, []
+            self.sliding_window = inner.sliding_window
+
+        def __call__(self, *args):
+            draft = self.inner(*args)
+            self.drafts.append(draft.greedy_tokens().item())
+            return draft
+
+    spec = load(target, drafter=assistant)
+    recording = Recording(spec.drafter)
+    updates = list(decode(dataclasses.replace(spec, drafter=recording), [PROMPT],
+                          Settings(max_tokens=16, draft_tokens=3).options()))
+    rounds = updates[1:]  # the first update is the prefill's token
+    assert [len(u.tokens.get(0, [])) for u in rounds] == [r["accepted"] + 1 for r in reference["rounds"]]
+    assert rounds[-1].stats[0].rounds == len(reference["rounds"])
+    assert rounds[-1].stats[0].accepted == sum(r["accepted"] for r in reference["rounds"])
+    assert rounds[-1].stats[0].drafted == sum(len(r["drafted"]) for r in reference["rounds"]) == len(recording.drafts)
+    assert recording.drafts[:3] == reference["rounds"][0]["drafted"]
+    assert [t for u in updates for t in u.tokens.get(0, [])] == reference["tokens"]
 
 
 def test_greedy_stops_at_eos(checkpoints):

@@ -87,6 +87,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params, k", CASES)
 def test_speculative_sampling_matches_the_target_distribution(tiny, params, k):
     joint12, joint23 = exact_joints(tiny, params)
@@ -104,6 +105,7 @@ def test_rounds_really_drafted_and_rejected(tiny):
 
 
 # The test's teeth do not depend on the model: one pair shows them.
+@pytest.mark.slow
 @pytest.mark.parametrize("tiny", ["e2b"], indirect=True)
 def test_a_wrong_acceptance_rule_is_caught(tiny, monkeypatch):
     """The threshold has teeth: sampling a rejected draft's replacement from p

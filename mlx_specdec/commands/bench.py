@@ -139,6 +139,12 @@ class Cell:
         return statistics.median(self.runs_tokens_per_second)
 
     @property
+    def spread(self) -> float | None:
+        """Fastest run over slowest (None with one run)."""
+        runs = self.runs_tokens_per_second
+        return max(runs) / min(runs) if len(runs) > 1 and min(runs) > 0 else None
+
+    @property
     def acceptance(self) -> float | None:
         reached = sum(self.reached_by_position)
         return sum(self.accepted_by_position) / reached if reached else None
@@ -352,6 +358,29 @@ def environment_lines(env: dict) -> list[str]:
 
 COLUMNS = ("workload", "B", "mode", "tok/s", "speedup", "accept a", "tok/round", "ceiling E(k)", "k chosen")
 
+FOOTNOTE = ("tok/s: median decode tokens/s over the runs. speedup: over plain, same workload and B, the median of "
+            "run-by-run ratios (the modes take turns, so load from other processes falls on all of them alike); it "
+            "need not equal the ratio of the tok/s medians, and is the better estimate. accept a: acceptance of a "
+            "draft position given the ones before it were accepted. tok/round: tokens per target pass per row. "
+            "ceiling E(k) = (1 - a^(k+1)) / (1 - a): the speedup if drafting were free and verifying k + 1 tokens "
+            "cost one. k chosen: the draft lengths auto used, by share of rounds.")
+
+SPREAD_WARNING = 1.5
+"""Runs of one cell whose fastest is this many times the slowest: the machine was busy, the median
+of few runs may mislead, and more --repeats (or a quieter machine) are needed."""
+
+
+def spread_warning(cells: list[Cell]) -> str | None:
+    """One line naming the cells whose runs spread widely, or None."""
+    wide = [c for c in cells if c.spread is not None and c.spread >= SPREAD_WARNING]
+    if not wide:
+        return None
+    worst = sorted(wide, key=lambda c: -c.spread)
+    named = ", ".join(f"{c.workload} B={c.batch_size} {c.mode} {c.spread:.1f}x" for c in worst[:4])
+    more = f" and {len(wide) - 4} more" if len(wide) > 4 else ""
+    return (f"the runs of {len(wide)} cell(s) spread by {SPREAD_WARNING}x or more (fastest/slowest): {named}{more}; "
+            "the machine was busy: read those with care, or rerun with more --repeats")
+
 
 def row(cell: Cell) -> list[str]:
     def f(x, fmt):
@@ -375,13 +404,18 @@ def to_markdown(result: BenchResult) -> str:
               f"median of {s['repeats']} runs after {s['warmup']} warm-up", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(c)) + " |" for c in result.cells]
-    lines += ["", "tok/s: median decode tokens/s over the runs; speedup: over plain, same workload and B, the "
-              "median of run-by-run ratios (the modes take turns); "
-              "accept a: acceptance of a draft position given the ones before it were accepted; "
-              "tok/round: tokens per target pass per row; ceiling E(k) = (1 - a^(k+1)) / (1 - a): "
-              "the speedup if drafting were free and verifying k + 1 tokens cost one; "
-              "k chosen: the draft lengths auto used, by share of rounds.", ""]
+    lines += ["", FOOTNOTE, ""]
+    warning = spread_warning(result.cells)
+    if warning:
+        lines += [f"Warning: {warning}.", ""]
     return "\n".join(lines)
+
+
+def chart_title(env: dict) -> str:
+    """The model and the machine, for the chart's title."""
+    machine = env["device_name"] + (f", {env['cpus']} CPUs" if env.get("cpus") else "") + (
+        f", {env['blas']}" if env.get("blas") else "")
+    return f"speedup over plain decoding: {Path(env['model']['name']).name} on {env['device']} ({machine})"
 
 
 def chart(result: BenchResult, path: str | Path) -> Path:
@@ -392,7 +426,10 @@ def chart(result: BenchResult, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(c.workload for c in result.cells))
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False, sharey=True)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False, sharey=True)
+    fig.suptitle(chart_title(result.environment), fontsize="medium")
     for ax, name in zip(axes[0], names):
         cells = [c for c in result.cells if c.workload == name]
         for b in sorted({c.batch_size for c in cells}):
@@ -405,6 +442,7 @@ def chart(result: BenchResult, path: str | Path) -> Path:
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_title(name)
         ax.set_xlabel("draft length k (dashed: auto)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # k is a count
     axes[0][0].set_ylabel("speedup over plain")
     axes[0][-1].legend(fontsize="small")
     fig.tight_layout()

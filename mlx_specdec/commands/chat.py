@@ -149,7 +149,7 @@ class ChatSession:
         spec = self.spec
         window = spec.target.config.sliding_window
         if spec.drafter is not None:
-            window = max(window, spec.drafter.config.sliding_window + 1)
+            window = max(window, spec.drafter.sliding_window + 1)  # as the target's make_cache sizes the ring
         needed = np.arange(max(0, n - window), n)
         for table in self._cache.tables.values():
             if table.ring and not np.isin(needed, np.array(table.positions[0])).all():

@@ -356,7 +356,7 @@ def bench(
     workloads: Annotated[Optional[str], typer.Option(
         "--workloads", "-w", help="Comma-separated workload names (default: all: code, prose, qa, short).")] = None,
     workload_file: Annotated[Optional[Path], typer.Option(
-        "--workload-file", help="A JSON file of workloads in the format of bench/workloads.json.")] = None,
+        "--workload-file", help="A JSON file of workloads in the format of mlx_specdec/commands/bench_workloads.json.")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,2,4",
     modes: Annotated[str, typer.Option(
         "--modes", help="Draft modes: plain, auto, k values and ranges, e.g. plain,1-6,auto.")] = "plain,1-6,auto",
@@ -403,7 +403,8 @@ def bench(
             shlex.quote(a) for a in sys.argv[sys.argv.index("bench"):])
     with _errors(verbose):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
         from rich.table import Table
 
         from .common import blas_hint
@@ -421,17 +422,22 @@ def bench(
         for line in B.environment_lines(env):
             if not line.startswith("warning"):  # _load printed the BLAS hint already
                 console.print(line, style="dim", markup=False, soft_wrap=True)
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn()]
         with Progress(*columns, console=err, transient=True) as progress:
             task = progress.add_task("bench", total=B.total_runs(chosen, settings))
             cells = B.run(spec, chosen, settings, on_run=lambda label: progress.update(task, advance=1,
                                                                                        description=label))
         result = B.BenchResult(env, vars(settings) | {"modes": [B.mode_name(m) for m in settings.modes]},
                                [vars(w) | {"prompts": list(w.prompts)} for w in chosen], cells, command)
-        table = Table(*B.COLUMNS, title="tokens/s by workload, batch size and draft mode")
+        table = Table(*B.COLUMNS, title="tokens/s by workload, batch size and draft mode", caption=B.FOOTNOTE,
+                      caption_justify="left")
         for cell in cells:
             table.add_row(*B.row(cell))
         console.print(table)
+        warning = B.spread_warning(cells)
+        if warning:
+            err.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
         for path, write in ((json_path, lambda p: p.write_text(json.dumps(result.as_dict(), indent=2) + "\n")),
                             (markdown_path, lambda p: p.write_text(B.to_markdown(result))),
                             (chart_path, lambda p: B.chart(result, p))):

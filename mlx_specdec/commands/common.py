@@ -76,12 +76,13 @@ def print_blas_hint() -> None:
 
 
 def human(n: float, unit: str = "") -> str:
-    """1234567 -> '1.23M'; human(7.5e6, 'B') -> '7.5MB' (decimal prefixes)."""
+    """Counts and sizes in words, decimal prefixes: 6912345 -> '6.91M'; (7.5e6, 'B') -> '7.5 MB'."""
+    space = " " if unit else ""
     for suffix in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
-            return f"{n:.3g}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+            return f"{n:.3g}{space}{suffix}{unit}" if suffix else f"{n:.0f}{space}{unit}"
         n /= 1000
-    return f"{n:.3g}P{unit}"
+    return f"{n:.3g}{space}P{unit}"
 
 
 def draft_label(stats, draft_tokens: int | str, has_drafter: bool) -> str:

@@ -32,16 +32,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..cache import Step
+from .common import human
 from ..decode import new_cache
 from ..errors import ConfigError, DrafterMismatchError, LoadError, SpecDecError
 from ..loading import (
-    DRAFTER_TYPES, TARGET_TYPES, SpecModel, _text_config, load, locate_drafter, read_config, resolve,
+    DRAFTER_TYPES, DTYPES, TARGET_TYPES, SpecModel, _text_config, load, locate_drafter, read_config, resolve,
 )
 from ..models import assistant, gemma4
 
 PROBE = "The quick brown fox jumps over the lazy dog. def fibonacci(n):"
 DRAFT_PROBE_STEPS = 3
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GROUP_SIZES = (32, 64, 128)
@@ -167,7 +167,7 @@ def check_disk(out: Path, need: int) -> None:
     free = shutil.disk_usage(where).free
     if free < need * DISK_MARGIN:
         raise ConvertError(f"not enough disk space in {where}: the converted model needs about "
-                           f"{human_bytes(need)}, {human_bytes(free)} is free")
+                           f"{human(need, 'B')}, {human(free, 'B')} is free")
 
 
 def check_pair(target_path: Path, drafter_path: Path | None) -> tuple[dict, dict | None]:
@@ -428,14 +428,6 @@ def _write(spec, cfg, dcfg, target_path, work, dtype, ddtype, plan, progress) ->
     return report
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def _quant_text(q: dict | None) -> str:
     if not q:
         return "not quantized"
@@ -445,10 +437,10 @@ def _quant_text(q: dict | None) -> str:
 
 def report_lines(r: Report) -> list[str]:
     lines = [f"wrote {r.out}",
-             f"  target : {human_bytes(r.target_bytes)}, {r.target_dtype}, {_quant_text(r.target_quantization)}; "
-             f"embedding {human_bytes(r.embedding_bytes)}, stored once"]
+             f"  target : {human(r.target_bytes, 'B')}, {r.target_dtype}, {_quant_text(r.target_quantization)}; "
+             f"embedding {human(r.embedding_bytes, 'B')}, stored once"]
     if r.drafter_dtype:
-        lines.append(f"  drafter: {human_bytes(r.drafter_bytes)} in drafter/, {r.drafter_dtype}, "
+        lines.append(f"  drafter: {human(r.drafter_bytes, 'B')} in drafter/, {r.drafter_dtype}, "
                      f"{_quant_text(r.drafter_quantization)}; reads the target's embedding")
     else:
         lines.append("  drafter: none (the result decodes plainly; give one with --drafter)")

@@ -55,10 +55,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..cache import Plan, Step
 from ..decode import target_kv
 from ..errors import InputError
-from ..loading import SpecModel, load_drafter
+from ..loading import DTYPES, SpecModel, load_drafter
 from ..models import assistant, gemma4
 from ..models.assistant import FULL, SLIDING, TargetKV
-from ..policy import K_MAX, DraftPolicy
+from ..policy import K_MAX, DraftPolicy, expected_tokens
 
 
 class DataError(InputError):
@@ -346,7 +346,6 @@ def hf_weights(drafter: assistant.Drafter, dtype=mx.bfloat16) -> dict[str, mx.ar
     return out
 
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def save_drafter(drafter: assistant.Drafter, config: dict, out: Path, dtype: str = "bfloat16") -> Path:
@@ -500,18 +499,22 @@ class Acceptance:
     by_position: list[float]
     reached: list[int]
 
+    def as_dict(self) -> dict:
+        return {"by_position": self.by_position, "reached": self.reached,
+                "expected_tokens_per_round": self.expected_tokens_per_round}
+
+    @classmethod
+    def from_dict(cls, method: str, d: dict) -> "Acceptance":
+        return cls(method, list(d["by_position"]), list(d["reached"]))
+
     @classmethod
     def from_counts(cls, method: str, reached: list[int], accepted: list[int]) -> "Acceptance":
         return cls(method, [a / r if r else 0.0 for a, r in zip(accepted, reached)], reached)
 
     @property
     def expected_tokens_per_round(self) -> float:
-        """E(k) = 1 + a_1 + a_1 a_2 + ... for the measured rates."""
-        total, run = 1.0, 1.0
-        for a in self.by_position:
-            run *= a
-            total += run
-        return total
+        """E(k) for the measured rates, k = the positions measured."""
+        return expected_tokens(self.by_position, len(self.by_position))
 
 
 def evaluate_teacher_forced(spec: SpecModel, drafter: assistant.Drafter, sequences: mx.array,
@@ -561,18 +564,20 @@ class Report:
     """Before/after acceptance on held-out text and where the drafter was written."""
 
     out: Path
-    steps: int
-    seconds: float
-    before: dict[str, Acceptance] = field(default_factory=dict)
+    steps: int  # the drafter's training steps in all, earlier runs' included
+    seconds: float  # this run's
+    resumed_from: int = 0  # the checkpoint's step this run started from (0: a fresh start)
+    before: dict[str, Acceptance] = field(default_factory=dict)  # at step 0, kept in the checkpoint
     after: dict[str, Acceptance] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        def acc(d):
-            return {k: {"by_position": v.by_position, "reached": v.reached,
-                        "expected_tokens_per_round": v.expected_tokens_per_round} for k, v in d.items()}
+        return {"out": str(self.out), "steps": self.steps, "resumed_from": self.resumed_from,
+                "seconds": self.seconds, "before": acceptances_as_dict(self.before),
+                "after": acceptances_as_dict(self.after)}
 
-        return {"out": str(self.out), "steps": self.steps, "seconds": self.seconds,
-                "before": acc(self.before), "after": acc(self.after)}
+
+def acceptances_as_dict(d: dict[str, Acceptance]) -> dict:
+    return {method: a.as_dict() for method, a in d.items()}
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -607,11 +612,14 @@ class Trainer:
         self.step += 1
         return loss.item(), [k.item() for k in kls]
 
-    def save_checkpoint(self, folder: Path) -> None:
+    def save_checkpoint(self, folder: Path, before: dict[str, Acceptance] | None = None) -> None:
+        """Weights, optimizer state and step; ``before``: the acceptance measured at step 0, so
+        that a resumed run's report still has it."""
         folder.mkdir(parents=True, exist_ok=True)
         mx.save_safetensors(str(folder / "drafter.safetensors"), dict(tree_flatten(self.drafter.parameters())))
         mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
-        state = {"step": self.step, "settings": dataclasses.asdict(self.settings), "config": self.config}
+        state = {"step": self.step, "settings": dataclasses.asdict(self.settings), "config": self.config,
+                 "before": acceptances_as_dict(before or {})}
         tmp = folder / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(folder / "state.json")  # written last: a checkpoint counts once state.json exists
@@ -647,16 +655,21 @@ def distill(spec: SpecModel, drafter: assistant.Drafter, config: dict, data: Dat
     Checkpoints (weights, optimizer state, step) go to ``out/checkpoint`` every
     ``settings.checkpoint_every`` steps; ``resume`` continues from there. The drafter folder
     (config.json + model.safetensors in ``save_dtype``) is written to ``out`` at the end.
+    Interrupted (Ctrl-C while it trains, or the caller closing the generator), it saves a
+    checkpoint at the step it reached before it ends, so ``resume`` loses nothing.
     """
     out = Path(out)
     if save_dtype not in DTYPES:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {save_dtype!r}")
     trainer = Trainer(spec, drafter, config, data, settings)
+    report = Report(out, settings.steps, 0.0)
     if resume:
         trainer.load_checkpoint(out / CHECKPOINT_DIR)
+        state = read_checkpoint_state(out)
+        report.resumed_from = trainer.step
+        report.before = {m: Acceptance.from_dict(m, d) for m, d in state.get("before", {}).items()}
     s = settings
     eval_seqs, prompts = data.eval_sequences(s), data.eval_prompts(s)
-    report = Report(out, s.steps, 0.0)
 
     def measure(into: dict):
         into["teacher-forced"] = evaluate_teacher_forced(spec, drafter, eval_seqs, s.draft_steps)
@@ -667,23 +680,29 @@ def distill(spec: SpecModel, drafter: assistant.Drafter, config: dict, data: Dat
         measure(report.before)
     tokens = 0
     train_start = time.perf_counter()
-    first = trainer.step
-    while trainer.step < s.steps:
-        loss, kls = trainer.train_step()
-        tokens += s.batch_size * s.seq_len
-        lr = float(trainer.optimizer.learning_rate.item())
-        progress = Progress(trainer.step, s.steps, loss, kls, lr,
-                            tokens / (time.perf_counter() - train_start), time.perf_counter() - started)
-        if trainer.step % s.eval_every == 0 or trainer.step == s.steps:
-            progress.eval = evaluate_teacher_forced(spec, drafter, eval_seqs, s.draft_steps)
-        if trainer.step % s.checkpoint_every == 0 or trainer.step == s.steps:
-            trainer.save_checkpoint(out / CHECKPOINT_DIR)
-        if math.isnan(loss):
-            raise InputError(f"the loss became NaN at step {trainer.step}: lower --lr")
-        yield progress
+    saved = trainer.step
+    try:
+        while trainer.step < s.steps:
+            loss, kls = trainer.train_step()
+            tokens += s.batch_size * s.seq_len
+            lr = float(trainer.optimizer.learning_rate.item())
+            progress = Progress(trainer.step, s.steps, loss, kls, lr,
+                                tokens / (time.perf_counter() - train_start), time.perf_counter() - started)
+            if trainer.step % s.eval_every == 0 or trainer.step == s.steps:
+                progress.eval = evaluate_teacher_forced(spec, drafter, eval_seqs, s.draft_steps)
+            if math.isnan(loss):
+                raise InputError(f"the loss became NaN at step {trainer.step}: lower --lr")
+            if trainer.step % s.checkpoint_every == 0 or trainer.step == s.steps:
+                trainer.save_checkpoint(out / CHECKPOINT_DIR, report.before)
+                saved = trainer.step
+            yield progress
+    except (KeyboardInterrupt, GeneratorExit):
+        if trainer.step > saved:
+            trainer.save_checkpoint(out / CHECKPOINT_DIR, report.before)
+        raise
     save_drafter(drafter, config, out, save_dtype)
     measure(report.after)
-    report.steps = trainer.step - first
+    report.steps = trainer.step
     report.seconds = time.perf_counter() - started
     (out / "distill_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     yield report

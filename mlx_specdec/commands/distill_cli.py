@@ -90,38 +90,51 @@ def distill_command(
             eos = min(spec.eos_token_ids) if spec.eos_token_ids else 1
             corpus = D.Data.from_documents(docs, eos, settings, held_out_docs=held)
         if resume:
-            start, config, _ = D.resume_drafter(spec, out)
+            start, config, state = D.resume_drafter(spec, out)
+            origin = (f"resumed from step {state['step']} of {steps} "
+                      f"({out / D.CHECKPOINT_DIR}, {steps - state['step']} steps to go)")
         else:
             width = hidden_size or min(spec.target.config.hidden_size, DEFAULT_MAX_HIDDEN)
             start, config = D.start_drafter(spec, drafter, hidden_size=width, layers=layers, seed=seed)
+            origin = f"from {drafter}" if drafter else "from scratch"
         console.print(f"target {spec.name}: {len(corpus.train):,} training tokens, {len(corpus.held_out):,} held out; "
-                      f"drafter {'from ' + drafter if drafter else 'from scratch' if not resume else 'resumed'}")
-        _run(console, D.distill(spec, start, config, corpus, settings, out, resume=resume, save_dtype=dtype))
+                      f"drafter {origin}")
+        _run(console, D.distill(spec, start, config, corpus, settings, out, resume=resume, save_dtype=dtype), out)
     except SpecDecError as e:
         _fail(str(e))
 
 
-def _run(console, events) -> None:
+def _run(console, events, out: Path) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .distill import Report
 
     columns = [TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
+    from .distill import read_checkpoint_state
+
     report, estimate = None, ""
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = None
-        for event in events:
-            if isinstance(event, Report):
-                report = event
-                continue
-            if task is None:
-                task = bar.add_task("distill", total=event.steps, completed=event.step - 1, info="")
-            if event.eval is not None:
-                estimate = " a=" + "/".join(f"{a:.2f}" for a in event.eval.by_position)
-            kl = "/".join(f"{k:.2f}" for k in event.kl_by_step)
-            bar.update(task, completed=event.step,
-                       info=f"loss {event.loss:.3f} (KL {kl}){estimate} {event.tokens_per_second:,.0f} tok/s")
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = None
+            for event in events:
+                if isinstance(event, Report):
+                    report = event
+                    continue
+                if task is None:
+                    task = bar.add_task("distill", total=event.steps, completed=event.step - 1, info="")
+                if event.eval is not None:
+                    estimate = " a=" + "/".join(f"{a:.2f}" for a in event.eval.by_position)
+                kl = "/".join(f"{k:.2f}" for k in event.kl_by_step)
+                bar.update(task, completed=event.step,
+                           info=f"loss {event.loss:.3f} (KL {kl}){estimate} {event.tokens_per_second:,.0f} tok/s")
+    except KeyboardInterrupt:  # the bar is closed; the generator saves the step it reached
+        events.close()
+        state = read_checkpoint_state(out)
+        where = (f"checkpoint at step {state['step']} in {out / 'checkpoint'}; continue it with --resume"
+                 if state else "nothing was saved (interrupted before the first step)")
+        typer.echo(f"interrupted: {where}", err=True)
+        raise typer.Exit(130) from None
     _print_report(report)
 
 
@@ -140,7 +153,11 @@ def _print_report(report) -> None:
             table.add_row(f"{when} ({method})", *[f"{a:.3f}" for a in acc.by_position],
                           f"{acc.expected_tokens_per_round:.2f}")
     Console().print(table)
-    Console().print(f"drafter written to {report.out} ({report.steps} steps in {report.seconds / 60:.1f} min)")
+    resumed = f", resumed from step {report.resumed_from}" if report.resumed_from else ""
+    Console().print(f"drafter written to {report.out} ({report.steps} steps{resumed}; "
+                    f"this run took {report.seconds / 60:.1f} min)")
+    if not report.before:
+        Console().print("(no 'before' row: the checkpoint resumed from predates keeping it)")
 
 
 def main() -> None:  # pragma: no cover - `python -m mlx_specdec.distill_cli`
