@@ -222,7 +222,10 @@ def test_assisted_greedy_equals_plain_greedy(checkpoints, geometry, centroids, m
     assert 1 + sum(r["accepted"] + 1 for r in rounds) == 16
 
 
-@pytest.mark.parametrize(("geometry", "centroids"), [("dense", False), ("e2b", True), ("26b", False)])
+@pytest.mark.parametrize(
+    ("geometry", "centroids"),
+    [("dense", False), ("e2b", True), ("26b", False), ("unified-shared", True)],
+)
 def test_our_rounds_follow_transformers_round_by_round(checkpoints, geometry, centroids):
     """Fixed k = 3: the same number of rounds, each accepting as many drafts and emitting as
     many tokens as transformers' assisted generate, and the first round's drafts identical.
