@@ -1,9 +1,12 @@
 """Local folder or hub repo id -> (target, drafter, tokenizer).
 
-Layouts read: Hugging Face originals (text-only ``Gemma4ForCausalLM``, and the
-multimodal ``Gemma4ForConditionalGeneration`` whose text weights sit under
-``model.language_model.*``; vision and audio towers are skipped, never
-materialised), ``gemma4_assistant`` drafters, and mlx-lm conversions including
+Layouts read: Hugging Face originals (text-only ``Gemma4ForCausalLM`` and the
+12B's ``Gemma4UnifiedForCausalLM``, and the multimodal
+``Gemma4ForConditionalGeneration`` / ``Gemma4UnifiedForConditionalGeneration``
+whose text weights sit under ``model.language_model.*``; vision and audio
+towers and the 12B's encoder-free ``embed_vision`` / ``embed_audio`` are
+skipped, never materialised), ``gemma4_assistant`` and
+``gemma4_unified_assistant`` drafters, and mlx-lm conversions including
 quantized ones. The drafter is built around the target's embedding module, so
 the two models hold one embedding array.
 """
@@ -26,8 +29,14 @@ from .errors import ConfigError, LoadError
 from .models import assistant, gemma4
 from .policy import DraftPolicy
 
-TARGET_TYPES = ("gemma4", "gemma4_text")
-DRAFTER_TYPE = "gemma4_assistant"
+# A target's model_type -> its text decoder's (a multimodal config nests it as text_config).
+TARGET_TYPES = {
+    "gemma4": gemma4.GEMMA4_TEXT,
+    gemma4.GEMMA4_TEXT: gemma4.GEMMA4_TEXT,
+    "gemma4_unified": gemma4.UNIFIED_TEXT,
+    gemma4.UNIFIED_TEXT: gemma4.UNIFIED_TEXT,
+}
+DRAFTER_TYPES = tuple(assistant.DRAFTER_TYPES)
 # Only what loading needs: configs, weights, tokenizer and chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 # Prefixes of multimodal towers, in HF and mlx-lm spellings.
@@ -176,15 +185,16 @@ def _text_config(cfg: dict) -> dict:
     if model_type not in TARGET_TYPES:
         raise ConfigError(
             f"unsupported model_type {model_type!r}: expected one of {', '.join(TARGET_TYPES)} "
-            f"(a Gemma 4 target) or {DRAFTER_TYPE!r} (a drafter)"
+            f"(a Gemma 4 target) or one of {', '.join(DRAFTER_TYPES)} (a drafter)"
         )
-    if model_type == "gemma4":
-        if "text_config" not in cfg:
-            raise ConfigError("gemma4 config has no text_config")
-        text = dict(gemma4.config_dict(cfg, "text_config"))
-        text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
-        return text
-    return cfg
+    if model_type in gemma4.TEXT_TYPES:
+        return cfg
+    if "text_config" not in cfg:
+        raise ConfigError(f"{model_type} config has no text_config")
+    text = dict(gemma4.config_dict(cfg, "text_config"))
+    text.setdefault("model_type", TARGET_TYPES[model_type])
+    text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+    return text
 
 
 # The safetensors dtypes a dtype cast applies to, with their bytes per element.
@@ -385,8 +395,8 @@ def _dtype(name: str | None):
 def load_target(path: Path, dtype: str | None = None) -> gemma4.Model:
     cfg = read_config(path, "target")
     with _config_file(path, "target"):
-        if cfg.get("model_type") == DRAFTER_TYPE:
-            raise ConfigError(f"{path} holds a gemma4_assistant drafter, not a target model")
+        if cfg.get("model_type") in DRAFTER_TYPES:
+            raise ConfigError(f"{path} holds a {cfg['model_type']} drafter, not a target model")
         config = gemma4.TextConfig.from_dict(_text_config(cfg))
     model = gemma4.Model(config)
     weights = model.sanitize(_text_weights(_load_weights(path, "target")))
@@ -398,9 +408,10 @@ def load_target(path: Path, dtype: str | None = None) -> gemma4.Model:
 def load_drafter(path: Path, target: gemma4.Model, dtype: str | None = None) -> assistant.Drafter:
     cfg = read_config(path, "drafter")
     with _config_file(path, "drafter"):
-        if cfg.get("model_type") != DRAFTER_TYPE:
+        if cfg.get("model_type") not in DRAFTER_TYPES:
             raise ConfigError(
-                f"{path} is not a drafter: model_type {cfg.get('model_type')!r}, expected {DRAFTER_TYPE!r}"
+                f"{path} is not a drafter: model_type {cfg.get('model_type')!r}, "
+                f"expected one of {', '.join(DRAFTER_TYPES)}"
             )
         config = assistant.AssistantConfig.from_dict(cfg)
     assistant.check_compatible(config, target.config, target.drafter_sources())

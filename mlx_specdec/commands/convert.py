@@ -1,12 +1,13 @@
 """`mlx-specdec convert`: a Gemma 4 target and its assistant -> one MLX folder.
 
 The folder holds the target at the top (safetensors with our port's parameter names, a
-``gemma4_text`` config.json, tokenizer files and chat template) and the drafter in
-``drafter/``, where `load()` finds it. The shared embedding is stored once, with the target:
-the drafter's input embedding *is* the target's table (its own ``lm_head`` is a separate,
-narrower output head, and it keeps that). Each model gets its own dtype and, optionally,
-affine quantization (4 or 8 bits), recorded in config.json the way mlx-lm does
-(``quantization: {group_size, bits, mode}`` plus per-layer overrides), which our loader reads.
+``gemma4_text`` config.json (``gemma4_unified_text`` for the 12B), tokenizer files and chat
+template) and the drafter in ``drafter/``, where `load()` finds it. The shared embedding is
+stored once, with the target: the drafter's input embedding *is* the target's table (its own
+``lm_head`` is a separate, narrower output head, and it keeps that). Each model gets its own
+dtype and, optionally, affine quantization (4 or 8 bits), recorded in config.json the way
+mlx-lm does (``quantization: {group_size, bits, mode}`` plus per-layer overrides), which our
+loader reads.
 
 Reading order: the plan and the checks that refuse early (not Gemma 4, a drafter for another
 target, an output folder in use, too little disk), then conversion, then the check of the
@@ -34,7 +35,9 @@ from ..cache import Step
 from .common import human
 from ..decode import new_cache
 from ..errors import ConfigError, DrafterMismatchError, LoadError, SpecDecError
-from ..loading import DRAFTER_TYPE, DTYPES, TARGET_TYPES, SpecModel, _text_config, load, locate_drafter, read_config, resolve
+from ..loading import (
+    DRAFTER_TYPES, DTYPES, TARGET_TYPES, SpecModel, _text_config, load, locate_drafter, read_config, resolve,
+)
 from ..models import assistant, gemma4
 
 PROBE = "The quick brown fox jumps over the lazy dog. def fibonacci(n):"
@@ -171,8 +174,8 @@ def check_pair(target_path: Path, drafter_path: Path | None) -> tuple[dict, dict
     """Both configs, refusing a non-Gemma-4 target and a drafter made for another target."""
     cfg = read_config(target_path)
     kind = cfg.get("model_type")
-    if kind == DRAFTER_TYPE:
-        raise ConfigError(f"{target_path} holds a gemma4_assistant drafter, not a target: pass the target "
+    if kind in DRAFTER_TYPES:
+        raise ConfigError(f"{target_path} holds a {kind} drafter, not a target: pass the target "
                           "(its drafter is found beside it, or give it with --drafter)")
     if kind not in TARGET_TYPES:
         raise ConfigError(f"{target_path} is not a Gemma 4 checkpoint: model_type {kind!r}, expected one of "
@@ -181,9 +184,9 @@ def check_pair(target_path: Path, drafter_path: Path | None) -> tuple[dict, dict
     if drafter_path is None:
         return cfg, None
     dcfg = read_config(drafter_path)
-    if dcfg.get("model_type") != DRAFTER_TYPE:
+    if dcfg.get("model_type") not in DRAFTER_TYPES:
         raise DrafterMismatchError(f"{drafter_path} is not a Gemma 4 assistant: model_type "
-                                   f"{dcfg.get('model_type')!r}, expected {DRAFTER_TYPE!r}")
+                                   f"{dcfg.get('model_type')!r}, expected one of {', '.join(DRAFTER_TYPES)}")
     sources = {kind: target.last_layer_of(kind) for kind in set(target.layer_types)}
     assistant.check_compatible(assistant.AssistantConfig.from_dict(dcfg), target, sources)
     return cfg, dcfg
@@ -265,10 +268,14 @@ def _config_out(cfg: dict, dtype: str, quant: dict | None) -> dict:
     return cfg
 
 
+# transformers' text-only class for each text decoder, named in the converted config.json.
+_CAUSAL_LM = {gemma4.GEMMA4_TEXT: "Gemma4ForCausalLM", gemma4.UNIFIED_TEXT: "Gemma4UnifiedForCausalLM"}
+
+
 def _target_config(cfg: dict) -> dict:
     text = dict(_text_config(cfg))
-    text["model_type"] = "gemma4_text"
-    text["architectures"] = ["Gemma4ForCausalLM"]
+    text["model_type"] = TARGET_TYPES[cfg["model_type"]]
+    text["architectures"] = [_CAUSAL_LM[text["model_type"]]]
     return text
 
 

@@ -6,7 +6,8 @@ only, to the K/V the target already computed (its last non-shared sliding and
 full-attention layers). It drafts autoregressively at one fixed position, the
 position of the token it was handed, feeding back its post-projected hidden.
 
-Reference semantics: transformers ``models/gemma4_assistant``.
+Reference semantics: transformers ``models/gemma4_assistant``; the 12B's
+``gemma4_unified_assistant`` is the same model over the unified text config.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import mlx.nn as nn
 
 from ..cache import Plan
 from ..errors import ConfigError, DrafterMismatchError
-from .gemma4 import FULL, SLIDING, DecoderLayer, TextConfig, config_bool, config_dict, config_int
+from .gemma4 import (
+    FULL, GEMMA4_TEXT, SLIDING, UNIFIED_TEXT, DecoderLayer, TextConfig, config_bool, config_dict, config_int,
+)
+
+# A drafter's model_type -> its text_config's model_type, with transformers'
+# default backbone_hidden_size (the E2B's width, the 12B's width).
+DRAFTER_TYPES = {"gemma4_assistant": GEMMA4_TEXT, "gemma4_unified_assistant": UNIFIED_TEXT}
+_DEFAULT_BACKBONE = {"gemma4_assistant": 1536, "gemma4_unified_assistant": 3840}
 
 
 @dataclass(frozen=True)
@@ -31,28 +39,30 @@ class AssistantConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "AssistantConfig":
-        if not isinstance(cfg, dict) or cfg.get("model_type") != "gemma4_assistant":
-            found = cfg.get("model_type") if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}"
-            raise ConfigError(f"expected model_type 'gemma4_assistant', found {found!r}")
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+        if kind not in DRAFTER_TYPES:
+            found = kind if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}"
+            raise ConfigError(f"expected model_type one of {', '.join(DRAFTER_TYPES)}, found {found!r}")
         text = dict(config_dict(cfg, "text_config"))
         if not text:
-            raise ConfigError("gemma4_assistant config has no text_config")
+            raise ConfigError(f"{kind} config has no text_config")
+        text.setdefault("model_type", DRAFTER_TYPES[kind])
         # Every assistant layer reads the target's K/V.
         text["num_kv_shared_layers"] = text.get("num_kv_shared_layers") or text.get("num_hidden_layers")
         text.setdefault("hidden_size_per_layer_input", 0)
         text.setdefault("vocab_size_per_layer_input", 0)
         text_config = TextConfig.from_dict(text)
         if text_config.num_kv_shared_layers != text_config.num_hidden_layers:
-            raise ConfigError("every gemma4_assistant layer must be KV-shared")
+            raise ConfigError(f"every {kind} layer must be KV-shared")
         if text_config.hidden_size_per_layer_input or text_config.enable_moe_block:
-            raise ConfigError("a gemma4_assistant has no per-layer inputs and no MoE block")
+            raise ConfigError(f"a {kind} has no per-layer inputs and no MoE block")
         centroids = config_int(cfg, "num_centroids", 2048)
         top_k = config_int(cfg, "centroid_intermediate_top_k", 32)
         if top_k > centroids:
             raise ConfigError(f"centroid_intermediate_top_k must be at most num_centroids ({centroids}), got {top_k}")
         return cls(
             text=text_config,
-            backbone_hidden_size=config_int(cfg, "backbone_hidden_size", 1536),
+            backbone_hidden_size=config_int(cfg, "backbone_hidden_size", _DEFAULT_BACKBONE[kind]),
             use_ordered_embeddings=config_bool(cfg, "use_ordered_embeddings", False),
             num_centroids=centroids,
             centroid_intermediate_top_k=top_k,
@@ -243,4 +253,4 @@ def check_compatible(drafter: AssistantConfig, target: TextConfig, sources: dict
         raise DrafterMismatchError("drafter does not match the target: " + "; ".join(problems))
 
 
-__all__ = ["AssistantConfig", "Draft", "Drafter", "TargetKV", "check_compatible", "FULL", "SLIDING"]
+__all__ = ["DRAFTER_TYPES", "AssistantConfig", "Draft", "Drafter", "TargetKV", "check_compatible", "FULL", "SLIDING"]

@@ -2,12 +2,15 @@
 
 Covers every published geometry: per-layer inputs and KV-shared layers
 (E2B/E4B), k=v global attention with its own head dim and KV-head count (31B),
-the MoE block (26B A4B), sliding and full attention, logit soft-capping.
+the MoE block (26B A4B), sliding and full attention, logit soft-capping. The
+12B's decoder (transformers' ``gemma4_unified_text``) is this one without
+per-layer inputs and MoE, so it is a config here, not another model.
 
 One forward pass returns the final (normed) hidden state; ``logits()`` turns it
 into soft-capped logits, and the drafter reads the K/V of the two layers named
 by ``drafter_sources`` straight out of the cache the same pass filled.
-Reference semantics: transformers ``models/gemma4/modeling_gemma4.py``.
+Reference semantics: transformers ``models/gemma4/modeling_gemma4.py`` and
+``models/gemma4_unified/modeling_gemma4_unified.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ _DEFAULT_ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 _DEFAULT_SLIDING_PATTERN = 6
+
+GEMMA4_TEXT = "gemma4_text"
+UNIFIED_TEXT = "gemma4_unified_text"
+TEXT_TYPES = (GEMMA4_TEXT, UNIFIED_TEXT)
+# Where transformers' Gemma4UnifiedTextConfig (the 12B) departs from Gemma4TextConfig's
+# defaults. Its decoder layer has no per-layer inputs and no MoE block: it never reads
+# those keys, so they are off whatever a config.json says.
+_DEFAULTS = {
+    GEMMA4_TEXT: {"sliding_window": 512, "use_bidirectional_attention": None, "max_position_embeddings": 131_072},
+    UNIFIED_TEXT: {"sliding_window": 1024, "use_bidirectional_attention": "vision", "max_position_embeddings": 262_144},
+}
 
 
 def _layer_overrides(cfg: dict, layer_types: list[str]) -> list[dict]:
@@ -129,6 +143,7 @@ class TextConfig:
     tie_word_embeddings: bool = True
     use_bidirectional_attention: str | None = None
     eos_token_id: tuple[int, ...] = ()
+    model_type: str = GEMMA4_TEXT
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -140,6 +155,8 @@ class TextConfig:
         n = config_int(cfg, "num_hidden_layers")
         hidden = config_int(cfg, "hidden_size")
         heads = config_int(cfg, "num_attention_heads")
+        model_type = UNIFIED_TEXT if cfg.get("model_type") == UNIFIED_TEXT else GEMMA4_TEXT
+        defaults, gemma4 = _DEFAULTS[model_type], model_type == GEMMA4_TEXT
         act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
         if act != "gelu_pytorch_tanh":
             raise ConfigError(f"unsupported hidden_activation {act!r} (expected 'gelu_pytorch_tanh')")
@@ -181,8 +198,8 @@ class TextConfig:
         shared = config_int(cfg, "num_kv_shared_layers", 0, minimum=0, null=0)
         if shared > n:
             raise ConfigError(f"num_kv_shared_layers must be at most num_hidden_layers ({n}), got {shared}")
-        moe = config_bool(cfg, "enable_moe_block", False)
-        bidirectional = cfg.get("use_bidirectional_attention")
+        moe = config_bool(cfg, "enable_moe_block", False) if gemma4 else False
+        bidirectional = cfg.get("use_bidirectional_attention", defaults["use_bidirectional_attention"])
         if bidirectional is not None and not isinstance(bidirectional, str):
             raise ConfigError(f"use_bidirectional_attention must be a string or null, got {bidirectional!r}")
         return cls(
@@ -195,12 +212,14 @@ class TextConfig:
             head_dims=head_dims,
             kv_heads=layer_kv_heads,
             rope_parameters=rope,
-            sliding_window=config_int(cfg, "sliding_window", 512),
-            max_position_embeddings=config_int(cfg, "max_position_embeddings", 131_072),
+            sliding_window=config_int(cfg, "sliding_window", defaults["sliding_window"]),
+            max_position_embeddings=config_int(cfg, "max_position_embeddings", defaults["max_position_embeddings"]),
             rms_norm_eps=config_float(cfg, "rms_norm_eps", 1e-6),
             final_logit_softcapping=None if softcap is None else config_float(cfg, "final_logit_softcapping"),
-            hidden_size_per_layer_input=config_int(cfg, "hidden_size_per_layer_input", 256, minimum=0, null=0),
-            vocab_size_per_layer_input=config_int(cfg, "vocab_size_per_layer_input", 262_144, minimum=0, null=0),
+            hidden_size_per_layer_input=(
+                config_int(cfg, "hidden_size_per_layer_input", 256, minimum=0, null=0) if gemma4 else 0),
+            vocab_size_per_layer_input=(
+                config_int(cfg, "vocab_size_per_layer_input", 262_144, minimum=0, null=0) if gemma4 else 0),
             attention_k_eq_v=config_bool(cfg, "attention_k_eq_v", False),
             num_kv_shared_layers=shared,
             use_double_wide_mlp=config_bool(cfg, "use_double_wide_mlp", False),
@@ -211,6 +230,7 @@ class TextConfig:
             tie_word_embeddings=config_bool(cfg, "tie_word_embeddings", True),
             use_bidirectional_attention=bidirectional,
             eos_token_id=tuple(eos),
+            model_type=model_type,
             extra=cfg,
         )
 

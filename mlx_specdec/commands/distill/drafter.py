@@ -10,23 +10,31 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ...errors import InputError
-from ...loading import DRAFTER_TYPE, DTYPES, SpecModel, load_drafter
+from ...loading import DTYPES, SpecModel, load_drafter
 from ...models import assistant, gemma4
 from ...models.assistant import FULL, SLIDING
 
 
+# The drafter that goes with each target text decoder: model_type and transformers' class.
+_DRAFTER_FOR = {
+    gemma4.GEMMA4_TEXT: ("gemma4_assistant", "Gemma4AssistantForCausalLM"),
+    gemma4.UNIFIED_TEXT: ("gemma4_unified_assistant", "Gemma4UnifiedAssistantForCausalLM"),
+}
+
+
 def scratch_config(target: gemma4.Model, *, hidden_size: int, layers: int, heads: int | None = None,
                    intermediate_size: int | None = None) -> dict:
-    """A gemma4_assistant config.json fitted to ``target``: attention geometry, window, RoPE
-    and vocabulary copied from the target's K/V source layers; layer types alternate
-    sliding/full and end with full (or are all full when the target has no sliding layer)."""
+    """A gemma4_assistant config.json (gemma4_unified_assistant for the 12B) fitted to
+    ``target``: attention geometry, window, RoPE and vocabulary copied from the target's K/V
+    source layers; layer types alternate sliding/full and end with full (or are all full when
+    the target has no sliding layer)."""
     c = target.config
     sources = target.drafter_sources()
     kinds = [SLIDING if i % 2 == 0 and SLIDING in sources else FULL for i in range(layers - 1)] + [FULL]
     sliding, full = sources.get(SLIDING, sources[FULL]), sources[FULL]
     extra = c.extra
     text = {
-        "model_type": "gemma4_text",
+        "model_type": c.model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size or 4 * hidden_size,
@@ -44,19 +52,19 @@ def scratch_config(target: gemma4.Model, *, hidden_size: int, layers: int, heads
         "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": c.rms_norm_eps,
         "tie_word_embeddings": True,
-        "max_position_embeddings": extra.get("max_position_embeddings", 131072),
+        "max_position_embeddings": c.max_position_embeddings,
         "num_kv_shared_layers": layers,
-        "hidden_size_per_layer_input": 0,
-        "vocab_size_per_layer_input": 0,
-        "enable_moe_block": False,
         "use_double_wide_mlp": False,
     }
+    if c.model_type == gemma4.GEMMA4_TEXT:  # the unified config has no such keys
+        text.update(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, enable_moe_block=False)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if key in extra:
             text[key] = extra[key]
+    model_type, architecture = _DRAFTER_FOR[c.model_type]
     return {
-        "model_type": DRAFTER_TYPE,
-        "architectures": ["Gemma4AssistantForCausalLM"],
+        "model_type": model_type,
+        "architectures": [architecture],
         "backbone_hidden_size": c.hidden_size,
         "use_ordered_embeddings": False,
         "tie_word_embeddings": True,
