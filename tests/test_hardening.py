@@ -407,36 +407,30 @@ def test_the_memory_estimate_reads_the_headers():
 # The chat REPL survives each bad input with its conversation and cache intact
 
 
-def _repl(session, lines):
+def _repl(monkeypatch, session, lines):
     """Run the REPL on ``lines`` (a str is typed, an exception is raised by input()); its output."""
     out = io.StringIO()
     feed = iter(lines)
 
-    def fake_input(prompt=""):
+    def typed(prompt=""):
         item = next(feed, EOFError())
         if isinstance(item, BaseException):
             raise item
         return item
 
-    original = chat_mod.input if hasattr(chat_mod, "input") else None
-    chat_mod.input = fake_input
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(chat_mod, "input", typed, raising=False)  # found before the builtin
         chat_mod.run(session, Console(file=out, width=200, highlight=False, color_system=None))
-    finally:
-        if original is None:
-            del chat_mod.input
-        else:
-            chat_mod.input = original
     return out.getvalue()
 
 
-def test_chat_survives_bad_input(short):
+def test_chat_survives_bad_input(monkeypatch, short):
     session = ChatSession(short, Settings(max_tokens=3, draft_tokens=2))
-    _repl(session, ["Hi"])
+    _repl(monkeypatch, session, ["Hi"])
     messages, cached, settings = list(session.messages), list(session._cached), vars(session.settings).copy()
     cache = session._cache
     assert len(messages) == 2 and cached
-    output = _repl(session, [
+    output = _repl(monkeypatch, session, [
         "/temp inf", "/temp nan", "/temp -1", "/max 0", "/draft 99",
         UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
         "hello \udcff",
@@ -448,12 +442,12 @@ def test_chat_survives_bad_input(short):
     assert session.messages == messages and session._cached == cached and session._cache is cache
     assert vars(session.settings) == settings
     # ... and goes on where it was: the next turn reuses the cache.
-    _repl(session, ["Ok"])
+    _repl(monkeypatch, session, ["Ok"])
     assert len(session.messages) == 4 and session.reports[-1].reused_tokens == len(cached)
 
 
-def test_chat_answers_stop_at_the_limit_and_say_so(short):
+def test_chat_answers_stop_at_the_limit_and_say_so(monkeypatch, short):
     session = ChatSession(short, Settings(max_tokens=200, draft_tokens=2))
-    output = _repl(session, ["word " * 20, "more"])
+    output = _repl(monkeypatch, session, ["word " * 20, "more"])
     assert session.reports[0].prompt_tokens + session.reports[0].stats.generated_tokens <= 64
     assert "64" in output and "/reset" in output
