@@ -15,7 +15,8 @@ import statistics
 from pathlib import Path
 
 from mlx_specdec import load
-from mlx_specdec.commands.chat import ChatSession, Settings
+from mlx_specdec.api import Settings
+from mlx_specdec.commands.chat import ChatSession
 
 TURNS = [
     "What does textwrap.dedent do?",

@@ -7,6 +7,8 @@ times the same tokens; every output is checked against ours plain):
   ours k=N        a fixed draft length (targets with a drafter)
   ours auto       the measured policy, fresh at the start of the process
   mlx-lm plain    mlx_lm.generate.generate_step on the same folder
+  mlx-vlm plain   mlx_vlm's generate_step, when mlx-vlm is installed (pip install 'mlx-specdec[peers]');
+                  its MTP path needs a multimodal checkpoint layout, which this does not write yet
 
 Targets: the embedded demo pair, and a random Gemma 4 target large enough that matmuls
 dominate (~150M parameters fp32, written to a temporary folder both libraries load), with a
@@ -39,7 +41,8 @@ from mlx_lm.utils import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_specdec.decode import Options, decode  # noqa: E402
+from mlx_specdec.cache import Step  # noqa: E402
+from mlx_specdec.decode import Options, decode, new_cache  # noqa: E402
 from mlx_specdec.demo import demo_path  # noqa: E402
 from mlx_specdec.loading import load  # noqa: E402
 from mlx_specdec.policy import DraftPolicy  # noqa: E402
@@ -48,7 +51,11 @@ LARGE = dict(
     model_type="gemma4_text", vocab_size=16384, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
     num_attention_heads=8, num_key_value_heads=2, head_dim=128, global_head_dim=256, sliding_window=512,
     final_logit_softcapping=30.0, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
-    max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=[1],
+    max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=[1], num_kv_shared_layers=0,
+    attention_k_eq_v=False, enable_moe_block=False, use_double_wide_mlp=False, hidden_activation="gelu_pytorch_tanh",
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                        "rope_theta": 1000000.0}},
     layer_types=["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 3 + ["full_attention"],
 )
 LARGE_DRAFTER = dict(
@@ -108,6 +115,23 @@ def mlx_lm_plain(model, prompt: list[int], n: int):
     return timed([int(token)] for token, _ in generate_step(mx.array(prompt), model, max_tokens=n))
 
 
+def load_mlx_vlm(folder: Path):
+    """mlx-vlm's model for the folder, or None when mlx-vlm is not installed (the `peers` extra)."""
+    try:
+        from mlx_vlm.utils import load_model as vlm_load
+    except ImportError:
+        return None
+    model = vlm_load(Path(folder))
+    model.set_dtype(mx.float32)
+    return model
+
+
+def mlx_vlm_plain(model, prompt: list[int], n: int):
+    from mlx_vlm.generate.ar import generate_step as vlm_step
+
+    return timed([int(token)] for token, _ in vlm_step(mx.array([prompt]), model, None, None, max_tokens=n))
+
+
 def prefill_peak(run) -> float:
     """MB a prefill (to the first token) allocates above what was resident before it."""
     mx.synchronize()
@@ -130,11 +154,13 @@ def make_prompt(spec, length: int) -> list[int]:
     return ids[:length]
 
 
-def bench_target(name, spec, lm_model, prompt_lengths, n, repeats, modes, log) -> list[dict]:
+def bench_target(name, spec, lm_model, vlm_model, prompt_lengths, n, repeats, modes, log) -> list[dict]:
     rows = []
     for length in prompt_lengths:
         prompt = make_prompt(spec, length)
         systems = {"mlx-lm plain": lambda: mlx_lm_plain(lm_model, prompt, n)}
+        if vlm_model is not None:
+            systems["mlx-vlm plain"] = lambda: mlx_vlm_plain(vlm_model, prompt, n)
         for mode in modes:
             label = {0: "ours plain", "auto": "ours auto"}.get(mode, f"ours k={mode}")
             systems[label] = lambda mode=mode: ours(spec, prompt, n, mode)
@@ -177,15 +203,30 @@ def bench_target(name, spec, lm_model, prompt_lengths, n, repeats, modes, log) -
 
 def memory(name, spec, lm_model, length, repeats, log) -> list[dict]:
     prompt = make_prompt(spec, length)
-    systems = {"ours": lambda: ours(spec, prompt, 1, 0), "mlx-lm": lambda: mlx_lm_plain(lm_model, prompt, 1)}
-    peaks = {s: [] for s in systems}
+    def chunked(size=512):
+        """Our prefill in chunks (what an engine admitting long prompts does): the chunks after
+        the first attend to the cache through the concatenating path."""
+        cache = new_cache(spec, 1)
+        for start in range(0, len(prompt), size):
+            chunk = prompt[start : start + size]
+            hidden = spec.target(mx.array([chunk]), Step((start,), len(chunk)), cache)
+            mx.eval(hidden[:, -1:], *cache.arrays())
+        mx.eval(mx.argmax(spec.target.logits(hidden[:, -1]), axis=-1))
+
+    systems = {"ours": lambda: ours(spec, prompt, 1, 0), "mlx-lm": lambda: mlx_lm_plain(lm_model, prompt, 1),
+               "ours, 512-token chunks": chunked}
+    peaks, seconds = {s: [] for s in systems}, {s: [] for s in systems}
     for _ in range(repeats):
         for system, run in systems.items():
+            start = time.perf_counter()
             peaks[system].append(prefill_peak(run))
+            seconds[system].append(time.perf_counter() - start)
     out = []
     for system, values in peaks.items():
-        out.append(dict(target=name, prompt=length, system=system, prefill_peak_mb=statistics.median(values)))
-        log(f"{name} {length}-token prefill peak over resting: {system} {statistics.median(values):.1f} MB")
+        out.append(dict(target=name, prompt=length, system=system, prefill_peak_mb=statistics.median(values),
+                        seconds=statistics.median(seconds[system])))
+        log(f"{name} {length}-token prefill peak over resting: {system} {statistics.median(values):.1f} MB, "
+            f"{statistics.median(seconds[system]):.2f} s")
     return out
 
 
@@ -201,9 +242,10 @@ def markdown(rows, memory_rows, header) -> str:
                      f"{r['decode_cpu_vs_mlx_lm']:.2f}x ({r['decode_cpu_spread'][0]:.2f}-{r['decode_cpu_spread'][1]:.2f}) | "
                      f"{r['wall_s']:.2f} | {r['cpu_s']:.2f} | {'yes' if r['identical'] else 'NO'} |")
     if memory_rows:
-        lines += ["", "| target | prefill of | system | peak MB over resting |", "|---|---|---|---|"]
-        lines += [f"| {m['target']} | {m['prompt']} tokens | {m['system']} | {m['prefill_peak_mb']:.1f} |"
-                  for m in memory_rows]
+        lines += ["", "| target | prefill of | system | peak MB over resting | seconds (wall, to the first token) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {m['target']} | {m['prompt']} tokens | {m['system']} | {m['prefill_peak_mb']:.1f} | "
+                  f"{m['seconds']:.2f} |" for m in memory_rows]
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +258,8 @@ def main():
     parser.add_argument("--demo-modes", default="0,2,4,auto", help="our modes on the demo pair")
     parser.add_argument("--large-modes", default="0,1,auto", help="our modes on the large random pair")
     parser.add_argument("--memory-prompt", type=int, default=2048, help="prefill length for peak memory (0: skip)")
+    parser.add_argument("--no-mlx-vlm", dest="mlx_vlm", action="store_false",
+                        help="leave out mlx-vlm even when it is installed")
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     args = parser.parse_args()
 
@@ -237,14 +281,15 @@ def main():
             spec = dataclasses.replace(spec, eos_token_ids=frozenset(), policy=DraftPolicy())
             lm_model, _ = load_model(Path(folder))
             lm_model.set_dtype(mx.float32)
+            vlm_model = load_mlx_vlm(folder) if args.mlx_vlm else None
             log(f"{name}: target {parameters(spec.target) / 1e6:.1f}M parameters fp32, drafter "
                 f"{parameters(spec.drafter) / 1e6:.1f}M")
             chosen = modes(args.demo_modes if name == "demo" else args.large_modes)
-            rows += bench_target(name, spec, lm_model, [int(p) for p in args.prompts.split(",")],
+            rows += bench_target(name, spec, lm_model, vlm_model, [int(p) for p in args.prompts.split(",")],
                                  args.max_tokens, args.repeats, chosen, log)
             if args.memory_prompt:
                 mem += memory(name, spec, lm_model, args.memory_prompt, 3, log)
-            del spec, lm_model
+            del spec, lm_model, vlm_model
     header = [
         f"command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
         f"MLX {mx.__version__} ({mx.default_device()}), {platform.machine()}, {args.max_tokens} new tokens, "

@@ -37,7 +37,9 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_specdec import generate_batch
 from mlx_specdec.loading import SpecModel
 from mlx_specdec.models import assistant, gemma4
-from mlx_specdec.oracle_drafter import StandInDrafter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for its test double:
+from tests.stand_in import StandInDrafter  # noqa: E402 - a drafter that proposes the target's own continuation
 
 TARGET = dict(
     vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=10, num_attention_heads=8,

@@ -2,6 +2,8 @@
 
 from typing import TYPE_CHECKING
 
+__version__ = "0.1.0"
+
 from .errors import ConfigError, DrafterMismatchError, InputError, LoadError, SpecDecError
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "__version__",
     "ConfigError",
     "DrafterMismatchError",
     "GenerationChunk",

@@ -20,7 +20,7 @@ from .errors import InputError
 from .loading import SpecModel
 from .models.assistant import Draft, TargetKV
 from .policy import K_MAX, Decision, fixed_decision
-from .sampling import SamplingParams, greedy_accept, make_key, probabilities, sample, speculative_accept
+from .sampling import SamplingParams, greedy_accept, is_integer, make_key, probabilities, sample, speculative_accept
 
 # Calibration times each verify length twice and keeps the second: the first
 # pass at a new shape pays one-off allocation (and kernel compilation on Metal).
@@ -107,7 +107,7 @@ class Options:
     draft_tokens: int | str = "auto"
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not is_integer(self.max_tokens) or self.max_tokens < 1:
             raise InputError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         k = self.draft_tokens
         if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= K_MAX):
@@ -352,11 +352,11 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
     return Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache), result
 
 
-def new_cache(spec: SpecModel, batch_size: int) -> Cache:
-    """An empty cache the loop can decode in: steps of up to K_MAX + 1 tokens, and sliding
-    rings wide enough for the drafter's window too."""
-    window = spec.drafter.config.sliding_window if spec.drafter else 0
-    return spec.target.make_cache(batch_size, max_step=K_MAX + 1, drafter_window=window)
+def new_cache(spec: SpecModel, batch_size: int, max_step: int = K_MAX + 1) -> Cache:
+    """An empty cache the loop can decode in: steps of up to ``max_step`` tokens (a round's
+    k + 1), and sliding rings wide enough for the drafter's window too."""
+    window = spec.drafter.sliding_window if spec.drafter else 0
+    return spec.target.make_cache(batch_size, max_step=max_step, drafter_window=window)
 
 
 def _calibrate(spec: SpecModel, lengths, rows: "Rows") -> None:
@@ -425,10 +425,18 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
         yield update
 
 
-def check_prompt(prompt: list[int], vocab: int) -> list[int]:
+def check_prompt(prompt: list[int], vocab: int, positions: int | None = None) -> list[int]:
+    """The prompt as a list of ints: each a token id, leaving room in ``positions`` (the
+    model's position limit) for at least one new token."""
     if len(prompt) == 0:
         raise InputError("prompt is empty")
-    bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+    bad = [t for t in prompt if not is_integer(t)]
+    if bad:
+        raise InputError(f"token ids must be integers, got {', '.join(repr(t) for t in bad[:5])}")
+    bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise InputError(f"prompt has token ids outside the vocabulary 0..{vocab - 1}: {bad[:5]}")
-    return list(prompt)
+    if positions is not None and len(prompt) >= positions:
+        raise InputError(f"the prompt is {len(prompt)} tokens, and the model reads at most {positions} positions "
+                         "(max_position_embeddings): no room is left for an answer")
+    return [int(t) for t in prompt]

@@ -112,6 +112,11 @@ class _Request:
     emitted: int = 0
     finish: str | None = None
 
+    def budget(self, positions: int) -> int:
+        """Tokens it may emit: max_tokens, and prompt and answer never pass the model's positions
+        (an answer that reaches them ends there, as at max_tokens: "length")."""
+        return min(self.options.max_tokens, positions - len(self.prompt))
+
 
 def reusable(spec: SpecModel, cache: Cache, held: list[int], prompt: list[int]) -> int:
     """How many leading tokens of ``prompt`` a single-row cache holding ``held`` can keep (0: none).
@@ -125,7 +130,7 @@ def reusable(spec: SpecModel, cache: Cache, held: list[int], prompt: list[int]) 
         return 0
     window = spec.target.config.sliding_window
     if spec.drafter is not None:
-        window = max(window, spec.drafter.config.sliding_window + 1)
+        window = max(window, spec.drafter.sliding_window + 1)  # as the target's make_cache sizes the ring
     needed = np.arange(max(0, n - window), n)
     for table in cache.tables.values():
         if table.ring and not np.isin(needed, np.array(table.positions[0])).all():
@@ -286,7 +291,8 @@ class Engine:
         into it in place as long as it is the only live row (how a caller keeps its own cache)."""
         if not isinstance(options, Options):
             raise InputError(f"options must be decode.Options, got {type(options).__name__}")
-        prompt = check_prompt(list(prompt), self.spec.target.config.vocab_size)
+        positions = self.spec.target.config.max_position_embeddings
+        prompt = check_prompt(list(prompt), self.spec.target.config.vocab_size, positions)
         if cache is not None and not (cache.batch_size == 1 and 0 <= cached < len(prompt)):
             raise ValueError("a kept cache holds one row and must end before the prompt does")
         auto = options.draft_tokens == "auto" and self.spec.drafter is not None
@@ -393,7 +399,7 @@ class Engine:
                 break
             new.append(t)
             request.emitted += 1
-            if request.emitted == request.options.max_tokens:
+            if request.emitted == request.budget(self.spec.target.config.max_position_embeddings):
                 request.finish = "length"
                 break
         request.stats.generated_tokens += len(new)
@@ -567,7 +573,8 @@ class Engine:
                          for r in requests]
         # The cache's rings bound k whatever the policy says.
         cap = min(K_MAX, rows.cache.max_step - 1)
-        limits = [max(0, min(d.k, r.options.max_tokens - r.emitted - pending - 1, cap))
+        positions = spec.target.config.max_position_embeddings
+        limits = [max(0, min(d.k, r.budget(positions) - r.emitted - pending - 1, cap))
                   for d, r in zip(decisions, requests)]
         return max(limits), limits, decisions
 
@@ -601,7 +608,8 @@ class Engine:
         past their end, like rejected drafts). Sampled rows pipeline too: each draws from its
         own key."""
         current, self._ahead = self._ahead or self._launch(), None
-        if current.k == 0 and any(r.options.max_tokens - r.emitted > 1 for r in self._live.values()):
+        positions = self.spec.target.config.max_position_embeddings
+        if current.k == 0 and any(r.budget(positions) - r.emitted > 1 for r in self._live.values()):
             self._ahead = self._launch(before=current)
         self._read(current)
         result, seconds = current.result, current.seconds

@@ -1,23 +1,27 @@
 """Local folder or hub repo id -> (target, drafter, tokenizer).
 
-Layouts read: Hugging Face originals (text-only ``Gemma4ForCausalLM``, and the
-multimodal ``Gemma4ForConditionalGeneration`` whose text weights sit under
-``model.language_model.*``; vision and audio towers are skipped, never
-materialised), ``gemma4_assistant`` drafters, and mlx-lm conversions including
+Layouts read: Hugging Face originals (text-only ``Gemma4ForCausalLM`` and the
+12B's ``Gemma4UnifiedForCausalLM``, and the multimodal
+``Gemma4ForConditionalGeneration`` / ``Gemma4UnifiedForConditionalGeneration``
+whose text weights sit under ``model.language_model.*``; vision and audio
+towers and the 12B's encoder-free ``embed_vision`` / ``embed_audio`` are
+skipped, never materialised), ``gemma4_assistant`` and
+``gemma4_unified_assistant`` drafters, and mlx-lm conversions including
 quantized ones. The drafter is built around the target's embedding module, so
 the two models hold one embedding array.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,8 +30,14 @@ from .errors import ConfigError, LoadError
 from .models import assistant, gemma4
 from .policy import DraftPolicy, PolicyFileError
 
-TARGET_TYPES = ("gemma4", "gemma4_text")
-DRAFTER_TYPE = "gemma4_assistant"
+# A target's model_type -> its text decoder's (a multimodal config nests it as text_config).
+TARGET_TYPES = {
+    "gemma4": gemma4.GEMMA4_TEXT,
+    gemma4.GEMMA4_TEXT: gemma4.GEMMA4_TEXT,
+    "gemma4_unified": gemma4.UNIFIED_TEXT,
+    gemma4.UNIFIED_TEXT: gemma4.UNIFIED_TEXT,
+}
+DRAFTER_TYPES = tuple(assistant.DRAFTER_TYPES)
 # Only what loading needs: configs, weights, tokenizer and chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 # Prefixes of multimodal towers, in HF and mlx-lm spellings.
@@ -36,12 +46,25 @@ _TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "multi_
 _DRAFTER_SUBDIRS = ("drafter", "assistant")
 
 
+class DraftModel(Protocol):
+    """What the speculative loop asks of a drafter: the MTP assistant (`assistant.Drafter`), or
+    a test's stand-in (tests/stand_in.py)."""
+
+    @property
+    def sliding_window(self) -> int:
+        """How far back it reads the target's sliding-window K/V (0: it reads none)."""
+
+    def __call__(self, tokens: mx.array, hidden: mx.array, position: mx.array,
+                 kv: dict[str, assistant.TargetKV]) -> assistant.Draft:
+        """One draft step for each row: the next token's logits and the hidden state to feed back."""
+
+
 @dataclass
 class SpecModel:
     """A loaded target with its optional drafter and tokenizer."""
 
     target: gemma4.Model
-    drafter: assistant.Drafter | None
+    drafter: DraftModel | None
     tokenizer: object | None  # mlx_lm TokenizerWrapper
     eos_token_ids: frozenset[int] = frozenset()
     name: str = "model"
@@ -129,22 +152,44 @@ def resolve(path_or_repo: str | Path, *, what: str = "model") -> Path:
         raise LoadError(f"{what} path {name} is a file, expected a folder with config.json")
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise LoadError(f"{what} {name!r} is neither a local folder nor a hub repo id (owner/name)")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError as e:  # it exists, this user may not read it: an error, not an absence
+        raise LoadError(f"could not fetch {what} {name!r} from the hub: {type(e).__name__}: {e}") from e
+    except RepositoryNotFoundError as e:
+        raise _NoSuchRepo(f"{what} {name!r} is not on the hub: {e}") from e
     except Exception as e:  # the hub client raises many types; all mean "could not fetch"
         raise LoadError(f"could not fetch {what} {name!r} from the hub: {type(e).__name__}: {e}") from e
 
 
-def read_config(path: Path) -> dict:
+class _NoSuchRepo(LoadError):
+    """The hub answered that the repository does not exist (not: unreachable, or refused)."""
+
+
+def read_config(path: Path, role: str = "model") -> dict:
+    """``path/config.json`` as a dict; ``role`` ("target", "drafter") names it in errors."""
     file = path / "config.json"
     if not file.exists():
         raise LoadError(f"no config.json in {path}")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from e
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{role} config {file} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{role} config {file} must be a JSON object, got a JSON {type(cfg).__name__}")
+    return cfg
+
+
+@contextmanager
+def _config_file(path: Path, role: str):
+    """Config errors say which file (and whose) they are about."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{role} config {path / 'config.json'}: {e}") from None
 
 
 def _text_config(cfg: dict) -> dict:
@@ -152,24 +197,140 @@ def _text_config(cfg: dict) -> dict:
     if model_type not in TARGET_TYPES:
         raise ConfigError(
             f"unsupported model_type {model_type!r}: expected one of {', '.join(TARGET_TYPES)} "
-            f"(a Gemma 4 target) or {DRAFTER_TYPE!r} (a drafter)"
+            f"(a Gemma 4 target) or one of {', '.join(DRAFTER_TYPES)} (a drafter)"
         )
-    if model_type == "gemma4":
-        if "text_config" not in cfg:
-            raise ConfigError("gemma4 config has no text_config")
-        text = dict(cfg["text_config"])
-        text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
-        return text
-    return cfg
+    if model_type in gemma4.TEXT_TYPES:
+        return cfg
+    if "text_config" not in cfg:
+        raise ConfigError(f"{model_type} config has no text_config")
+    text = dict(gemma4.config_dict(cfg, "text_config"))
+    text.setdefault("model_type", TARGET_TYPES[model_type])
+    text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+    return text
 
 
-def _load_weights(path: Path) -> dict[str, mx.array]:
-    files = sorted(glob.glob(str(path / "*.safetensors")))
+# The safetensors dtypes a dtype cast applies to, with their bytes per element.
+_CAST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def read_header(file: Path, role: str = "model") -> dict[str, dict]:
+    """A safetensors file's tensor table (name -> dtype, shape, data_offsets), checked against
+    the file: a torn download, an empty file or a Git LFS pointer fails here, naming the file,
+    instead of deep inside MLX."""
+    def damaged(why: str) -> LoadError:
+        return LoadError(f"{role} weights {file} are damaged: {why}")
+
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"versio"):
+                raise damaged("it is a Git LFS pointer, not the weights (run git lfs pull, or download it again)")
+            if len(head) < 8:
+                raise damaged(f"{size} bytes, too short for a safetensors file")
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                raise damaged(f"its header claims {length} bytes, the whole file has {size}")
+            raw = f.read(length)
+    except OSError as e:
+        raise LoadError(f"could not read the {role} weights {file}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise damaged("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("its header is not a table of tensors")
+    header.pop("__metadata__", None)
+    data = size - 8 - length
+    for name, info in header.items():
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(x, int) and x >= 0 for x in info["shape"] + info["data_offsets"]))
+        if not ok:
+            raise damaged(f"its header entry for {name!r} is malformed: {info!r}")
+        begin, end = info["data_offsets"]
+        if not begin <= end <= data:
+            raise damaged(f"it is truncated: {name!r} lies at bytes {begin}..{end} of a {data}-byte data section")
+    return header
+
+
+def weight_bytes(path: Path, dtype=None, role: str = "model") -> int:
+    """Memory the folder's weights take once loaded (floating ones cast to ``dtype`` when
+    given), from the safetensors headers alone; multimodal towers, never loaded, are left out."""
+    total = 0
+    for file in _weight_files(path):
+        for name, info in read_header(file, role).items():
+            if any(t in name for t in _TOWERS):
+                continue
+            begin, end = info["data_offsets"]
+            nbytes = end - begin
+            if dtype is not None and info["dtype"] in _CAST_DTYPES:
+                nbytes = nbytes // _CAST_DTYPES[info["dtype"]] * dtype.size
+            total += nbytes
+    return total
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes this process can still fill, and where the number comes from: the memory the
+    system reports available (or its total, where it reports no such figure), and MLX's
+    device limit when that is lower."""
+    found: list[tuple[int, str]] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append((int(line.split()[1]) * 1024, "available (MemAvailable in /proc/meminfo)"))
+    except (OSError, ValueError, IndexError):
+        pass
+    if not found:
+        try:
+            found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of physical memory"))
+        except (AttributeError, OSError, ValueError):
+            pass
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    if "max_recommended_working_set_size" in info:  # an Apple GPU: what Metal lets it keep resident
+        found.append((int(info["max_recommended_working_set_size"]), "in the GPU's recommended working set"))
+    if hasattr(mx, "get_memory_limit"):
+        found.append((int(mx.get_memory_limit()), "under MLX's memory limit (mx.set_memory_limit)"))
+    found = [f for f in found if f[0] > 0]
+    return min(found) if found else (1 << 62, "unknown")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def check_memory(folders: list[tuple[Path, str]], dtype) -> None:
+    """Refuse, before reading any weights, a load that cannot fit: say what it needs and what there is."""
+    sizes = [(role, weight_bytes(path, dtype, role)) for path, role in folders]
+    needed = sum(n for _, n in sizes)
+    free, where = available_memory()
+    if needed > free:
+        parts = " + ".join(f"{role} {human_bytes(n)}" for role, n in sizes)
+        cast = f" as {str(dtype).removeprefix('mlx.core.')}" if dtype is not None else ""
+        raise LoadError(f"the weights do not fit in memory: loading needs {human_bytes(needed)} ({parts}{cast}), "
+                        f"and there is {human_bytes(free)} {where}; free memory, or use a quantized "
+                        "or smaller model")
+
+
+def _load_weights(path: Path, role: str = "model") -> dict[str, mx.array]:
+    files = _weight_files(path)
     if not files:
         raise LoadError(f"no *.safetensors weights in {path}")
     weights = {}
     for file in files:
-        weights.update(mx.load(file))
+        read_header(file, role)
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise LoadError(f"could not read the {role} weights {file}: {e}") from None
     return weights
 
 
@@ -216,52 +377,60 @@ def _quantize(model: nn.Module, cfg: dict, weights: dict[str, mx.array]) -> None
     )
 
 
-def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype) -> None:
+def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype, role: str = "model") -> None:
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise LoadError(f"weights in {where} do not fit the config: {str(e).splitlines()[0]}") from e
-    if dtype is None and mx.default_device().type == mx.DeviceType.cpu:
-        # MLX's CPU backend has no fast half-precision matmul: compute in fp32 there.
-        dtype = mx.float32
+        raise LoadError(f"{role} weights in {where} do not fit the config: {str(e).splitlines()[0]}") from e
     if dtype is not None:
         model.apply(lambda x: x.astype(dtype) if x.dtype in (mx.float16, mx.bfloat16, mx.float32) else x)
-    mx.eval(model.parameters())
+    try:
+        mx.eval(model.parameters())
+    except (RuntimeError, ValueError, OSError) as e:  # MLX reads lazily: a bad file fails here
+        raise LoadError(f"could not read the {role} weights in {where}: {e}") from None
+
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+"""The floating dtypes weights can be cast to (load, convert and distill's --dtype)."""
 
 
 def _dtype(name: str | None):
+    """The dtype floating weights are cast to: ``name``'s, or float32 on the CPU, where MLX has
+    no fast half-precision matmul (None: keep the checkpoint's)."""
+    if name is not None and (not isinstance(name, str) or name not in DTYPES):
+        raise LoadError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
     if name is None:
-        return None
-    table = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-    if name not in table:
-        raise LoadError(f"unknown dtype {name!r}: expected one of {', '.join(table)}")
-    return table[name]
+        return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else None
+    return DTYPES[name]
 
 
 def load_target(path: Path, dtype: str | None = None) -> gemma4.Model:
-    cfg = read_config(path)
-    if cfg.get("model_type") == DRAFTER_TYPE:
-        raise ConfigError(f"{path} holds a gemma4_assistant drafter, not a target model")
-    config = gemma4.TextConfig.from_dict(_text_config(cfg))
+    cfg = read_config(path, "target")
+    with _config_file(path, "target"):
+        if cfg.get("model_type") in DRAFTER_TYPES:
+            raise ConfigError(f"{path} holds a {cfg['model_type']} drafter, not a target model")
+        config = gemma4.TextConfig.from_dict(_text_config(cfg))
     model = gemma4.Model(config)
-    weights = model.sanitize(_text_weights(_load_weights(path)))
+    weights = model.sanitize(_text_weights(_load_weights(path, "target")))
     _quantize(model, cfg, weights)
-    _apply(model, weights, path, _dtype(dtype))
+    _apply(model, weights, path, _dtype(dtype), "target")
     return model
 
 
 def load_drafter(path: Path, target: gemma4.Model, dtype: str | None = None) -> assistant.Drafter:
-    cfg = read_config(path)
-    if cfg.get("model_type") != DRAFTER_TYPE:
-        raise ConfigError(
-            f"{path} is not a drafter: model_type {cfg.get('model_type')!r}, expected {DRAFTER_TYPE!r}"
-        )
-    config = assistant.AssistantConfig.from_dict(cfg)
+    cfg = read_config(path, "drafter")
+    with _config_file(path, "drafter"):
+        if cfg.get("model_type") not in DRAFTER_TYPES:
+            raise ConfigError(
+                f"{path} is not a drafter: model_type {cfg.get('model_type')!r}, "
+                f"expected one of {', '.join(DRAFTER_TYPES)}"
+            )
+        config = assistant.AssistantConfig.from_dict(cfg)
     assistant.check_compatible(config, target.config, target.drafter_sources())
     drafter = assistant.Drafter(config, target.embed_tokens)
-    weights = drafter.sanitize(_load_weights(path))
+    weights = drafter.sanitize(_load_weights(path, "drafter"))
     _quantize(drafter, cfg, weights)
-    _apply(drafter, weights, path, _dtype(dtype))
+    _apply(drafter, weights, path, _dtype(dtype), "drafter")
     return drafter
 
 
@@ -274,6 +443,27 @@ def find_drafter(target_path: Path, name: str) -> Path | None:
     if (sibling / "config.json").exists():
         return sibling
     return None
+
+
+def locate_drafter(model: str | Path, target_path: Path, drafter: str | Path | bool | None) -> Path | None:
+    """Where the drafter is: ``drafter`` itself (a folder or hub repo id), none if False; by
+    default (None, or True, which fails when there is none) the target's own (`find_drafter`),
+    or for a hub target its ``<repo>-assistant`` repo. Only the hub's answer that no such repo exists means "no drafter"; a network or
+    authorization failure is an error, not a silent switch to plain decoding."""
+    if drafter is False:
+        return None
+    if drafter is not None and drafter is not True:
+        return resolve(drafter, what="drafter")
+    found = find_drafter(target_path, str(model))
+    if found is None and not Path(str(model)).expanduser().exists():
+        try:
+            found = resolve(f"{model}-assistant", what="drafter")
+        except _NoSuchRepo:
+            found = None  # the target has no published drafter: plain decoding
+    if found is None and drafter is True:  # True: the model's own drafter, which must exist
+        raise LoadError(f"no drafter found for {model}: looked for {', '.join(_DRAFTER_SUBDIRS)} folders inside "
+                        f"it and a {Path(str(model)).name}-assistant folder beside it (or hub repo)")
+    return found
 
 
 def load_tokenizer(path: Path, eos_token_ids=None):
@@ -298,43 +488,44 @@ def load(
 
     ``drafter``: a folder or repo id; None to use the target's own drafter when
     one is found (a ``drafter/`` or ``assistant/`` subfolder, a ``<model>-assistant``
-    sibling folder, or the ``<repo>-assistant`` hub repo); False for none.
+    sibling folder, or the ``<repo>-assistant`` hub repo); True for the same, but an
+    error when there is none; False for none.
     ``dtype`` casts floating weights (e.g. "float32" where the backend is slow in bf16).
+    Before reading any weights it checks, from the safetensors headers, that they are whole
+    and fit in memory (`available_memory`), and says what they need and what there is.
     ``policy_cache``: the folder where what the draft policy measures is kept per model
     and machine, so a new process need not calibrate again; False keeps nothing; by
     default $MLX_SPECDEC_CACHE (``off`` for nothing) or ~/.cache/mlx-specdec.
     With no ``model``, the embedded demo pair.
     """
+    if model is not None and (not isinstance(model, (str, Path)) or not str(model).strip()):
+        raise LoadError(f"model must be a folder or a hub repo id (None: the embedded demo model), got {model!r}")
+    if not (drafter is None or isinstance(drafter, bool) or (isinstance(drafter, (str, Path)) and str(drafter).strip())):
+        raise LoadError(f"drafter must be a folder, a hub repo id, True (the model's own, which must exist), "
+                        f"None (the model's own, if any) or False (none), got {drafter!r}")
+    cast = _dtype(dtype)
     if model is None:
         from .demo import demo_path
 
         model = demo_path()
     path = resolve(model)
+    where = locate_drafter(model, path, drafter)
+    check_memory([(path, "target")] + ([(where, "drafter")] if where else []), cast)
     target = load_target(path, dtype)
-    drafter_path = None
-    if drafter is None:
-        drafter_path = find_drafter(path, str(model))
-        if drafter_path is None and not Path(str(model)).expanduser().exists():
-            try:
-                drafter_path = resolve(f"{model}-assistant", what="drafter")
-            except LoadError:
-                drafter_path = None  # the target has no published drafter: plain decoding
-    elif drafter is not False:
-        drafter_path = resolve(drafter, what="drafter")
-    draft_model = load_drafter(drafter_path, target, dtype) if drafter_path else None
+    draft_model = load_drafter(where, target, dtype) if where else None
     eos = list(target.config.eos_token_id) or None
     tokenizer = load_tokenizer(path, eos)
     if tokenizer is not None:
         eos = sorted(set(eos or ()) | set(tokenizer.eos_token_ids or ()))
     cache_dir = policy_cache_dir(policy_cache) if draft_model is not None else None
-    policy_file = cache_dir / f"{policy_key(path, drafter_path, dtype)}.json" if cache_dir else None
+    policy_file = cache_dir / f"{policy_key(path, where, dtype)}.json" if cache_dir else None
     return SpecModel(
         target=target,
         drafter=draft_model,
         tokenizer=tokenizer,
         eos_token_ids=frozenset(eos or ()),
         name=str(model),
-        drafter_name=str(drafter_path) if drafter_path else None,
+        drafter_name=str(where) if where else None,
         policy=load_policy(policy_file),
         policy_file=policy_file,
     )

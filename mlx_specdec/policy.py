@@ -35,6 +35,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .errors import InputError
+
 K_MAX = 8
 """Longest draft any round may use: past 8 even a perfect drafter gains little (E(k) <= k + 1 while
 verify cost keeps growing), and it bounds the slack the caches keep per step."""
@@ -86,6 +88,23 @@ probes is at least (probe cost - plain round cost) / (PROBE_OVERHEAD_BUDGET * pl
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions
+
+
+def parse_draft_tokens(text: str) -> int | str:
+    """A draft length as a user types it (flags, chat's /draft, bench's modes): "auto", "off"
+    (or "plain", "none", "0": plain decoding), or k in 1..K_MAX ("k=3" too)."""
+    value = str(text).strip().lower().removeprefix("k=")
+    if value == "auto":
+        return "auto"
+    if value in ("off", "plain", "none"):
+        return 0
+    try:
+        k = int(value)
+    except ValueError:
+        k = -1
+    if not 0 <= k <= K_MAX:
+        raise InputError(f"draft length must be auto, off or an integer 1..{K_MAX}, got {text!r}")
+    return k
 
 
 def expected_tokens(acceptance: Sequence[float], k: int) -> float:

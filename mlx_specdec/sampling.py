@@ -12,10 +12,17 @@ Model Decoding with Speculative Sampling" (arXiv:2302.01318), in the paper's not
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
+
+from .errors import InputError
+
+# MLX's PRNG keys are made from an unsigned 64-bit seed.
+SEED_RANGE = 2**64
 
 from .policy import K_MAX
 
@@ -34,19 +41,38 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if not is_number(value):
+                raise InputError(f"{name} must be a number, got {value!r}")
         # Written as `not (a <= x)` so that NaN is rejected too.
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise InputError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise InputError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not is_integer(self.top_k) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+            raise InputError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+        if self.seed is not None:
+            if not is_integer(self.seed):
+                raise InputError(f"seed must be an integer, got {self.seed!r}")
+            # Any integer is a seed: reduced to the key's range, so -1 and 2**64 - 1 are one seed.
+            object.__setattr__(self, "seed", int(self.seed) % SEED_RANGE)
+        object.__setattr__(self, "top_k", int(self.top_k))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def is_integer(value) -> bool:
+    """An int or a NumPy integer, not a bool (which Python counts as an int)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def probabilities(logits: mx.array, params: SamplingParams) -> mx.array:

@@ -16,10 +16,14 @@ GEMMA_TEMPLATE = (
 TARGET = dict(geometry="dense", hidden_size=64)
 
 
-def make_pair(checkpoints, root: Path) -> Path:
-    """Copy the session's tiny target and assistant into ``root/model`` (+ ``drafter/``)."""
-    target = checkpoints.target(**TARGET)
-    drafter = checkpoints.assistant(target)
+def make_pair(checkpoints, root: Path, *, centroids: bool = False, **options) -> Path:
+    """Copy the session's tiny target and assistant into ``root/model`` (+ ``drafter/``).
+
+    ``options`` override `TARGET`'s checkpoint options (geometry, multimodal, published); the
+    assistant is written in the same config style as the target."""
+    options = {**TARGET, **options}
+    target = checkpoints.target(**options)
+    drafter = checkpoints.assistant(target, centroids=centroids, published=options.get("published", False))
     path = Path(root) / "model"
     shutil.copytree(target, path)
     shutil.copytree(drafter, path / "drafter")

@@ -21,3 +21,5 @@ def pytest_configure(config):
     # The policy cache would carry measurements from one test's model to the next (and into
     # the user's ~/.cache); tests that exercise it pass their own folder.
     os.environ["MLX_SPECDEC_CACHE"] = "off"
+    # The one-line slow-BLAS hint depends on the machine; test_cli checks it on its own.
+    os.environ["MLX_SPECDEC_BLAS_HINT"] = "off"

@@ -1,7 +1,8 @@
 """Reference oracle for the tests: tiny random Gemma 4 checkpoints and torch outputs.
 
 Test-only helper (imported by the tests, never by `mlx_specdec`). It builds tiny random
-checkpoints with `transformers` in the four published geometries, saves them the way
+checkpoints with `transformers` in the four published Gemma 4 geometries and two of the 12B's
+unified decoder (`gemma4_unified`), saves them the way
 `save_pretrained` does (optionally rewritten into the style of Google's published config.json),
 and computes reference outputs with torch in fp32 on CPU:
 
@@ -33,13 +34,27 @@ from transformers import (
     Gemma4ForCausalLM,
     Gemma4ForConditionalGeneration,
     Gemma4TextConfig,
+    Gemma4UnifiedAssistantConfig,
+    Gemma4UnifiedAssistantForCausalLM,
+    Gemma4UnifiedConfig,
+    Gemma4UnifiedForCausalLM,
+    Gemma4UnifiedForConditionalGeneration,
+    Gemma4UnifiedTextConfig,
 )
 from transformers.generation import utils as generation_utils
 from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 from transformers.models.gemma4 import modeling_gemma4 as m4
 from transformers.models.gemma4_assistant import modeling_gemma4_assistant as ma
+from transformers.models.gemma4_unified import modeling_gemma4_unified as mu
+from transformers.models.gemma4_unified_assistant import modeling_gemma4_unified_assistant as mua
 
-GEOMETRIES = ("dense", "e2b", "31b", "26b")
+GEMMA4_GEOMETRIES = ("dense", "e2b", "31b", "26b")
+UNIFIED_GEOMETRIES = ("unified", "unified-shared")  # the 12B's decoder (gemma4_unified)
+GEOMETRIES = GEMMA4_GEOMETRIES + UNIFIED_GEOMETRIES
+K_EQ_V = ("31b", "26b", "unified")  # full layers: no v_proj, 1 global KV head
+KV_SHARED = ("e2b", "unified-shared")  # the last 2 layers reuse K/V, with a double-wide MLP
+# Keys of Gemma4TextConfig that the unified text config does not have.
+_NOT_UNIFIED = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block")
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 DEFAULT_VOCAB = 96  # divisible by NUM_CENTROIDS so the centroid head can split it evenly
@@ -79,13 +94,16 @@ def _layer_types(num_layers: int) -> list[str]:
 def text_config(
     geometry: str, *, sliding_window: int = 8, vocab_size: int = DEFAULT_VOCAB, seed: int = 0, **overrides
 ) -> dict:
-    """Keyword arguments for a tiny `Gemma4TextConfig` mimicking one published geometry.
+    """Keyword arguments for a tiny text config (`text_config_class(geometry)`) of one geometry.
 
     geometry:
         "dense": plain Gemma 4 text model (no per-layer inputs, no KV sharing, separate V).
         "e2b":   per-layer inputs (PLE), the last 2 layers reuse K/V, double-wide MLP on them.
         "31b":   attention_k_eq_v (full layers have no v_proj) with 1 global KV head vs 2 sliding.
         "26b":   like 31b plus a MoE block (4 experts, top-2) next to the dense MLP in every layer.
+        "unified": the 12B's `gemma4_unified_text` decoder (no PLE, no MoE keys) with k=v as 31b.
+        "unified-shared": the unified decoder with separate V, the last 2 layers reusing K/V and
+                 a double-wide MLP on them, as e2b.
     Full-attention layers use head_dim 16 (`global_head_dim`) against 8 for sliding layers, and
     proportional RoPE over a quarter of their dims. `seed` is accepted for symmetry with the
     builders; a config holds nothing random. `overrides` replace any key; if they change
@@ -94,7 +112,7 @@ def text_config(
     del seed
     if geometry not in GEOMETRIES:
         raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
-    num_layers = 6 if geometry == "e2b" else 5
+    num_layers = 6 if geometry in KV_SHARED else 5
     cfg: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": 48,
@@ -122,15 +140,12 @@ def text_config(
         "use_double_wide_mlp": False,
         "enable_moe_block": False,
     }
-    if geometry == "e2b":
+    if geometry in KV_SHARED:
         # Layers 4, 5 (sliding, full) reuse the K/V of layers 3 (sliding) and 2 (full).
-        cfg.update(
-            hidden_size_per_layer_input=8,
-            vocab_size_per_layer_input=vocab_size,
-            num_kv_shared_layers=2,
-            use_double_wide_mlp=True,
-        )
-    elif geometry == "31b":
+        cfg.update(num_kv_shared_layers=2, use_double_wide_mlp=True)
+    if geometry == "e2b":
+        cfg.update(hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab_size)
+    elif geometry in ("31b", "unified"):
         cfg.update(attention_k_eq_v=True, num_global_key_value_heads=1)
     elif geometry == "26b":
         cfg.update(
@@ -141,10 +156,26 @@ def text_config(
             top_k_experts=2,
             moe_intermediate_size=16,
         )
+    if geometry in UNIFIED_GEOMETRIES:
+        cfg = {k: v for k, v in cfg.items() if k not in _NOT_UNIFIED}
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         overrides = {**overrides, "layer_types": _layer_types(overrides["num_hidden_layers"])}
     cfg.update(overrides)
     return cfg
+
+
+def text_config_class(geometry: str) -> type:
+    return Gemma4UnifiedTextConfig if geometry in UNIFIED_GEOMETRIES else Gemma4TextConfig
+
+
+def _unified_vision_config() -> dict:
+    """The 12B's encoder-free patch embedder, tiny: a checkpoint carries it as `embed_vision`."""
+    return {"patch_size": 2, "pooling_kernel_size": 2, "mm_embed_dim": 16, "mm_posemb_size": 8, "output_proj_dims": 16}
+
+
+def _unified_audio_config() -> dict:
+    """The 12B's raw-waveform audio projection (`embed_audio`), tiny."""
+    return {"audio_embed_dim": 8}
 
 
 def _vision_config() -> dict:
@@ -203,11 +234,11 @@ def _randomize(module: nn.Module, gen: torch.Generator, *, embed_gain: float, fi
         touched.add(id(t))
 
     for name, sub in module.named_modules():
-        if isinstance(sub, m4.Gemma4RMSNorm):
+        if isinstance(sub, (m4.Gemma4RMSNorm, mu.Gemma4UnifiedRMSNorm)):
             if sub.with_scale:
                 low_high = final_norm_range if name in ("norm", "model.norm") else NORM_RANGE
                 put(sub.weight, _uniform(sub.weight.shape, *low_high, gen))
-        elif isinstance(sub, m4.Gemma4TextScaledWordEmbedding):
+        elif isinstance(sub, (m4.Gemma4TextScaledWordEmbedding, mu.Gemma4UnifiedTextScaledWordEmbedding)):
             # The main lookup is multiplied by sqrt(hidden) (embed_scale): entries have std embed_gain.
             is_ple = name.endswith("embed_tokens_per_layer")
             std = PLE_EMBED_STD if is_ple else embed_gain / sub.embedding_dim**0.5
@@ -223,9 +254,9 @@ def _randomize(module: nn.Module, gen: torch.Generator, *, embed_gain: float, fi
         elif isinstance(sub, m4.Gemma4TextRouter):
             put(sub.scale, _uniform(sub.scale.shape, *SCALAR_RANGE, gen))
             put(sub.per_expert_scale, _uniform(sub.per_expert_scale.shape, *SCALAR_RANGE, gen))
-        elif isinstance(sub, m4.Gemma4TextDecoderLayer):
+        elif isinstance(sub, (m4.Gemma4TextDecoderLayer, mu.Gemma4UnifiedTextDecoderLayer)):
             put(sub.layer_scalar, _uniform(sub.layer_scalar.shape, *SCALAR_RANGE, gen))
-        elif isinstance(sub, ma.Gemma4AssistantMaskedEmbedder):
+        elif isinstance(sub, (ma.Gemma4AssistantMaskedEmbedder, mua.Gemma4UnifiedAssistantMaskedEmbedder)):
             put(sub.token_ordering, torch.randperm(sub.vocab_size, generator=gen))
 
     # Every tensor that is saved must have been randomized (tied lm_head shares the embedding).
@@ -249,15 +280,27 @@ def save_target(path, geometry: str, *, multimodal: bool = False, seed: int = 0,
     multimodal=True: `Gemma4ForConditionalGeneration` (model_type gemma4, text weights under
     `model.language_model.*`) with tiny vision and audio towers saved as real weights that a
     text loader must skip; only the language model is randomized (the towers keep their
-    seeded init). The config.json is what `save_pretrained` writes (with `per_layer_config`);
+    seeded init). The unified geometries use `Gemma4UnifiedForCausalLM` (gemma4_unified_text)
+    and `Gemma4UnifiedForConditionalGeneration` (gemma4_unified, with the encoder-free
+    `embed_vision` / `embed_audio` beside `model.language_model.*`). The config.json is what `save_pretrained` writes (with `per_layer_config`);
     see `rewrite_config_as_published` for the style of Google's files. Deterministic in `seed`.
     """
     path = pathlib.Path(path)
     text = text_config(geometry, **config_overrides)
     gen = torch.Generator().manual_seed(seed)
+    unified = geometry in UNIFIED_GEOMETRIES
     with torch.random.fork_rng(devices=[]):  # seed the towers' init without touching the caller's RNG
         torch.manual_seed(seed)
-        if multimodal:
+        if multimodal and unified:
+            config = Gemma4UnifiedConfig(
+                text_config=text,
+                vision_config=_unified_vision_config(),
+                audio_config=_unified_audio_config(),
+                tie_word_embeddings=True,
+            )
+            model = Gemma4UnifiedForConditionalGeneration(config)
+            _randomize(model.model.language_model, gen, **_TARGET_SCALES)
+        elif multimodal:
             config = Gemma4Config(
                 text_config=text,
                 vision_config=_vision_config(),
@@ -267,7 +310,8 @@ def save_target(path, geometry: str, *, multimodal: bool = False, seed: int = 0,
             model = Gemma4ForConditionalGeneration(config)
             _randomize(model.model.language_model, gen, **_TARGET_SCALES)
         else:
-            model = Gemma4ForCausalLM(Gemma4TextConfig(**text))
+            causal_lm = Gemma4UnifiedForCausalLM if unified else Gemma4ForCausalLM
+            model = causal_lm(text_config_class(geometry)(**text))
             _randomize(model.model, gen, **_TARGET_SCALES)
     if model.lm_head.weight is not model.get_input_embeddings().weight:
         raise RuntimeError("expected lm_head to be tied to embed_tokens")
@@ -286,7 +330,8 @@ def save_assistant(
     hidden_size: int = 32,
     **overrides,
 ) -> pathlib.Path:
-    """Build a random `Gemma4AssistantForCausalLM` that fits the target at `target_path`.
+    """Build a random `Gemma4AssistantForCausalLM` that fits the target at `target_path`
+    (`Gemma4UnifiedAssistantForCausalLM` for a unified target).
 
     Its attention reads the target's shared K/V, so head dims and KV-head counts (per layer
     type), the sliding window, RoPE and vocab are copied from the target; every layer reuses
@@ -332,8 +377,12 @@ def save_assistant(
     text.update(overrides)
     if centroids and text["vocab_size"] % NUM_CENTROIDS:
         raise ValueError(f"vocab_size {text['vocab_size']} is not divisible by {NUM_CENTROIDS} centroids")
-    config = Gemma4AssistantConfig(
-        text_config=Gemma4TextConfig(**text),
+    unified = target.model_type == "gemma4_unified_text"
+    if unified:
+        text = {k: v for k, v in text.items() if k not in _NOT_UNIFIED}
+    config_class = Gemma4UnifiedAssistantConfig if unified else Gemma4AssistantConfig
+    config = config_class(
+        text_config=(Gemma4UnifiedTextConfig if unified else Gemma4TextConfig)(**text),
         backbone_hidden_size=target.hidden_size,
         use_ordered_embeddings=centroids,
         num_centroids=NUM_CENTROIDS,
@@ -342,7 +391,7 @@ def save_assistant(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Gemma4AssistantForCausalLM(config)
+        model = (Gemma4UnifiedAssistantForCausalLM if unified else Gemma4AssistantForCausalLM)(config)
     # Offset seed: an assistant and its target built with the same seed get unrelated weights.
     _randomize(model, torch.Generator().manual_seed(seed + 1_000_003), embed_gain=WEIGHT_GAIN)
     model = model.to(torch.float32).eval()
@@ -397,11 +446,14 @@ _MODEL_CLASSES = {
     "gemma4_text": Gemma4ForCausalLM,
     "gemma4": Gemma4ForConditionalGeneration,
     "gemma4_assistant": Gemma4AssistantForCausalLM,
+    "gemma4_unified_text": Gemma4UnifiedForCausalLM,
+    "gemma4_unified": Gemma4UnifiedForConditionalGeneration,
+    "gemma4_unified_assistant": Gemma4UnifiedAssistantForCausalLM,
 }
 
 
 def load_config(path):
-    """The transformers config saved at `path` (any of gemma4_text, gemma4, gemma4_assistant)."""
+    """The transformers config saved at `path` (any model_type of `_MODEL_CLASSES`)."""
     model_type = json.loads((pathlib.Path(path) / "config.json").read_text())["model_type"]
     return _MODEL_CLASSES[model_type].config_class.from_pretrained(path)
 

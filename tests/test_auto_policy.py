@@ -2,16 +2,9 @@
 per batch size and remembered across requests, and off when nothing is accepted.
 (The decision itself is unit-tested with synthetic costs in test_policy.py.)"""
 
-import functools
-
 from mlx_specdec import generate, generate_batch, load
 from mlx_specdec.policy import calibration_lengths, K_MAX
 from tests.helpers import prompt
-
-
-@functools.lru_cache(maxsize=None)
-def _spec(target, drafter):
-    return load(target, drafter=drafter)
 
 
 def test_auto_is_exact_and_calibrates_each_batch_size_once(checkpoints):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlx_specdec.commands import bench
+from mlx_specdec.commands import bench, common
 from mlx_specdec.commands.bench import Cell, load_workloads, parse_modes
 from mlx_specdec.errors import InputError
 from tests.cli_model import make_pair
@@ -17,6 +17,7 @@ def model(checkpoints, tmp_path_factory):
     return make_pair(checkpoints, tmp_path_factory.mktemp("bench"))
 
 
+@pytest.mark.slow
 def test_bench_command_writes_table_json_markdown_and_chart(model, tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
@@ -68,7 +69,7 @@ def test_ceiling_is_the_expected_tokens_per_round_at_the_measured_acceptance():
 def test_modes_and_workloads_parse():
     assert parse_modes("plain,1-3,auto") == [0, 1, 2, 3, "auto"]
     assert parse_modes("auto,k=4") == [0, "auto", 4]  # plain is added: speedups need it
-    with pytest.raises(InputError, match="draft length k must be in 0..8"):
+    with pytest.raises(InputError, match="draft length must be auto, off or an integer 1..8"):
         parse_modes("9")
     names = [w.name for w in load_workloads()]
     assert names == ["code", "prose", "qa", "short"]
@@ -77,15 +78,15 @@ def test_modes_and_workloads_parse():
 
 
 def test_reference_blas_is_detected_and_openblas_named(monkeypatch):
-    monkeypatch.setattr(bench, "openblas_loaded", lambda: False)
-    monkeypatch.setattr(bench, "matmul_seconds", lambda: 0.09)
-    warning = bench.reference_blas_warning()
-    assert "slow reference BLAS" in warning and "90 ms" in warning and f"LD_PRELOAD={bench.OPENBLAS}" in warning
-    monkeypatch.setattr(bench, "matmul_seconds", lambda: 0.003)
-    assert bench.reference_blas_warning() is None
-    monkeypatch.setattr(bench, "openblas_loaded", lambda: True)
-    monkeypatch.setattr(bench, "matmul_seconds", lambda: 1 / 0)  # not even timed
-    assert bench.reference_blas_warning() is None
+    monkeypatch.setattr(common, "openblas_loaded", lambda: False)
+    monkeypatch.setattr(common, "matmul_seconds", lambda: 0.09)
+    warning = common.reference_blas_warning()
+    assert "slow reference BLAS" in warning and "90 ms" in warning and f"LD_PRELOAD={common.OPENBLAS}" in warning
+    monkeypatch.setattr(common, "matmul_seconds", lambda: 0.003)
+    assert common.reference_blas_warning() is None
+    monkeypatch.setattr(common, "openblas_loaded", lambda: True)
+    monkeypatch.setattr(common, "matmul_seconds", lambda: 1 / 0)  # not even timed
+    assert common.reference_blas_warning() is None
 
 
 def test_header_says_whether_auto_starts_from_a_kept_policy(model, tmp_path):
@@ -99,3 +100,11 @@ def test_header_says_whether_auto_starts_from_a_kept_policy(model, tmp_path):
     assert f"policy  {spec.policy_file}: auto starts from what earlier runs measured" in "\n".join(kept)
     off = bench.environment_lines(bench.environment(load(model, policy_cache=False), None))
     assert not any(line.startswith("policy") for line in off)
+
+
+def test_cells_whose_runs_spread_widely_are_named():
+    cells = [Cell("code", 1, "k=3", [10.0, 17.0, 12.0], 8), Cell("qa", 2, "plain", [10.0, 11.0], 8)]
+    warning = bench.spread_warning(cells)
+    assert "1 cell(s)" in warning and "code B=1 k=3 1.7x" in warning and "qa" not in warning
+    assert bench.spread_warning(cells[1:]) is None
+    assert "median of run-by-run ratios" in bench.FOOTNOTE and "need not equal" in bench.FOOTNOTE

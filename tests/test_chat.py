@@ -1,6 +1,7 @@
 """`mlx-specdec chat`: the prompt cache reused across turns, and the real program in a terminal."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pexpect
 import pytest
 
 from mlx_specdec import load
-from mlx_specdec.commands.chat import ChatSession, Settings
+from mlx_specdec.api import Settings
+from mlx_specdec.commands.chat import ChatSession
 from mlx_specdec.loading import SpecModel
 from tests.cli_model import make_pair
 
@@ -119,7 +121,8 @@ def test_chat_in_a_terminal(model, tmp_path):
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child = pexpect.spawn(CLI[0], CLI[1:] + ["chat", "--model", str(model), "--max-tokens", "12", "--draft-tokens",
                                             "2", "--history", str(tmp_path / "history")],
-                          encoding="utf-8", timeout=30, dimensions=(40, 250))
+                          encoding="utf-8", timeout=30, dimensions=(40, 250),
+                          env={**os.environ, "COLUMNS": "250"})  # pytest exports COLUMNS=80, which rich obeys
     prompt = ">>> "
 
     def send(line, expect=None, error=None):

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_specdec import generate, load
-from mlx_specdec.commands.chat import encode_text, render
+from mlx_specdec.prompt import encode_rendered, render
 from mlx_specdec.commands.cli import app
 from mlx_specdec.policy import K_MAX
 from tests.cli_model import make_pair
@@ -36,6 +36,9 @@ def runs(model, tmp_path_factory):
     m = ["--model", str(model)]
     commands = {
         "stream": (CLI + ["generate", "Hello there", *m, "--max-tokens", "7", "--draft-tokens", "2"], None),
+        # mlx-lm's spellings of the same flags
+        "aliases": (CLI + ["generate", "-p", "Hello there", *m, "-m", "7", "--num-draft-tokens", "2",
+                           "--draft-model", str(model / "drafter")], None),
         "json_stdin": (CLI + ["generate", *m, "--max-tokens", "7", "-k", "2", "--json"], "Hello there"),
         "usage": (CLI + ["generate", "hi", *m, "--draft-tokens", "nine"], None),
         "mismatch": (CLI + ["generate", "hi", *m, "--drafter", str(other)], None),
@@ -59,7 +62,7 @@ def test_generate_streams_the_answer_and_ends_with_one_summary_line(runs, model)
     assert run.returncode == 0, run.stderr
     # The text on stdout is what the Python API generates for the chat-templated prompt.
     spec = load(model)
-    ids = encode_text(spec.tokenizer, render(spec.tokenizer, [{"role": "user", "content": "Hello there"}]))
+    ids = encode_rendered(spec.tokenizer, render(spec.tokenizer, [{"role": "user", "content": "Hello there"}]))
     expected = generate(spec, ids, max_tokens=7, draft_tokens=2)
     assert run.stdout == expected.text + "\n"
     [summary] = _lines(run.stderr)
@@ -76,6 +79,14 @@ def test_generate_reads_stdin_and_prints_json(runs):
     assert out["stats"]["k_histogram"] and out["finish_reason"] in ("stop", "length")
     assert out["drafter"].endswith("drafter")  # found inside the model folder by default
     assert run.stderr == ""
+
+
+def test_mlx_lm_flag_spellings_do_the_same(runs):
+    run = runs["aliases"]
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == runs["stream"].stdout
+    [summary] = _lines(run.stderr)
+    assert "draft k=2" in summary
 
 
 def test_usage_errors_exit_2_with_one_line(runs):
@@ -111,7 +122,9 @@ def test_help_of_every_command_names_the_common_flags():
         text = runner.invoke(app, [name, "--help"]).output
         for flag in ("--model", "--drafter", "--max-tokens", "--temp", "--top-p", "--seed", "--draft-tokens"):
             assert flag in text, (name, flag)
-    assert "--quantize" in runner.invoke(app, ["convert", "--help"]).output
+    convert_help = runner.invoke(app, ["convert", "--help"]).output
+    for flag in ("-q", "--quantize", "--q-bits", "--q-group-size"):
+        assert flag in convert_help
     assert "--batch-sizes" in runner.invoke(app, ["bench", "--help"]).output
 
 
@@ -124,6 +137,38 @@ def test_without_a_model_the_missing_demo_is_one_clear_line(monkeypatch, tmp_pat
     assert "error: the embedded demo model is missing" in result.output
 
 
+def test_version_and_python_dash_m():
+    from mlx_specdec import __version__
+
+    run = subprocess.run([sys.executable, "-m", "mlx_specdec", "--version"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == f"mlx-specdec {__version__}"
+    assert "Usage: mlx-specdec" in CliRunner().invoke(app, ["-h"]).output
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "hi", "--chat-template-config", "{not json"],
+    ["generate", "hi", "--chat-template-config", "[1]"],
+    ["convert", "src", "--out", "x", "--q-bits", "3"],
+])
+def test_bad_flag_values_are_usage_errors_before_loading(args, monkeypatch):
+    import mlx_specdec.loading
+
+    monkeypatch.setattr(mlx_specdec.loading, "load", lambda *a, **k: pytest.fail("loaded weights"))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert args[-2] in result.output  # names the flag
+
+
+def test_blas_hint_is_printed_by_a_command_that_computes(model, monkeypatch):
+    from mlx_specdec.commands import common
+
+    monkeypatch.setattr(common, "blas_hint", lambda: "MLX is using its slow reference BLAS (test)")
+    result = CliRunner().invoke(app, ["generate", "hi", "--model", str(model), "-m", "2"])
+    assert result.exit_code == 0, result.output
+    assert "warning: MLX is using its slow reference BLAS (test)" in result.output
+
+
 def test_draft_tokens_values():
     from mlx_specdec.commands.cli import parse_draft_tokens
 
@@ -131,5 +176,5 @@ def test_draft_tokens_values():
     assert parse_draft_tokens("off") == 0
     assert parse_draft_tokens(str(K_MAX)) == K_MAX
     for bad in ("-1", str(K_MAX + 1), "x"):
-        with pytest.raises(Exception, match="expected auto, off or an integer"):
+        with pytest.raises(Exception, match="must be auto, off or an integer"):
             parse_draft_tokens(bad)

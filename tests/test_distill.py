@@ -126,6 +126,25 @@ def test_resume_reproduces_an_uninterrupted_run(spec, pair, data_dir, tmp_path):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def test_an_interrupted_run_keeps_its_last_step_and_its_before(spec, pair, data_dir, tmp_path):
+    settings = D.Settings(**{**SMALL, "checkpoint_every": 100})  # no checkpoint but the last, normally
+    data = _data(spec, data_dir, settings)
+    drafter, config = _fresh(spec, pair)
+    events = D.distill(spec, drafter, config, data, settings, tmp_path)
+    for event in events:
+        if event.step == 4:
+            events.close()  # what Ctrl-C in the command does once its progress bar is closed
+            break
+    state = D.read_checkpoint_state(tmp_path)
+    assert state["step"] == 4 and set(state["before"]) == {"teacher-forced", "loop"}
+    resumed, config, _ = D.resume_drafter(spec, tmp_path)
+    events = list(D.distill(spec, resumed, config, data, settings, tmp_path, resume=True))
+    report = events[-1]
+    assert [e.step for e in events[:-1]] == [5, 6]
+    assert report.steps == 6 and report.resumed_from == 4
+    assert {m: a.as_dict() for m, a in report.before.items()} == state["before"]
+
+
 def test_from_scratch_centroid_training_and_transformers_names(checkpoints, pair, spec, data_dir, tmp_path):
     """A drafter built from sizes trains and saves under transformers' parameter names; a
     centroid drafter's cluster scores are trained too."""
@@ -171,7 +190,7 @@ def test_reading_folders_and_jsonl(spec, tmp_path):
     assert len(docs) == 5
 
 
-def test_bad_input_is_one_clear_error(spec, pair, data_dir, tmp_path):
+def test_bad_input_is_one_clear_error(spec, pair, data_dir, tmp_path, capsys):
     tok = spec.tokenizer
     with pytest.raises(D.DataError, match="does not exist"):
         D.read_documents([tmp_path / "missing"], tok)
@@ -191,20 +210,27 @@ def test_bad_input_is_one_clear_error(spec, pair, data_dir, tmp_path):
     with pytest.raises(InputError, match="nothing to resume"):
         D.resume_drafter(spec, tmp_path)
 
-    runner = CliRunner()
-    import typer
-
-    app = typer.Typer()
-    app.command()(distill_command)
-    result = runner.invoke(app, ["--model", str(pair[0]), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [f"error: data path {tmp_path / 'missing'} does not exist"]
-    result = runner.invoke(app, ["--model", str(pair[0]), "--data", str(data_dir), "--out", str(tmp_path / "o"),
+    # Bad flags are usage errors (exit 2, one line), found before the target loads.
+    code, line = _usage(capsys, ["--model", str(pair[0]), "--data", str(tmp_path / "missing"), "--out",
+                                 str(tmp_path / "o")])
+    assert code == 2 and "--data" in line and f"{tmp_path / 'missing'} does not exist" in line
+    code, line = _usage(capsys, ["--model", str(pair[0]), "--data", str(data_dir), "--out", str(tmp_path / "o"),
                                  "--draft-steps", "99"])
-    assert result.exit_code == 1 and "draft steps must be in 1..8" in result.output
+    assert code == 2 and "draft steps must be in 1..8" in line
 
 
-def test_cli_distills_and_resumes(pair, data_dir, tmp_path):
+def _usage(capsys, args: list[str]) -> tuple[int, str]:
+    """`mlx-specdec distill ARGS` as the command line runs it, expected to fail: (exit code, its one line)."""
+    from mlx_specdec.commands.cli import app
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        app(["distill", *args], prog_name="mlx-specdec")
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return exit.value.code, line
+
+
+def test_cli_distills_and_resumes(pair, data_dir, tmp_path, capsys):
     import typer
 
     app = typer.Typer()
@@ -215,9 +241,11 @@ def test_cli_distills_and_resumes(pair, data_dir, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "a1" in result.output and (tmp_path / "model.safetensors").exists()
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 1 and "pass --resume" in again.output
+    code, line = _usage(capsys, args)
+    assert code == 2 and "pass --resume" in line
     resumed = CliRunner().invoke(app, args[:-2] + ["--dtype", "float32", "--resume", "--steps", "6"])
     assert resumed.exit_code == 0, resumed.output
+    assert "resumed from step 4 of 6" in resumed.output and "6 steps, resumed from step 4" in resumed.output
+    assert "before (loop)" in resumed.output
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 6
     assert load(pair[0], drafter=tmp_path).drafter is not None

@@ -11,7 +11,7 @@ from mlx_specdec.decode import Options
 from mlx_specdec.engine import Engine
 from mlx_specdec.errors import InputError
 from mlx_specdec.loading import SpecModel
-from mlx_specdec.oracle_drafter import StandInDrafter
+from tests.stand_in import StandInDrafter
 from mlx_specdec.sampling import SamplingParams
 from tests.helpers import prompt
 

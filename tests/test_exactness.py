@@ -10,7 +10,7 @@ from mlx_specdec import generate, generate_batch, load
 from mlx_specdec.loading import SpecModel
 from tests import oracle
 from tests.helpers import prompt, until_eos
-from mlx_specdec.oracle_drafter import StandInDrafter
+from tests.stand_in import StandInDrafter
 
 WINDOW = 8
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
@@ -34,6 +34,7 @@ def standin(spec, prompts, max_tokens, error_rate=0.0, seed=0):
     return SpecModel(target=spec.target, drafter=drafter, tokenizer=None, eos_token_ids=spec.eos_token_ids)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     geometry=st.sampled_from(oracle.GEOMETRIES),
@@ -71,12 +72,13 @@ def test_standin_drafter_greedy_equals_plain(checkpoints, geometry, length, k, s
         assert result.stats.drafted == 0 or result.stats.acceptance_rate == 1.0
 
 
-def test_perfect_drafter_accepts_every_token_in_exact_rounds(checkpoints):
-    spec = _spec(checkpoints.target("dense"), None)
+@pytest.mark.parametrize("geometry", ["dense", "unified-shared"])
+def test_perfect_drafter_accepts_every_token_in_exact_rounds(checkpoints, geometry):
+    spec = _spec(checkpoints.target(geometry), None)
     ids = prompt(3 * WINDOW, 7)
     expected = _plain(spec, ids, 64)
     assert len(expected) == 64, "pick a prompt whose greedy continuation has no EOS"
-    for k in (1, 3, 8):
+    for k in range(1, 9):
         result = generate(standin(spec, [ids], 64), ids, max_tokens=64, draft_tokens=k)
         assert result.tokens == expected
         # The first token comes from the prefill; each round then yields k + 1.
@@ -85,9 +87,11 @@ def test_perfect_drafter_accepts_every_token_in_exact_rounds(checkpoints):
         assert result.finish_reason == "length"
 
 
-def test_transformers_assisted_generation_agrees(checkpoints):
-    target = checkpoints.target("e2b")
-    drafter = checkpoints.assistant(target, centroids=True)
+@pytest.mark.slow
+@pytest.mark.parametrize("geometry", ["e2b", "unified", "unified-shared"])
+def test_transformers_assisted_generation_agrees(checkpoints, geometry):
+    target = checkpoints.target(geometry)
+    drafter = checkpoints.assistant(target, centroids=geometry != "unified")
     spec = _spec(target, drafter)
     ids = prompt(2 * WINDOW + 3, 11)
     expected = oracle.reference_greedy(target, ids, 20, assistant_path=drafter, num_assistant_tokens=4)
@@ -118,6 +122,7 @@ def test_max_tokens_is_exact(checkpoints, max_tokens):
         assert result.finish_reason == "length"
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     geometry=st.sampled_from(oracle.GEOMETRIES),
@@ -137,9 +142,24 @@ def test_batch_rows_equal_single_generation(checkpoints, geometry, lengths, k, s
     assert [r.tokens for r in results] == expected
 
 
-def test_batch_with_real_drafter_equals_single(checkpoints):
-    target = checkpoints.target("31b")
-    spec = _spec(target, checkpoints.assistant(target))
+@pytest.mark.parametrize("geometry", ["31b", "unified", "unified-shared"])
+def test_batch_with_real_drafter_equals_single(checkpoints, geometry):
+    target = checkpoints.target(geometry)
+    spec = _spec(target, checkpoints.assistant(target, centroids=geometry == "unified-shared"))
     prompts = [prompt(n, n) for n in (1, 9, 30, 4, 17, 2, 25, 8)]
     results = generate_batch(spec, prompts, max_tokens=15, draft_tokens=3)
     assert [r.tokens for r in results] == [_plain(spec, p, 15) for p in prompts]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("geometry", oracle.UNIFIED_GEOMETRIES)
+def test_unified_pairs_are_exact_for_every_k(checkpoints, geometry):
+    """The 12B's decoder with its real (random) drafter: every k, one row and a batch, equal
+    transformers' greedy output, prompts past the sliding window several times over."""
+    target = checkpoints.target(geometry, multimodal=True, published=True)
+    spec = _spec(target, checkpoints.assistant(target, centroids=geometry == "unified-shared", published=True))
+    prompts = [prompt(n, 40 + n) for n in (4 * WINDOW + 3, 2, WINDOW + 1)]
+    expected = [until_eos(oracle.reference_greedy(target, p, 20)) for p in prompts]
+    for k in range(1, 9):
+        assert generate(spec, prompts[0], max_tokens=20, draft_tokens=k).tokens == expected[0]
+        assert [r.tokens for r in generate_batch(spec, prompts, max_tokens=20, draft_tokens=k)] == expected

@@ -30,27 +30,29 @@ def _arrays(module):
     return {id(a): a for _, a in tree_flatten(module.parameters())}
 
 
-def test_drafter_holds_the_targets_embedding_not_a_copy(checkpoints):
-    target = checkpoints.target("e2b")
+@pytest.mark.parametrize("geometry", ["e2b", "unified-shared"])
+def test_drafter_holds_the_targets_embedding_not_a_copy(checkpoints, geometry):
+    target = checkpoints.target(geometry)
     spec = load(target, drafter=checkpoints.assistant(target))
     table = spec.target.model.embed_tokens.weight
     assert spec.drafter.input_embedding.weight is table
     # Nothing the drafter owns is a table of the target's shape (V x target width).
     drafter_arrays = _arrays(spec.drafter)
     assert all(a.shape != table.shape for a in drafter_arrays.values())
-    # Memory of both models: each array counted once, and the target's table once.
-    both = {**_arrays(spec.target), **drafter_arrays}
-    total = sum(a.nbytes for a in both.values())
-    assert total == sum(a.nbytes for a in _arrays(spec.target).values()) + sum(
-        a.nbytes for a in drafter_arrays.values()
-    )
-    # The drafter reads through the same array: changing it changes the drafter's input.
+    # No array is held by both models.
+    assert not set(_arrays(spec.target)) & set(drafter_arrays)
+    # The drafter reads through the target's embedding: changing the table changes its input
+    # (a copy would keep the old one).
     tokens = mx.array([5])
     before = spec.drafter.embed(tokens)
     assert mx.allclose(before, spec.target.embed(tokens[None])[0])
+    spec.target.model.embed_tokens.weight = table + 1.0
+    after = spec.drafter.embed(tokens)
+    assert not mx.allclose(after, before) and mx.allclose(after, spec.target.embed(tokens[None])[0])
 
 
-def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoints):
+@pytest.mark.parametrize("geometry", ["e2b", "unified-shared"])
+def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoints, geometry):
     import gc
 
     def active():
@@ -58,7 +60,7 @@ def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoint
         mx.clear_cache()
         return mx.get_active_memory()
 
-    target = checkpoints.target("e2b")
+    target = checkpoints.target(geometry)
     drafter = checkpoints.assistant(target)
     base = active()
     alone = load(target, drafter=False, policy_cache=False)
@@ -73,10 +75,14 @@ def test_loading_the_drafter_adds_its_own_weights_and_no_second_table(checkpoint
     assert own <= growth < own + table // 2
 
 
-def test_multimodal_checkpoint_loads_text_weights_only(checkpoints):
-    path = checkpoints.target("dense", multimodal=True)
+@pytest.mark.parametrize(
+    "geometry, towers",
+    [("dense", ("vision_tower", "audio_tower")), ("unified", ("vision_embedder", "embed_vision", "embed_audio"))],
+)
+def test_multimodal_checkpoint_loads_text_weights_only(checkpoints, geometry, towers):
+    path = checkpoints.target(geometry, multimodal=True)
     keys = set(mx.load(str(path / "model.safetensors")))
-    assert any("vision_tower" in k for k in keys) and any("audio_tower" in k for k in keys)
+    assert all(any(k.startswith(f"model.{t}.") for k in keys) for t in towers)
     spec = load(path, drafter=False)
     names = {k for k, _ in tree_flatten(spec.target.parameters())}
     assert not any("vision" in k or "audio" in k for k in names)
@@ -128,6 +134,38 @@ def test_text_prompt_with_tokenizer(checkpoints):
     result = generate(spec, "the cat sat on the mat", max_tokens=6)
     assert isinstance(result.text, str)
     assert result.tokens == generate(spec, spec.tokenizer.encode("the cat sat on the mat"), max_tokens=6).tokens
+
+
+def test_hub_target_finds_its_assistant_repo(checkpoints, monkeypatch):
+    """load("google/gemma-4-12b-it") fetches google/gemma-4-12b-it-assistant, as for the others
+    (the hub client replaced by a table of local folders: no network)."""
+    import huggingface_hub
+
+    target = checkpoints.target("unified", multimodal=True, published=True)
+    drafter = checkpoints.assistant(target, centroids=True, published=True)
+    hub = {"google/gemma-4-12b-it": target, "google/gemma-4-12b-it-assistant": drafter,
+           "google/gemma-4-E2B-it": checkpoints.target("e2b")}
+    fetched = []
+
+    class Response:  # what the hub's errors read of an HTTP response
+        headers: dict = {}
+        request = None
+
+    def snapshot_download(repo_id, **kwargs):
+        fetched.append(repo_id)
+        if repo_id not in hub:
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"404 no repo {repo_id}", response=Response())
+        return str(hub[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    spec = load("google/gemma-4-12b-it")
+    assert fetched == ["google/gemma-4-12b-it", "google/gemma-4-12b-it-assistant"]
+    assert spec.drafter is not None and spec.drafter_name == str(drafter)
+    assert spec.drafter.config.use_ordered_embeddings and spec.target.config.model_type == "gemma4_unified_text"
+    # A target without a published assistant decodes plainly.
+    fetched.clear()
+    assert load("google/gemma-4-E2B-it").drafter is None
+    assert fetched == ["google/gemma-4-E2B-it", "google/gemma-4-E2B-it-assistant"]
 
 
 def test_drafter_found_beside_the_target(checkpoints, tmp_path):
@@ -198,6 +236,32 @@ def test_drafter_with_other_head_dim_is_refused(checkpoints):
         load(checkpoints.target("dense"), drafter=checkpoints.assistant(other))
 
 
+def test_only_a_missing_hub_repo_means_no_drafter(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from mlx_specdec.loading import locate_drafter
+
+    class Response:  # what the hub's errors read of an HTTP response
+        headers: dict = {}
+        request = None
+
+    def hub(error):
+        def snapshot_download(name, allow_patterns=None):
+            raise error
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+    hub(RepositoryNotFoundError("404 no such repo", response=Response()))
+    assert locate_drafter("owner/model", tmp_path, None) is None  # plain decoding
+    for failure in (ConnectionError("network is unreachable"), GatedRepoError("401 gated", response=Response())):
+        hub(failure)
+        with pytest.raises(LoadError, match="could not fetch drafter 'owner/model-assistant'"):
+            locate_drafter("owner/model", tmp_path, None)
+    with pytest.raises(LoadError, match="is not on the hub"):  # asked for by name: an error
+        hub(RepositoryNotFoundError("404 no such repo", response=Response()))
+        locate_drafter("owner/model", tmp_path, "owner/other-assistant")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -229,3 +293,38 @@ def test_cache_refuses_a_step_of_another_batch_size(checkpoints):
     cache = spec.target.make_cache(2)
     with pytest.raises(ValueError, match="step has 1 rows but the cache holds 2"):
         spec.target(mx.array([[5]]), Step((0,), 1), cache)
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4_unified_text"])
+def test_config_defaults_are_transformers_defaults(model_type):
+    """What a config.json leaves out resolves as transformers resolves it, per family: the
+    unified text config has its own window and bidirectional mode and no PLE/MoE at all."""
+    from transformers import AutoConfig, Gemma4UnifiedAssistantConfig
+
+    from mlx_specdec.models import assistant, gemma4
+
+    cfg = {"model_type": model_type, "num_hidden_layers": 6, "hidden_size": 64, "num_attention_heads": 4,
+           "attention_k_eq_v": True, "num_global_key_value_heads": 1}
+    ours, theirs = gemma4.TextConfig.from_dict(cfg), AutoConfig.for_model(**cfg)
+    assert ours.model_type == theirs.model_type == model_type
+    assert ours.sliding_window == theirs.sliding_window
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.use_bidirectional_attention == theirs.use_bidirectional_attention
+    assert list(ours.layer_types) == theirs.layer_types and ours.rope_parameters == theirs.rope_parameters
+    assert list(ours.head_dims) == [theirs.per_layer_config[i].head_dim for i in range(6)]
+    assert list(ours.kv_heads) == [theirs.per_layer_config[i].num_key_value_heads for i in range(6)]
+    assert ours.hidden_size_per_layer_input == getattr(theirs, "hidden_size_per_layer_input", 0)
+    assert ours.enable_moe_block == getattr(theirs, "enable_moe_block", False)
+    if model_type == "gemma4_unified_text":
+        assert (ours.sliding_window, ours.use_bidirectional_attention) == (1024, "vision")
+        # Keys the unified decoder never reads change nothing.
+        stray = gemma4.TextConfig.from_dict({**cfg, "hidden_size_per_layer_input": 256, "enable_moe_block": True})
+        assert (stray.hidden_size_per_layer_input, stray.enable_moe_block) == (0, False)
+        drafter = assistant.AssistantConfig.from_dict(
+            {"model_type": "gemma4_unified_assistant", "text_config": {**cfg, "num_hidden_layers": 2}})
+        reference = Gemma4UnifiedAssistantConfig()
+        assert drafter.text.model_type == model_type
+        assert (drafter.backbone_hidden_size, drafter.num_centroids, drafter.centroid_intermediate_top_k) == (
+            reference.backbone_hidden_size, reference.num_centroids, reference.centroid_intermediate_top_k)
+        assert (reference.backbone_hidden_size, reference.num_centroids, reference.centroid_intermediate_top_k) == (
+            3840, 2048, 32)

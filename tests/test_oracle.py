@@ -24,15 +24,16 @@ def _weights(path):
 
 @pytest.mark.parametrize("geometry", oracle.GEOMETRIES)
 def test_text_config_geometry(geometry):
-    config = oracle.Gemma4TextConfig(**oracle.text_config(geometry))
+    config = oracle.text_config_class(geometry)(**oracle.text_config(geometry))
+    assert config.model_type == ("gemma4_unified_text" if geometry in oracle.UNIFIED_GEOMETRIES else "gemma4_text")
     assert config.layer_types[-1] == oracle.FULL and oracle.SLIDING in config.layer_types
     full = config.per_layer_config[config.layer_types.index(oracle.FULL)]
     sliding = config.per_layer_config[config.layer_types.index(oracle.SLIDING)]
     assert (sliding.head_dim, full.head_dim) == (8, 16)
-    expected_full_kv = 1 if geometry in ("31b", "26b") else 2
+    expected_full_kv = 1 if geometry in oracle.K_EQ_V else 2
     assert (sliding.num_key_value_heads, full.num_key_value_heads) == (2, expected_full_kv)
     assert config.vocab_size % oracle.NUM_CENTROIDS == 0
-    if geometry == "e2b":
+    if geometry in oracle.KV_SHARED:
         assert config.kv_sharing_modes[-2:] == ["reuse", "reuse"]
         assert {config.layer_types[i] for i in (-1, -2)} == {oracle.SLIDING, oracle.FULL}
 
@@ -62,25 +63,37 @@ def test_save_target_is_random_deterministic_and_loads_strictly(tmp_path, geomet
     if geometry == "26b":
         assert {"model.layers.0.router.scale", "model.layers.0.router.per_expert_scale"} <= a.keys()
         assert a["model.layers.0.experts.gate_up_proj"].shape == (4, 32, 48)
-    if geometry == "e2b":
+    if geometry in oracle.KV_SHARED:
         assert "model.layers.5.self_attn.k_proj.weight" not in a  # KV-shared layer
         assert a["model.layers.5.mlp.gate_proj.weight"].shape == (160, 48)  # double-wide
+        assert a["model.layers.3.mlp.gate_proj.weight"].shape == (80, 48)  # only the shared ones
+    if geometry == "e2b":
         assert a["model.embed_tokens_per_layer.weight"].shape == (96, 6 * 8)
-    if geometry in ("31b", "26b"):
+    if geometry in oracle.UNIFIED_GEOMETRIES:  # a Gemma 2 style layer: no per-layer inputs, no MoE
+        assert not any("per_layer" in k or "router" in k or "experts" in k for k in a)
+    if geometry in oracle.K_EQ_V:
         assert "model.layers.2.self_attn.v_proj.weight" not in a  # k_eq_v on full layers
         assert a["model.layers.2.self_attn.k_proj.weight"].shape == (16, 48)
     oracle.load_model(tmp_path / "a")  # raises on missing / unexpected keys
 
 
-def test_multimodal_target_holds_towers_and_the_same_language_model(checkpoints):
-    text = checkpoints.target("e2b")
-    multi = checkpoints.target("e2b", multimodal=True)
+@pytest.mark.parametrize(
+    ("geometry", "model_type", "towers"),
+    [
+        ("e2b", "gemma4", ("vision_tower", "audio_tower", "embed_vision")),
+        # The 12B is encoder-free: a patch embedder (saved as vision_embedder + embed_vision's
+        # projection) and an audio projection, no towers.
+        ("unified-shared", "gemma4_unified", ("vision_embedder", "embed_vision", "embed_audio")),
+    ],
+)
+def test_multimodal_target_holds_towers_and_the_same_language_model(checkpoints, geometry, model_type, towers):
+    text = checkpoints.target(geometry)
+    multi = checkpoints.target(geometry, multimodal=True)
     config = json.loads((multi / "config.json").read_text())
-    assert config["model_type"] == "gemma4" and config["text_config"]["model_type"] == "gemma4_text"
+    assert config["model_type"] == model_type and config["text_config"]["model_type"] == f"{model_type}_text"
     weights, text_weights = _weights(multi), _weights(text)
-    assert any(k.startswith("model.vision_tower.") for k in weights)
-    assert any(k.startswith("model.audio_tower.") for k in weights)
-    assert any(k.startswith("model.embed_vision.") for k in weights)
+    for tower in towers:
+        assert any(k.startswith(f"model.{tower}.") for k in weights), tower
     for name, value in text_weights.items():
         np.testing.assert_array_equal(weights[name.replace("model.", "model.language_model.", 1)], value)
     multi_ref, text_ref = oracle.reference_forward(multi, PROMPT), oracle.reference_forward(text, PROMPT)
@@ -89,7 +102,8 @@ def test_multimodal_target_holds_towers_and_the_same_language_model(checkpoints)
 
 
 @pytest.mark.parametrize(
-    ("geometry", "multimodal"), [("dense", False), ("e2b", True), ("31b", False), ("26b", True)]
+    ("geometry", "multimodal"),
+    [("dense", False), ("e2b", True), ("31b", False), ("26b", True), ("unified", True), ("unified-shared", False)],
 )
 def test_published_config_loads_to_the_identical_model(checkpoints, tmp_path, geometry, multimodal):
     saved = checkpoints.target(geometry, multimodal=multimodal)
@@ -101,7 +115,7 @@ def test_published_config_loads_to_the_identical_model(checkpoints, tmp_path, ge
     text = config.get("text_config", config)
     assert "per_layer_config" not in text
     assert text["global_head_dim"] == 16
-    assert text["num_global_key_value_heads"] == (1 if geometry in ("31b", "26b") else None)
+    assert text["num_global_key_value_heads"] == (1 if geometry in oracle.K_EQ_V else None)
 
     before, after = oracle.load_config(saved), oracle.load_config(published)
     layers = range(before.get_text_config().num_hidden_layers)
@@ -141,7 +155,7 @@ def test_reference_forward_shapes_and_post_norm_hidden(checkpoints, geometry):
     ref = oracle.reference_forward(target, PROMPT)
     n = len(PROMPT)
     assert ref["logits"].shape == (n, 96) and ref["hidden"].shape == (n, 48)
-    full_kv = 1 if geometry in ("31b", "26b") else 2
+    full_kv = 1 if geometry in oracle.K_EQ_V else 2
     shapes = {kind: (k.shape, v.shape) for kind, (k, v) in ref["shared_kv"].items()}
     assert shapes == {
         oracle.SLIDING: ((2, n, 8), (2, n, 8)),
@@ -189,6 +203,7 @@ def test_reference_draft_is_the_first_round_of_generate(checkpoints, geometry, c
     assert assisted["rounds"][0]["drafted"] == draft["tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("geometry", "centroids", "multimodal"),
     [("dense", False, False), ("e2b", True, False), ("31b", False, True), ("26b", True, False)],
@@ -205,6 +220,48 @@ def test_assisted_greedy_equals_plain_greedy(checkpoints, geometry, centroids, m
     assert rounds and all(0 <= r["accepted"] <= len(r["drafted"]) <= 3 for r in rounds)
     # Every round emits its accepted drafts plus one target token; the prefill emits one.
     assert 1 + sum(r["accepted"] + 1 for r in rounds) == 16
+
+
+@pytest.mark.parametrize(
+    ("geometry", "centroids"),
+    [("dense", False), ("e2b", True), ("26b", False), ("unified-shared", True)],
+)
+def test_our_rounds_follow_transformers_round_by_round(checkpoints, geometry, centroids):
+    """Fixed k = 3: the same number of rounds, each accepting as many drafts and emitting as
+    many tokens as transformers' assisted generate, and the first round's drafts identical.
+    (From the second round on transformers hands the drafter sliding K/V that still hold the
+    rejected drafts, see `oracle.reference_assisted`, so later drafts may differ by design.)"""
+    import dataclasses
+
+    from mlx_specdec import load
+    from mlx_specdec.api import Settings
+    from mlx_specdec.decode import decode
+
+    target = checkpoints.target(geometry)
+    assistant = checkpoints.assistant(target, centroids=centroids)
+    reference = oracle.reference_assisted(target, PROMPT, 16, assistant, num_assistant_tokens=3)
+
+    class Recording:  # the drafter, its greedy drafts recorded call by call
+        def __init__(self, inner):
+            self.inner, self.drafts = inner, []
+            self.sliding_window = inner.sliding_window
+
+        def __call__(self, *args):
+            draft = self.inner(*args)
+            self.drafts.append(draft.greedy_tokens().item())
+            return draft
+
+    spec = load(target, drafter=assistant)
+    recording = Recording(spec.drafter)
+    updates = list(decode(dataclasses.replace(spec, drafter=recording), [PROMPT],
+                          Settings(max_tokens=16, draft_tokens=3).options()))
+    rounds = updates[1:]  # the first update is the prefill's token
+    assert [len(u.tokens.get(0, [])) for u in rounds] == [r["accepted"] + 1 for r in reference["rounds"]]
+    assert rounds[-1].stats[0].rounds == len(reference["rounds"])
+    assert rounds[-1].stats[0].accepted == sum(r["accepted"] for r in reference["rounds"])
+    assert rounds[-1].stats[0].drafted == sum(len(r["drafted"]) for r in reference["rounds"]) == len(recording.drafts)
+    assert recording.drafts[:3] == reference["rounds"][0]["drafted"]
+    assert [t for u in updates for t in u.tokens.get(0, [])] == reference["tokens"]
 
 
 def test_greedy_stops_at_eos(checkpoints):

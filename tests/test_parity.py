@@ -12,9 +12,9 @@ WINDOW = 8  # the oracle's sliding window
 
 
 @pytest.mark.parametrize("geometry", oracle.GEOMETRIES)
-@pytest.mark.parametrize("layout", ["text", "multimodal", "published"])
+@pytest.mark.parametrize("layout", ["text", "multimodal", "published", "published-multimodal"])
 def test_target_logits_and_hidden_match_transformers(checkpoints, geometry, layout):
-    path = checkpoints.target(geometry, multimodal=layout == "multimodal", published=layout == "published")
+    path = checkpoints.target(geometry, multimodal="multimodal" in layout, published="published" in layout)
     spec = load(path, drafter=False)
     ids = prompt(4 * WINDOW + 3, seed=1)
     ref = oracle.reference_forward(path, ids)
@@ -30,10 +30,11 @@ def test_target_logits_and_hidden_match_transformers(checkpoints, geometry, layo
 
 @pytest.mark.parametrize("geometry", oracle.GEOMETRIES)
 @pytest.mark.parametrize("centroids", [False, True])
-@pytest.mark.parametrize("length", [5, 3 * WINDOW + 1])
-def test_drafter_first_steps_match_transformers(checkpoints, geometry, centroids, length):
-    target = checkpoints.target(geometry)
-    drafter = checkpoints.assistant(target, centroids=centroids)
+# The published style: both config.json files as Google writes them, the target multimodal.
+@pytest.mark.parametrize(("length", "published"), [(5, False), (3 * WINDOW + 1, False), (3 * WINDOW + 1, True)])
+def test_drafter_first_steps_match_transformers(checkpoints, geometry, centroids, length, published):
+    target = checkpoints.target(geometry, multimodal=published, published=published)
+    drafter = checkpoints.assistant(target, centroids=centroids, published=published)
     spec = load(target, drafter=drafter)
     ids = prompt(length, seed=length)
     ref = oracle.reference_draft(target, drafter, ids, steps=3)

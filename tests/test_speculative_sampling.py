@@ -24,10 +24,10 @@ P_VALUE_FLOOR = 1e-4
 PROMPT = [5, 9, 3, 12, 7]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.fixture(scope="module", params=["e2b", "unified-shared"])
+def tiny(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("tiny-vocab")
-    target = oracle.save_target(root / "target", "e2b", vocab_size=VOCAB, seed=2)
+    target = oracle.save_target(root / "target", request.param, vocab_size=VOCAB, seed=2)
     drafter = oracle.save_assistant(root / "drafter", target, centroids=True, seed=5)
     spec = load(target, drafter=drafter)
     # No EOS: every row yields exactly max_tokens tokens.
@@ -87,6 +87,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params, k", CASES)
 def test_speculative_sampling_matches_the_target_distribution(tiny, params, k):
     joint12, joint23 = exact_joints(tiny, params)
@@ -103,6 +104,9 @@ def test_rounds_really_drafted_and_rejected(tiny):
     assert 0 < accepted < drafted
 
 
+# The test's teeth do not depend on the model: one pair shows them.
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny", ["e2b"], indirect=True)
 def test_a_wrong_acceptance_rule_is_caught(tiny, monkeypatch):
     """The threshold has teeth: sampling a rejected draft's replacement from p
     instead of the residual max(0, p - q) skews the distribution, and the test

@@ -39,18 +39,13 @@ from mlx.utils import tree_flatten
 from ..api import generate, generate_batch
 from ..errors import InputError
 from ..loading import SpecModel
-from ..policy import K_MAX, DraftPolicy, expected_tokens
+from .common import human, openblas_loaded
+from ..prompt import encode_messages, encode_text, user_turn
+from ..policy import K_MAX, DraftPolicy, expected_tokens, parse_draft_tokens
 
 WORKLOADS_FILE = Path(__file__).with_name("bench_workloads.json")
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 DEFAULT_MODES: tuple[int | str, ...] = (0, 1, 2, 3, 4, 5, 6, "auto")
-
-SLOW_MATMUL_SECONDS = 0.02
-"""A 512x512 fp32 matmul slower than this means MLX's bundled reference BLAS: it takes ~70-110 ms
-on a 2-core x86 machine where OpenBLAS takes 2-7 ms."""
-
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-
 
 # ---------------------------------------------------------------------------------------------
 # Workloads
@@ -86,33 +81,23 @@ def load_workloads(path: str | Path | None = None, names: Sequence[str] | None =
 
 
 def parse_modes(text: str) -> list[int | str]:
-    """'plain,1-6,auto' -> [0, 1, ..., 6, 'auto']; 'plain' and 'off' are k = 0."""
+    """'plain,1-6,auto' -> [0, 1, ..., 6, 'auto']: draft lengths as `parse_draft_tokens` reads
+    them, and ranges a-b of k."""
     modes: list[int | str] = []
     for part in (p.strip().lower() for p in text.split(",") if p.strip()):
-        if part in ("plain", "off", "0"):
-            modes.append(0)
-        elif part == "auto":
-            modes.append("auto")
-        elif "-" in part:
-            lo, _, hi = part.partition("-")
-            modes += list(range(_k(lo), _k(hi) + 1))
+        lo, dash, hi = part.partition("-")
+        if dash:
+            a, b = parse_draft_tokens(lo), parse_draft_tokens(hi)
+            if "auto" in (a, b):
+                raise InputError(f"a range of draft lengths is a-b of integers, got {part!r}")
+            modes += list(range(a, b + 1))
         else:
-            modes.append(_k(part))
+            modes.append(parse_draft_tokens(part))
     if not modes:
         raise InputError("no modes given: expected e.g. plain,1-6,auto")
     if 0 not in modes:
         modes.insert(0, 0)  # speedups are against plain decoding in the same run
     return list(dict.fromkeys(modes))
-
-
-def _k(text: str) -> int:
-    try:
-        k = int(text.removeprefix("k="))
-    except ValueError:
-        raise InputError(f"a mode must be plain, auto, k or a range a-b of k, got {text!r}") from None
-    if not 0 <= k <= K_MAX:
-        raise InputError(f"draft length k must be in 0..{K_MAX}, got {k}")
-    return k
 
 
 def mode_name(mode: int | str) -> str:
@@ -123,11 +108,9 @@ def encode_prompts(spec: SpecModel, workload: Workload) -> list[list[int]]:
     tok = spec.tokenizer
     if tok is None:
         raise InputError(f"bench needs a tokenizer, and {spec.name} has no tokenizer files")
-    if workload.chat and getattr(tok, "has_chat_template", False):
-        from .chat import encode_text, render
-
-        return [encode_text(tok, render(tok, [{"role": "user", "content": p}])) for p in workload.prompts]
-    return [list(tok.encode(p)) for p in workload.prompts]
+    if workload.chat and tok.has_chat_template:
+        return [encode_messages(tok, user_turn(p)) for p in workload.prompts]
+    return [encode_text(tok, p) for p in workload.prompts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +137,12 @@ class Cell:
     @property
     def tokens_per_second(self) -> float:
         return statistics.median(self.runs_tokens_per_second)
+
+    @property
+    def spread(self) -> float | None:
+        """Fastest run over slowest (None with one run)."""
+        runs = self.runs_tokens_per_second
+        return max(runs) / min(runs) if len(runs) > 1 and min(runs) > 0 else None
 
     @property
     def acceptance(self) -> float | None:
@@ -295,43 +284,6 @@ def run(spec: SpecModel, workloads: list[Workload], settings: Settings,
 # The environment
 
 
-def openblas_loaded() -> bool:
-    """Is OpenBLAS mapped into this process as the BLAS (e.g. through LD_PRELOAD)? numpy's own
-    bundled copy (libscipy_openblas*) does not count: MLX does not call it."""
-    try:
-        paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
-    except OSError:
-        return False
-    return any("openblas" in p.lower() and Path(p).name.startswith(("libblas", "libopenblas")) for p in paths)
-
-
-def matmul_seconds(n: int = 512, tries: int = 3) -> float:
-    """Best time of an n x n fp32 matmul on the default device."""
-    a = mx.random.normal((n, n))
-    mx.eval(a)
-    best = float("inf")
-    for _ in range(tries):
-        start = time.perf_counter()
-        mx.eval(a @ a)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def reference_blas_warning() -> str | None:
-    """On Linux's CPU backend: a line saying how to leave MLX's slow bundled BLAS, if it is in use."""
-    if not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu:
-        return None
-    if openblas_loaded():
-        return None
-    seconds = matmul_seconds()
-    if seconds < SLOW_MATMUL_SECONDS:
-        return None
-    have = Path(OPENBLAS).exists()
-    return (f"MLX is using its slow reference BLAS (a 512x512 fp32 matmul takes {seconds * 1000:.0f} ms): "
-            + ("" if have else "install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread), then ")
-            + f"run with LD_PRELOAD={OPENBLAS}")
-
-
 def _params(module) -> tuple[int, int, set[str]]:
     """(parameters, bytes, dtypes) of a module; quantized weights count their unpacked size."""
     count, size, dtypes = 0, 0, set()
@@ -381,14 +333,6 @@ def environment(spec: SpecModel, blas_warning: str | None) -> dict:
     return env
 
 
-def human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
-        n /= 1000
-    return f"{n:.3g}P{unit}"
-
-
 def environment_lines(env: dict) -> list[str]:
     lines = [f"MLX {env['mlx']} on {env['device']} ({env['device_name']}"
              + (f", {env['cpus']} CPUs" if env.get("cpus") else "") + (f", {env['blas']}" if env.get("blas") else "")
@@ -414,6 +358,29 @@ def environment_lines(env: dict) -> list[str]:
 
 COLUMNS = ("workload", "B", "mode", "tok/s", "speedup", "accept a", "tok/round", "ceiling E(k)", "k chosen")
 
+FOOTNOTE = ("tok/s: median decode tokens/s over the runs. speedup: over plain, same workload and B, the median of "
+            "run-by-run ratios (the modes take turns, so load from other processes falls on all of them alike); it "
+            "need not equal the ratio of the tok/s medians, and is the better estimate. accept a: acceptance of a "
+            "draft position given the ones before it were accepted. tok/round: tokens per target pass per row. "
+            "ceiling E(k) = (1 - a^(k+1)) / (1 - a): the speedup if drafting were free and verifying k + 1 tokens "
+            "cost one. k chosen: the draft lengths auto used, by share of rounds.")
+
+SPREAD_WARNING = 1.5
+"""Runs of one cell whose fastest is this many times the slowest: the machine was busy, the median
+of few runs may mislead, and more --repeats (or a quieter machine) are needed."""
+
+
+def spread_warning(cells: list[Cell]) -> str | None:
+    """One line naming the cells whose runs spread widely, or None."""
+    wide = [c for c in cells if c.spread is not None and c.spread >= SPREAD_WARNING]
+    if not wide:
+        return None
+    worst = sorted(wide, key=lambda c: -c.spread)
+    named = ", ".join(f"{c.workload} B={c.batch_size} {c.mode} {c.spread:.1f}x" for c in worst[:4])
+    more = f" and {len(wide) - 4} more" if len(wide) > 4 else ""
+    return (f"the runs of {len(wide)} cell(s) spread by {SPREAD_WARNING}x or more (fastest/slowest): {named}{more}; "
+            "the machine was busy: read those with care, or rerun with more --repeats")
+
 
 def row(cell: Cell) -> list[str]:
     def f(x, fmt):
@@ -437,13 +404,18 @@ def to_markdown(result: BenchResult) -> str:
               f"median of {s['repeats']} runs after {s['warmup']} warm-up", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(c)) + " |" for c in result.cells]
-    lines += ["", "tok/s: median decode tokens/s over the runs; speedup: over plain, same workload and B, the "
-              "median of run-by-run ratios (the modes take turns); "
-              "accept a: acceptance of a draft position given the ones before it were accepted; "
-              "tok/round: tokens per target pass per row; ceiling E(k) = (1 - a^(k+1)) / (1 - a): "
-              "the speedup if drafting were free and verifying k + 1 tokens cost one; "
-              "k chosen: the draft lengths auto used, by share of rounds.", ""]
+    lines += ["", FOOTNOTE, ""]
+    warning = spread_warning(result.cells)
+    if warning:
+        lines += [f"Warning: {warning}.", ""]
     return "\n".join(lines)
+
+
+def chart_title(env: dict) -> str:
+    """The model and the machine, for the chart's title."""
+    machine = env["device_name"] + (f", {env['cpus']} CPUs" if env.get("cpus") else "") + (
+        f", {env['blas']}" if env.get("blas") else "")
+    return f"speedup over plain decoding: {Path(env['model']['name']).name} on {env['device']} ({machine})"
 
 
 def chart(result: BenchResult, path: str | Path) -> Path:
@@ -454,7 +426,10 @@ def chart(result: BenchResult, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(c.workload for c in result.cells))
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False, sharey=True)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False, sharey=True)
+    fig.suptitle(chart_title(result.environment), fontsize="medium")
     for ax, name in zip(axes[0], names):
         cells = [c for c in result.cells if c.workload == name]
         for b in sorted({c.batch_size for c in cells}):
@@ -467,6 +442,7 @@ def chart(result: BenchResult, path: str | Path) -> Path:
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_title(name)
         ax.set_xlabel("draft length k (dashed: auto)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # k is a count
     axes[0][0].set_ylabel("speedup over plain")
     axes[0][-1].legend(fontsize="small")
     fig.tight_layout()

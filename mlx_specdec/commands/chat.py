@@ -19,31 +19,20 @@ positions only, so a rewind further back than the ring still holds starts a fres
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 
-from ..api import GenerationChunk, _options
+from . import common
+from ..api import GenerationChunk, Settings
 from ..cache import Cache
-from ..decode import Options, Stats, check_prompt, decode, new_cache
+from ..decode import Stats, check_prompt, decode, new_cache
 from ..engine import reusable
 from ..errors import InputError, SpecDecError
 from ..loading import SpecModel
-from ..policy import K_MAX
-
-
-
-def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-    """The conversation as text through the tokenizer's chat template."""
-    if not getattr(tokenizer, "has_chat_template", False):
-        raise InputError("this model's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Ids of rendered template text (the template writes its own BOS)."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
+from ..policy import parse_draft_tokens
+from ..prompt import TextStream, answer_text, check_text, encode_rendered, render
 
 
 @dataclass
@@ -67,23 +56,6 @@ class TurnReport:
 
 
 @dataclass
-class Settings:
-    """Generation settings a chat can change between turns (/draft, /temp, /max)."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    draft_tokens: int | str = "auto"
-
-    def options(self) -> Options:
-        return _options(self.max_tokens, self.temperature, self.top_p, self.top_k, self.min_p, self.seed,
-                        self.draft_tokens)
-
-
-@dataclass
 class ChatSession:
     """A conversation with a model, its prompt cache kept between turns.
 
@@ -98,6 +70,7 @@ class ChatSession:
     settings: Settings = field(default_factory=Settings)
     system: str | None = None
     reuse_cache: bool = True
+    template_config: dict | None = None  # extra chat template variables (--chat-template-config)
     messages: list[dict] = field(default_factory=list)
     reports: list[TurnReport] = field(default_factory=list)
     # The conversation as the model last saw it: rendered text and ids (prompt + answer).
@@ -110,7 +83,8 @@ class ChatSession:
     def __post_init__(self):
         if self.spec.tokenizer is None:
             raise InputError(f"chat needs a tokenizer, and {self.spec.name} has no tokenizer files")
-        render(self.spec.tokenizer, [{"role": "user", "content": "hi"}])  # fail now if there is no template
+        render(self.spec.tokenizer, [{"role": "user", "content": "hi"}],  # fail now if there is no template
+               template_config=self.template_config)
 
     # -- conversation state ------------------------------------------------------------------
 
@@ -139,12 +113,21 @@ class ChatSession:
         When it extends what the model last saw, the old ids (the answer's own among them)
         are kept and only the new text is tokenized."""
         tokenizer = self.spec.tokenizer
-        text = render(tokenizer, messages)
+        text = render(tokenizer, messages, template_config=self.template_config)
         if self._history_text and text.startswith(self._history_text):
-            ids = self._history_ids + encode_text(tokenizer, text[len(self._history_text):])
+            ids = self._history_ids + encode_rendered(tokenizer, text[len(self._history_text):])
         else:
-            ids = encode_text(tokenizer, text)
-        return text, check_prompt(ids, self.spec.target.config.vocab_size)
+            ids = encode_rendered(tokenizer, text)
+        limit = self.spec.target.config.max_position_embeddings
+        if len(ids) >= limit:  # never dropped silently: the user decides what to forget
+            raise InputError(f"this turn would make the conversation {len(ids)} tokens, and the model reads at most "
+                             f"{limit} positions: /reset starts a new conversation")
+        return text, check_prompt(ids, self.spec.target.config.vocab_size, limit)
+
+    @property
+    def at_limit(self) -> bool:
+        """Has the conversation filled the model's positions (so no further turn fits)?"""
+        return len(self._history_ids) >= self.spec.target.config.max_position_embeddings
 
     def reusable(self, ids: list[int]) -> int:
         """How many leading ids of this prompt the cache can keep (0: start a fresh cache)."""
@@ -158,6 +141,7 @@ class ChatSession:
         """Stream the answer to ``text``; the turn is committed when the generator ends."""
         if not text.strip():
             raise InputError("empty message")
+        check_text(text)
         options = self.settings.options()
         rendered, ids = self.encode(self.conversation(text))
         start = self.reusable(ids)
@@ -166,8 +150,7 @@ class ChatSession:
         # What the cache holds validly, kept true after every completed pass so that an
         # interruption anywhere leaves it right.
         self._cached = ids[:start]
-        detok = self.spec.tokenizer.detokenizer
-        detok.reset()
+        stream = TextStream(self.spec.tokenizer)
         answer: list[int] = []
         stats, finish = None, None
         try:
@@ -175,11 +158,7 @@ class ChatSession:
                 tokens, finish, stats = update.tokens.get(0, []), update.finished.get(0), update.stats[0]
                 answer += tokens
                 self._cached = (ids + answer)[: update.positions[0]]
-                for t in tokens:
-                    detok.add_token(t)
-                if finish:
-                    detok.finalize()
-                yield GenerationChunk(tokens, detok.last_segment, stats, finish)
+                yield GenerationChunk(tokens, stream.add(tokens, bool(finish)), stats, finish)
         except (Exception, KeyboardInterrupt) as e:
             if not isinstance(e, KeyboardInterrupt):
                 self._cache, self._cached = None, []  # a failure mid-pass: trust nothing
@@ -189,7 +168,7 @@ class ChatSession:
             if answer or finish:  # an answer cut short still joins the conversation; none cut at once doesn't
                 # Stripped, as Gemma's templates trim message content: the next render then
                 # starts with this turn's text and the answer keeps its own ids.
-                reply = self.spec.tokenizer.decode(answer).strip()
+                reply = answer_text(self.spec.tokenizer, answer).strip()
                 self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
                 self._history_text, self._history_ids = rendered + reply, ids + answer
                 self.reports.append(TurnReport(len(ids), len(ids) - start, stats, interrupted=finish is None,
@@ -201,8 +180,7 @@ class ChatSession:
             "model": self.spec.name,
             "drafter": self.spec.drafter_name,
             "system": self.system,
-            "settings": {k: getattr(self.settings, k) for k in
-                         ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "draft_tokens")},
+            "settings": vars(self.settings),
             "messages": self.messages,
             "turns": [r.as_dict() for r in self.reports],
         }
@@ -212,35 +190,9 @@ class ChatSession:
 # Status lines
 
 
-def draft_label(stats: Stats, draft_tokens: int | str, has_drafter: bool) -> str:
-    if not has_drafter:
-        return "draft off (no drafter)"
-    if draft_tokens == 0:
-        return "draft off"
-    if draft_tokens != "auto":
-        return f"draft k={draft_tokens}"
-    used = {k: n for k, n in stats.k_histogram.items() if k}
-    kept = ", policy kept from earlier runs" if stats.policy_kept else ""
-    if not used:
-        return f"draft auto: off{' (' + kept[2:] + ')' if kept else ''}"  # /stats says why
-    drafting, rounds = sum(used.values()), sum(stats.k_histogram.values())
-    if 2 * drafting < rounds:
-        return f"draft auto: mostly off (drafted in {drafting} of {rounds} rounds{kept})"
-    return f"draft auto: on (mostly k={max(used, key=used.get)}{kept})"
-
-
-def status_line(report: TurnReport, has_drafter: bool) -> str:
-    s = report.stats
-    per_round = 1 + s.mean_accepted_per_round if s.rounds else 1.0
-    parts = [
-        f"{s.generated_tokens} tokens",
-        f"{s.tokens_per_second:.1f} tok/s",
-        f"acceptance {s.acceptance_rate:.0%}" if s.drafted else "acceptance -",
-        f"{per_round:.2f} tokens/round",
-        draft_label(s, report.draft_tokens, has_drafter),
-        f"prefill {report.prefill_tokens} of {report.prompt_tokens} tokens ({report.reused_tokens} reused)",
-    ]
-    return " · ".join(parts)
+def status_line(report: TurnReport, has_drafter: bool, width: int | None = None) -> str:
+    prompt = f"prefill {report.prefill_tokens} of {report.prompt_tokens} tokens ({report.reused_tokens} reused)"
+    return common.status_line(report.stats, report.draft_tokens, has_drafter, prompt, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,22 +217,6 @@ class Quit(Exception):
     pass
 
 
-def parse_draft(value: str) -> int | str:
-    """'auto', 'off' (= 0) or an int 0..K_MAX; raises InputError otherwise."""
-    value = value.strip().lower()
-    if value == "auto":
-        return "auto"
-    if value in ("off", "0", "none", "plain"):
-        return 0
-    try:
-        k = int(value)
-    except ValueError:
-        raise InputError(f"draft length must be auto, off or an integer 1..{K_MAX}, got {value!r}") from None
-    if not 0 <= k <= K_MAX:
-        raise InputError(f"draft length must be auto, off or an integer 1..{K_MAX}, got {k}")
-    return k
-
-
 def command(session: ChatSession, line: str, console) -> None:
     """Run one slash command; raises Quit, or InputError with a one-line message."""
     name, _, arg = line.partition(" ")
@@ -302,7 +238,7 @@ def command(session: ChatSession, line: str, console) -> None:
     elif name == "/draft":
         if not arg:
             raise InputError(f"usage: /draft auto|off|N (now {s.draft_tokens})")
-        s.draft_tokens = parse_draft(arg)
+        s.draft_tokens = parse_draft_tokens(arg)
         if session.spec.drafter is None and s.draft_tokens != 0:
             console.print("[dim]note: this model has no drafter; answers decode plainly[/dim]")
         console.print(f"[dim]draft: {'off' if s.draft_tokens == 0 else s.draft_tokens}[/dim]")
@@ -311,8 +247,7 @@ def command(session: ChatSession, line: str, console) -> None:
             t = float(arg)
         except ValueError:
             raise InputError(f"usage: /temp X with X >= 0, got {arg!r}") from None
-        if not t >= 0:
-            raise InputError(f"temperature must be >= 0, got {arg}")
+        replace(s, temperature=t).options()  # the API's own checks; nothing changes unless they pass
         s.temperature = t
         console.print(f"[dim]temperature: {t}[/dim]")
     elif name == "/max":
@@ -320,8 +255,7 @@ def command(session: ChatSession, line: str, console) -> None:
             n = int(arg)
         except ValueError:
             raise InputError(f"usage: /max N with N >= 1, got {arg!r}") from None
-        if n < 1:
-            raise InputError(f"max tokens must be >= 1, got {n}")
+        replace(s, max_tokens=n).options()
         s.max_tokens = n
         console.print(f"[dim]max tokens: {n}[/dim]")
     elif name == "/stats":
@@ -388,8 +322,13 @@ def answer(session: ChatSession, text: str, console) -> None:
     if interrupted:
         console.print("[yellow]stopped[/yellow]" + ("" if len(session.reports) > turns else " (no answer kept)"))
     if len(session.reports) > turns:
-        console.print(status_line(session.reports[-1], session.spec.drafter is not None), style="dim",
+        width = console.width if console.is_terminal else None  # a pipe takes the whole line
+        console.print(status_line(session.reports[-1], session.spec.drafter is not None, width), style="dim",
                       markup=False, highlight=False, soft_wrap=True)
+    if session.at_limit:
+        console.print(f"[yellow]the conversation has reached the model's limit of "
+                      f"{session.spec.target.config.max_position_embeddings} positions: /reset starts a new one[/yellow]",
+                      highlight=False)
 
 
 def _setup_readline(history: Path | None):
@@ -425,6 +364,9 @@ def run(session: ChatSession, console, history: Path | None = None) -> None:
                 break
             except KeyboardInterrupt:
                 console.print()
+                continue
+            except UnicodeDecodeError:  # bytes the terminal's encoding cannot read
+                console.print("[red]error:[/red] that line is not valid UTF-8 text; nothing was sent", highlight=False)
                 continue
             line = line.strip()
             if not line:

@@ -49,7 +49,24 @@ app = _App(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"mlx-specdec {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Speculative decoding of Gemma 4 with its MTP assistant drafter, in MLX."""
 
 
 def _err(line: str) -> None:
@@ -92,12 +109,12 @@ def _errors(verbose: bool):
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="Target: a local folder or a hub repo id. Default: the embedded demo model.")]
 DrafterOpt = Annotated[Optional[str], typer.Option(
-    "--drafter", help="Drafter folder or hub repo id. Default: the model's own (a drafter/ folder inside it, "
+    "--drafter", "--draft-model", help="Drafter folder or hub repo id. Default: the model's own (a drafter/ folder inside it, "
     "a <model>-assistant folder beside it, or the <repo>-assistant hub repo). 'none': plain decoding.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(
     "--dtype", help="Cast floating weights to float32, float16 or bfloat16 (default: float32 on the CPU, "
     "the checkpoint's own on a GPU).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Longest answer, in tokens.")]
 TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest tokens; 0: all.")]
@@ -107,32 +124,81 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebac
 FreshPolicyOpt = Annotated[bool, typer.Option(
     "--fresh-policy", help="Start the draft policy from nothing instead of what earlier runs kept on disk "
     "(and keep what this run learns in its place).")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system-prompt", "--system", help="System prompt.")]
+TemplateConfigOpt = Annotated[Optional[str], typer.Option(
+    "--chat-template-config", help="Extra chat template variables as a JSON object, e.g. "
+    "'{\"enable_thinking\": true}' for Gemma 4's thinking mode.")]
 
 
 def parse_draft_tokens(value: str) -> int | str:
-    value = value.strip().lower()
-    if value == "auto":
-        return "auto"
-    if value == "off":
-        return 0
+    from ..errors import InputError
+    from ..policy import parse_draft_tokens as parse
+
     try:
-        k = int(value)
-    except ValueError:
-        raise typer.BadParameter(f"expected auto, off or an integer 0..{K_MAX}, got {value!r}",
-                                 param_hint="--draft-tokens") from None
-    if not 0 <= k <= K_MAX:
-        raise typer.BadParameter(f"expected auto, off or an integer 0..{K_MAX}, got {k}", param_hint="--draft-tokens")
-    return k
+        return parse(value)
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint="--draft-tokens") from None
+
+
+def parse_template_config(value: str | None) -> dict | None:
+    """--chat-template-config: a JSON object of extra chat template variables."""
+    if value is None:
+        return None
+    try:
+        config = json.loads(value)
+    except ValueError as e:
+        raise typer.BadParameter(f"not JSON ({e}): expected an object such as '{{\"enable_thinking\": true}}'",
+                                 param_hint="--chat-template-config") from None
+    if not isinstance(config, dict):
+        raise typer.BadParameter(f"expected a JSON object, got {value!r}", param_hint="--chat-template-config")
+    return config
+
+
+# The API's names for the sampling flags, to point a refusal at the flag the user typed.
+_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
+          "min_p": "--min-p", "seed": "--seed", "draft_tokens": "--draft-tokens"}
+
+
+def check_sampling(**values) -> None:
+    """Judge sampling flags by the API's own rules before anything loads: a bad value is a
+    usage error (exit 2) found in a moment, not a model error after the weights loaded."""
+    from ..api import Settings
+    from ..errors import InputError
+
+    try:
+        Settings(**values).options()
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint=_FLAGS.get(str(e).split()[0])) from None
+
+
+def check_dtype(dtype: str | None, flag: str = "--dtype") -> None:
+    from ..loading import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}, got {dtype!r}", param_hint=flag)
+
+
+def read_stdin() -> str:
+    """The prompt from stdin, which must be UTF-8: one clear line (exit 1) otherwise."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _err(f"error: stdin is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+             "convert it first, e.g. with iconv")
+        raise typer.Exit(1) from None
 
 
 DraftOpt = Annotated[str, typer.Option(
-    "--draft-tokens", "-k", help="Draft length per round: auto (the measured policy picks it, 0 included), "
+    "--draft-tokens", "-k", "--num-draft-tokens", help="Draft length per round: auto (the measured policy picks it, 0 included), "
     f"off (plain decoding) or an integer 1..{K_MAX}.")]
 
 
 def _load(model: str | None, drafter: str | None, dtype: str | None, fresh_policy: bool = False):
+    """Load the pair, saying so on stderr, then the BLAS hint if the slow reference BLAS is in use."""
     from rich.console import Console
 
+    from .common import print_blas_hint
     from ..loading import load
     from ..policy import DraftPolicy
 
@@ -141,26 +207,12 @@ def _load(model: str | None, drafter: str | None, dtype: str | None, fresh_polic
         spec = load(model, drafter_arg, dtype=dtype)
     if fresh_policy:
         spec.policy = DraftPolicy()
+    print_blas_hint()
+    if "transformers" in sys.modules:  # its tokenizer warns of long prompts; the position limit is ours to judge
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
     return spec
-
-
-def _messages(prompt: str, system: str | None) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-def _summary(stats, draft_tokens, has_drafter: bool) -> str:
-    from .chat import draft_label
-
-    per_round = 1 + stats.mean_accepted_per_round if stats.rounds else 1.0
-    mostly_off = 2 * sum(n for k, n in stats.k_histogram.items() if k) < stats.rounds
-    return " · ".join([
-        f"{stats.generated_tokens} tokens",
-        f"{stats.tokens_per_second:.1f} tok/s",
-        f"acceptance {stats.acceptance_rate:.0%}" if stats.drafted else "acceptance -",
-        f"{per_round:.2f} tokens/round",
-        draft_label(stats, draft_tokens, has_drafter),
-        f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1000:.0f} ms",
-    ] + ([f"off because {stats.off_reason}"] if draft_tokens == "auto" and stats.off_reason and mostly_off else []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,10 +234,11 @@ def generate(
     min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     draft_tokens: DraftOpt = "auto",
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (with the chat template).")] = None,
+    system: SystemOpt = None,
     ignore_chat_template: Annotated[bool, typer.Option(
         "--ignore-chat-template",
         help="Continue the prompt as raw text instead of answering it as a user turn.")] = False,
+    chat_template_config: TemplateConfigOpt = None,
     dtype: DtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) "
                                           "instead of streaming.")] = False,
@@ -194,6 +247,9 @@ def generate(
 ) -> None:
     """Answer one prompt, streamed to stdout; a summary line goes to stderr."""
     k = parse_draft_tokens(draft_tokens)
+    check_sampling(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    check_dtype(dtype)
+    template_config = parse_template_config(chat_template_config)
     if prompt is not None and prompt_opt is not None:
         raise typer.BadParameter("give it once: as an argument or with --prompt", param_hint="PROMPT")
     text = prompt_opt if prompt_opt is not None else prompt
@@ -201,23 +257,25 @@ def generate(
         if text is None and sys.stdin.isatty():
             raise typer.BadParameter("none given: pass it as an argument, with --prompt, or on stdin",
                                      param_hint="PROMPT")
-        text = sys.stdin.read()
+        text = read_stdin()
     if not text.strip():
         raise typer.BadParameter("it is empty", param_hint="PROMPT")
     with _errors(verbose):
         from ..api import stream_generate
-        from .chat import encode_text, render
         from ..errors import InputError
+        from ..prompt import check_text, encode_messages, encode_text, user_turn
+        from .common import status_line
 
+        check_text(text)
         spec = _load(model, drafter, dtype, fresh_policy)
         tok = spec.tokenizer
         if tok is None:
             raise InputError(f"{spec.name} has no tokenizer files (tokenizer.json / tokenizer.model); "
                              "the command line needs one")
         if ignore_chat_template or not tok.has_chat_template:
-            ids = list(tok.encode(text))
+            ids = encode_text(tok, text)
         else:
-            ids = encode_text(tok, render(tok, _messages(text, system)))
+            ids = encode_messages(tok, user_turn(text, system), template_config)
         tokens, finish, stats = [], None, None
         for chunk in stream_generate(spec, ids, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
                                      min_p=min_p, seed=seed, draft_tokens=k):
@@ -233,7 +291,8 @@ def generate(
         else:
             sys.stdout.write("\n")
             sys.stdout.flush()
-            _err(_summary(stats, k, spec.drafter is not None))
+            prompt_part = f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1000:.0f} ms"
+            _err(status_line(stats, k, spec.drafter is not None, prompt_part))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +310,8 @@ def chat(
     min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     draft_tokens: DraftOpt = "auto",
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+    system: SystemOpt = None,
+    chat_template_config: TemplateConfigOpt = None,
     no_cache_reuse: Annotated[bool, typer.Option(
         "--no-cache-reuse", help="Prefill the whole conversation every turn (for comparison).")] = False,
     history: Annotated[Optional[Path], typer.Option(
@@ -262,16 +322,20 @@ def chat(
 ) -> None:
     """Chat in the terminal: streamed answers, the prompt cache kept across turns, /help for commands."""
     k = parse_draft_tokens(draft_tokens)
+    check_sampling(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    check_dtype(dtype)
+    template_config = parse_template_config(chat_template_config)
     with _errors(verbose):
         from rich.console import Console
 
         from . import chat as chat_mod
+        from ..api import Settings
 
+        settings = Settings(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                            seed=seed, draft_tokens=k)
         spec = _load(model, drafter, dtype, fresh_policy)
-        settings = chat_mod.Settings(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                     seed=seed, draft_tokens=k)
-        settings.options()  # refuse bad values before the first turn
-        session = chat_mod.ChatSession(spec, settings, system=system, reuse_cache=not no_cache_reuse)
+        session = chat_mod.ChatSession(spec, settings, system=system, reuse_cache=not no_cache_reuse,
+                                       template_config=template_config)
         path = history or Path.home() / ".cache" / "mlx-specdec" / "chat_history"
         chat_mod.run(session, Console(highlight=False), history=path)
 
@@ -300,7 +364,7 @@ def bench(
     workloads: Annotated[Optional[str], typer.Option(
         "--workloads", "-w", help="Comma-separated workload names (default: all: code, prose, qa, short).")] = None,
     workload_file: Annotated[Optional[Path], typer.Option(
-        "--workload-file", help="A JSON file of workloads in the format of bench/workloads.json.")] = None,
+        "--workload-file", help="A JSON file of workloads in the format of mlx_specdec/commands/bench_workloads.json.")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,2,4",
     modes: Annotated[str, typer.Option(
         "--modes", help="Draft modes: plain, auto, k values and ranges, e.g. plain,1-6,auto.")] = "plain,1-6,auto",
@@ -325,7 +389,22 @@ def bench(
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure tokens/s of plain, fixed-k and auto drafting on built-in workloads and batch sizes."""
+    from . import bench as B
+    from ..errors import InputError
+
     sizes = _ints(batch_sizes, "--batch-sizes")
+    check_sampling(temperature=temp, seed=seed)
+    check_dtype(dtype)
+    try:
+        chosen = B.load_workloads(workload_file, [w.strip() for w in workloads.split(",")] if workloads else None)
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint="--workload-file" if workload_file else "--workloads") from None
+    try:
+        draft_modes = tuple(B.parse_modes(modes))
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint="--modes") from None
+    settings = B.Settings(batch_sizes=sizes, modes=draft_modes, max_tokens=max_tokens, repeats=repeats, warmup=warmup,
+                          temperature=temp, seed=seed, stop_at_eos=stop_at_eos)
     command = ""
     if "bench" in sys.argv:  # as typed (not when called in-process), with a preloaded BLAS to reproduce it
         preload = os.environ.get("LD_PRELOAD")
@@ -333,40 +412,41 @@ def bench(
             shlex.quote(a) for a in sys.argv[sys.argv.index("bench"):])
     with _errors(verbose):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
         from rich.table import Table
 
-        from . import bench as B
-        from ..errors import InputError
+        from .common import blas_hint
 
         if chart_path is not None:
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise InputError("--chart needs matplotlib: pip install 'mlx-specdec[chart]'") from None
-        chosen = B.load_workloads(workload_file, [w.strip() for w in workloads.split(",")] if workloads else None)
-        settings = B.Settings(batch_sizes=sizes, modes=tuple(B.parse_modes(modes)), max_tokens=max_tokens,
-                              repeats=repeats, warmup=warmup, temperature=temp, seed=seed, stop_at_eos=stop_at_eos)
         # Piped output gets room for the whole table rather than rich's default 80 columns.
         console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
         err = Console(stderr=True, highlight=False)
         spec = _load(model, drafter, dtype, fresh_policy)
-        env = B.environment(spec, B.reference_blas_warning())
+        env = B.environment(spec, blas_hint())
         for line in B.environment_lines(env):
-            warning = line.startswith("warning")
-            (err if warning else console).print(line, style="yellow" if warning else "dim", markup=False,
-                                                soft_wrap=True)
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            if not line.startswith("warning"):  # _load printed the BLAS hint already
+                console.print(line, style="dim", markup=False, soft_wrap=True)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn()]
         with Progress(*columns, console=err, transient=True) as progress:
             task = progress.add_task("bench", total=B.total_runs(chosen, settings))
             cells = B.run(spec, chosen, settings, on_run=lambda label: progress.update(task, advance=1,
                                                                                        description=label))
         result = B.BenchResult(env, vars(settings) | {"modes": [B.mode_name(m) for m in settings.modes]},
                                [vars(w) | {"prompts": list(w.prompts)} for w in chosen], cells, command)
-        table = Table(*B.COLUMNS, title="tokens/s by workload, batch size and draft mode")
+        table = Table(*B.COLUMNS, title="tokens/s by workload, batch size and draft mode", caption=B.FOOTNOTE,
+                      caption_justify="left")
         for cell in cells:
             table.add_row(*B.row(cell))
         console.print(table)
+        warning = B.spread_warning(cells)
+        if warning:
+            err.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
         for path, write in ((json_path, lambda p: p.write_text(json.dumps(result.as_dict(), indent=2) + "\n")),
                             (markdown_path, lambda p: p.write_text(B.to_markdown(result))),
                             (chart_path, lambda p: B.chart(result, p))):
@@ -388,14 +468,18 @@ def convert(
     drafter: DrafterOpt = None,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="Target weights dtype: float16, bfloat16 or float32 (default: the source's).")] = None,
-    quantize: Annotated[Optional[int], typer.Option("--quantize", "-q",
-                                                    help="Quantize the target to 4 or 8 bits.")] = None,
-    group_size: Annotated[int, typer.Option("--group-size", help="Target quantization group size.")] = 64,
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize the target (as in mlx-lm: "
+                                           "to --q-bits bits in groups of --q-group-size).")] = False,
+    q_bits: Annotated[Optional[int], typer.Option(
+        "--q-bits", help="Bits per target weight, 4 or 8 (default 4); implies --quantize.")] = None,
+    group_size: Annotated[int, typer.Option("--q-group-size", "--group-size",
+                                            help="Target quantization group size.")] = 64,
     drafter_dtype: Annotated[Optional[str], typer.Option(
         "--drafter-dtype", help="Drafter weights dtype (default: the target's).")] = None,
     drafter_quantize: Annotated[Optional[int], typer.Option(
-        "--drafter-quantize", help="Quantize the drafter to 4 or 8 bits (default: not quantized).")] = None,
-    drafter_group_size: Annotated[int, typer.Option("--drafter-group-size",
+        "--drafter-q-bits", "--drafter-quantize",
+        help="Quantize the drafter to 4 or 8 bits (default: not quantized).")] = None,
+    drafter_group_size: Annotated[int, typer.Option("--drafter-q-group-size", "--drafter-group-size",
                                                     help="Drafter quantization group size.")] = 64,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     probe: Annotated[Optional[str], typer.Option("--probe", help="Prompt used to compare the result with the "
@@ -403,18 +487,21 @@ def convert(
     verbose: VerboseOpt = False,
 ) -> None:
     """Write a target and its drafter as one MLX folder (drafter in drafter/), then check it against the source."""
-    for name, bits in (("--quantize", quantize), ("--drafter-quantize", drafter_quantize)):
+    for name, bits in (("--q-bits", q_bits), ("--drafter-q-bits", drafter_quantize)):
         if bits is not None and bits not in (4, 8):
             raise typer.BadParameter(f"expected 4 or 8, got {bits}", param_hint=name)
+    target_bits = (q_bits or 4) if quantize or q_bits is not None else None
     with _errors(verbose):
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from . import convert as C
+        from .common import print_blas_hint
 
         console = Console(highlight=False)
+        print_blas_hint()  # convert loads both models and runs them to check the result
         drafter_arg = False if drafter is not None and drafter.lower() in ("none", "off") else drafter
-        plan = C.Plan(source=source, out=out, drafter=drafter_arg, dtype=dtype, bits=quantize, group_size=group_size,
+        plan = C.Plan(source=source, out=out, drafter=drafter_arg, dtype=dtype, bits=target_bits, group_size=group_size,
                       drafter_dtype=drafter_dtype, drafter_bits=drafter_quantize,
                       drafter_group_size=drafter_group_size, force=force, probe=probe or C.PROBE)
         columns = [TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),

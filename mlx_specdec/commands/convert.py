@@ -1,12 +1,13 @@
 """`mlx-specdec convert`: a Gemma 4 target and its assistant -> one MLX folder.
 
 The folder holds the target at the top (safetensors with our port's parameter names, a
-``gemma4_text`` config.json, tokenizer files and chat template) and the drafter in
-``drafter/``, where `load()` finds it. The shared embedding is stored once, with the target:
-the drafter's input embedding *is* the target's table (its own ``lm_head`` is a separate,
-narrower output head, and it keeps that). Each model gets its own dtype and, optionally,
-affine quantization (4 or 8 bits), recorded in config.json the way mlx-lm does
-(``quantization: {group_size, bits, mode}`` plus per-layer overrides), which our loader reads.
+``gemma4_text`` config.json (``gemma4_unified_text`` for the 12B), tokenizer files and chat
+template) and the drafter in ``drafter/``, where `load()` finds it. The shared embedding is
+stored once, with the target: the drafter's input embedding *is* the target's table (its own
+``lm_head`` is a separate, narrower output head, and it keeps that). Each model gets its own
+dtype and, optionally, affine quantization (4 or 8 bits), recorded in config.json the way
+mlx-lm does (``quantization: {group_size, bits, mode}`` plus per-layer overrides), which our
+loader reads.
 
 Reading order: the plan and the checks that refuse early (not Gemma 4, a drafter for another
 target, an output folder in use, too little disk), then conversion, then the check of the
@@ -31,13 +32,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..cache import Step
+from .common import human
+from ..decode import new_cache
 from ..errors import ConfigError, DrafterMismatchError, LoadError, SpecDecError
-from ..loading import DRAFTER_TYPE, TARGET_TYPES, SpecModel, _text_config, find_drafter, load, read_config, resolve
+from ..loading import (
+    DRAFTER_TYPES, DTYPES, TARGET_TYPES, SpecModel, _text_config, load, locate_drafter, read_config, resolve,
+)
 from ..models import assistant, gemma4
 
 PROBE = "The quick brown fox jumps over the lazy dog. def fibonacci(n):"
 DRAFT_PROBE_STEPS = 3
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GROUP_SIZES = (32, 64, 128)
@@ -163,15 +167,15 @@ def check_disk(out: Path, need: int) -> None:
     free = shutil.disk_usage(where).free
     if free < need * DISK_MARGIN:
         raise ConvertError(f"not enough disk space in {where}: the converted model needs about "
-                           f"{human_bytes(need)}, {human_bytes(free)} is free")
+                           f"{human(need, 'B')}, {human(free, 'B')} is free")
 
 
 def check_pair(target_path: Path, drafter_path: Path | None) -> tuple[dict, dict | None]:
     """Both configs, refusing a non-Gemma-4 target and a drafter made for another target."""
     cfg = read_config(target_path)
     kind = cfg.get("model_type")
-    if kind == DRAFTER_TYPE:
-        raise ConfigError(f"{target_path} holds a gemma4_assistant drafter, not a target: pass the target "
+    if kind in DRAFTER_TYPES:
+        raise ConfigError(f"{target_path} holds a {kind} drafter, not a target: pass the target "
                           "(its drafter is found beside it, or give it with --drafter)")
     if kind not in TARGET_TYPES:
         raise ConfigError(f"{target_path} is not a Gemma 4 checkpoint: model_type {kind!r}, expected one of "
@@ -180,26 +184,12 @@ def check_pair(target_path: Path, drafter_path: Path | None) -> tuple[dict, dict
     if drafter_path is None:
         return cfg, None
     dcfg = read_config(drafter_path)
-    if dcfg.get("model_type") != DRAFTER_TYPE:
+    if dcfg.get("model_type") not in DRAFTER_TYPES:
         raise DrafterMismatchError(f"{drafter_path} is not a Gemma 4 assistant: model_type "
-                                   f"{dcfg.get('model_type')!r}, expected {DRAFTER_TYPE!r}")
+                                   f"{dcfg.get('model_type')!r}, expected one of {', '.join(DRAFTER_TYPES)}")
     sources = {kind: target.last_layer_of(kind) for kind in set(target.layer_types)}
     assistant.check_compatible(assistant.AssistantConfig.from_dict(dcfg), target, sources)
     return cfg, dcfg
-
-
-def _drafter_path(plan: Plan, target_path: Path) -> Path | None:
-    if plan.drafter is False:
-        return None
-    if plan.drafter is not None:
-        return resolve(plan.drafter, what="drafter")
-    found = find_drafter(target_path, str(plan.source))
-    if found is None and not Path(str(plan.source)).expanduser().exists():
-        try:
-            found = resolve(f"{plan.source}-assistant", what="drafter")
-        except LoadError:
-            found = None
-    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,10 +268,14 @@ def _config_out(cfg: dict, dtype: str, quant: dict | None) -> dict:
     return cfg
 
 
+# transformers' text-only class for each text decoder, named in the converted config.json.
+_CAUSAL_LM = {gemma4.GEMMA4_TEXT: "Gemma4ForCausalLM", gemma4.UNIFIED_TEXT: "Gemma4UnifiedForCausalLM"}
+
+
 def _target_config(cfg: dict) -> dict:
     text = dict(_text_config(cfg))
-    text["model_type"] = "gemma4_text"
-    text["architectures"] = ["Gemma4ForCausalLM"]
+    text["model_type"] = TARGET_TYPES[cfg["model_type"]]
+    text["architectures"] = [_CAUSAL_LM[text["model_type"]]]
     return text
 
 
@@ -298,8 +292,7 @@ def probe(spec: SpecModel, ids: list[int]) -> dict[str, np.ndarray]:
     """Target logits at every probe position, and the drafter's first greedy draft steps."""
     from ..decode import target_kv
 
-    window = spec.drafter.config.sliding_window if spec.drafter else 0
-    cache = spec.target.make_cache(1, max_step=len(ids), drafter_window=window)
+    cache = new_cache(spec, 1, max_step=len(ids))
     hidden = spec.target(mx.array([ids]), Step((0,), len(ids)), cache)
     logits = spec.target.logits(hidden)[0].astype(mx.float32)
     out = {"logits": np.array(logits)}
@@ -342,7 +335,7 @@ def convert(plan: Plan, progress: Progress | None = None) -> Report:
 
     progress("checking", 0, 1)
     target_path = resolve(plan.source)
-    drafter_path = _drafter_path(plan, target_path)
+    drafter_path = locate_drafter(plan.source, target_path, plan.drafter)
     cfg, dcfg = check_pair(target_path, drafter_path)
     check_output(out, plan.force, [p for p in (target_path, drafter_path) if p is not None])
     dtype = plan.dtype or source_dtype(target_path)
@@ -435,14 +428,6 @@ def _write(spec, cfg, dcfg, target_path, work, dtype, ddtype, plan, progress) ->
     return report
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def _quant_text(q: dict | None) -> str:
     if not q:
         return "not quantized"
@@ -452,10 +437,10 @@ def _quant_text(q: dict | None) -> str:
 
 def report_lines(r: Report) -> list[str]:
     lines = [f"wrote {r.out}",
-             f"  target : {human_bytes(r.target_bytes)}, {r.target_dtype}, {_quant_text(r.target_quantization)}; "
-             f"embedding {human_bytes(r.embedding_bytes)}, stored once"]
+             f"  target : {human(r.target_bytes, 'B')}, {r.target_dtype}, {_quant_text(r.target_quantization)}; "
+             f"embedding {human(r.embedding_bytes, 'B')}, stored once"]
     if r.drafter_dtype:
-        lines.append(f"  drafter: {human_bytes(r.drafter_bytes)} in drafter/, {r.drafter_dtype}, "
+        lines.append(f"  drafter: {human(r.drafter_bytes, 'B')} in drafter/, {r.drafter_dtype}, "
                      f"{_quant_text(r.drafter_quantization)}; reads the target's embedding")
     else:
         lines.append("  drafter: none (the result decodes plainly; give one with --drafter)")

@@ -6,7 +6,8 @@ only, to the K/V the target already computed (its last non-shared sliding and
 full-attention layers). It drafts autoregressively at one fixed position, the
 position of the token it was handed, feeding back its post-projected hidden.
 
-Reference semantics: transformers ``models/gemma4_assistant``.
+Reference semantics: transformers ``models/gemma4_assistant``; the 12B's
+``gemma4_unified_assistant`` is the same model over the unified text config.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import mlx.nn as nn
 
 from ..cache import Plan
 from ..errors import ConfigError, DrafterMismatchError
-from .gemma4 import FULL, SLIDING, DecoderLayer, TextConfig
+from .gemma4 import (
+    FULL, GEMMA4_TEXT, SLIDING, UNIFIED_TEXT, DecoderLayer, TextConfig, config_bool, config_dict, config_int,
+)
+
+# A drafter's model_type -> its text_config's model_type, with transformers'
+# default backbone_hidden_size (the E2B's width, the 12B's width).
+DRAFTER_TYPES = {"gemma4_assistant": GEMMA4_TEXT, "gemma4_unified_assistant": UNIFIED_TEXT}
+_DEFAULT_BACKBONE = {"gemma4_assistant": 1536, "gemma4_unified_assistant": 3840}
 
 
 @dataclass(frozen=True)
@@ -31,26 +39,33 @@ class AssistantConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "AssistantConfig":
-        if cfg.get("model_type") != "gemma4_assistant":
-            raise ConfigError(f"expected model_type 'gemma4_assistant', found {cfg.get('model_type')!r}")
-        text = dict(cfg.get("text_config") or {})
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+        if kind not in DRAFTER_TYPES:
+            found = kind if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}"
+            raise ConfigError(f"expected model_type one of {', '.join(DRAFTER_TYPES)}, found {found!r}")
+        text = dict(config_dict(cfg, "text_config"))
         if not text:
-            raise ConfigError("gemma4_assistant config has no text_config")
+            raise ConfigError(f"{kind} config has no text_config")
+        text.setdefault("model_type", DRAFTER_TYPES[kind])
         # Every assistant layer reads the target's K/V.
         text["num_kv_shared_layers"] = text.get("num_kv_shared_layers") or text.get("num_hidden_layers")
         text.setdefault("hidden_size_per_layer_input", 0)
         text.setdefault("vocab_size_per_layer_input", 0)
         text_config = TextConfig.from_dict(text)
         if text_config.num_kv_shared_layers != text_config.num_hidden_layers:
-            raise ConfigError("every gemma4_assistant layer must be KV-shared")
+            raise ConfigError(f"every {kind} layer must be KV-shared")
         if text_config.hidden_size_per_layer_input or text_config.enable_moe_block:
-            raise ConfigError("a gemma4_assistant has no per-layer inputs and no MoE block")
+            raise ConfigError(f"a {kind} has no per-layer inputs and no MoE block")
+        centroids = config_int(cfg, "num_centroids", 2048)
+        top_k = config_int(cfg, "centroid_intermediate_top_k", 32)
+        if top_k > centroids:
+            raise ConfigError(f"centroid_intermediate_top_k must be at most num_centroids ({centroids}), got {top_k}")
         return cls(
             text=text_config,
-            backbone_hidden_size=int(cfg.get("backbone_hidden_size", 1536)),
-            use_ordered_embeddings=bool(cfg.get("use_ordered_embeddings", False)),
-            num_centroids=int(cfg.get("num_centroids", 2048)),
-            centroid_intermediate_top_k=int(cfg.get("centroid_intermediate_top_k", 32)),
+            backbone_hidden_size=config_int(cfg, "backbone_hidden_size", _DEFAULT_BACKBONE[kind]),
+            use_ordered_embeddings=config_bool(cfg, "use_ordered_embeddings", False),
+            num_centroids=centroids,
+            centroid_intermediate_top_k=top_k,
         )
 
     @property
@@ -134,6 +149,11 @@ class Drafter(nn.Module):
         self._target_embedding = target_embedding
 
     @property
+    def sliding_window(self) -> int:
+        """How far back it reads the target's sliding-window K/V (`loading.DraftModel`)."""
+        return self.config.sliding_window
+
+    @property
     def input_embedding(self) -> nn.Module:
         return self._target_embedding
 
@@ -141,12 +161,13 @@ class Drafter(nn.Module):
         h = self._target_embedding(tokens)
         return h * mx.array(self.config.backbone_hidden_size**0.5, dtype=h.dtype)
 
-    def masks(self, position: mx.array, kv: dict[str, TargetKV]) -> dict[str, mx.array]:
+    def masks(self, position: mx.array, kv: dict[str, TargetKV], queries: int = 1) -> dict[str, mx.array]:
         """What a query at ``position`` may read: the accepted prefix only
         (entries at or past it are rejected drafts or empty), and for sliding
         layers the same look-back as the reference: the newest
-        ``sliding_window + 1`` keys before the position."""
-        p = position[:, None, None, None]
+        ``sliding_window + 1`` keys before the position. With ``queries`` > 1,
+        for queries at position, position + 1, ... (see `forward`)."""
+        p = position[:, None, None, None] + mx.arange(queries, dtype=position.dtype)[None, None, :, None]
         out = {}
         for kind, entry in kv.items():
             k = entry.positions[:, None, None, :]
@@ -155,6 +176,21 @@ class Drafter(nn.Module):
                 mask = mask & (p - 1 - k <= self.config.sliding_window)
             out[kind] = mask
         return out
+
+    def forward(self, tokens: mx.array, hidden: mx.array, position: mx.array, kv: dict[str, TargetKV],
+                masks: dict[str, mx.array] | None = None) -> tuple[mx.array, mx.array]:
+        """The drafter's layers for L queries per row at positions position, position + 1, ...:
+        tokens (B, L), hidden (B, L, backbone). Returns the normed hidden state (what the heads
+        read) and its post-projection (what the next draft step is fed). A draft step is L = 1;
+        distillation runs one from every position of a sequence at once as L queries."""
+        x = mx.concatenate([self.embed(tokens), hidden], axis=-1)
+        h = self.pre_projection(x)
+        masks = self.masks(position, kv, tokens.shape[1]) if masks is None else masks
+        for kind, layer in zip(self.config.text.layer_types, self.layers):
+            plan = Plan(slots=None, written=0, concat=False, mask=masks[kind])
+            h, _ = layer(h, position, plan, (kv[kind].keys, kv[kind].values))
+        h = self.norm(h)
+        return h, self.post_projection(h)
 
     def __call__(self, tokens: mx.array, hidden: mx.array, position: mx.array, kv: dict[str, TargetKV],
                  masks: dict[str, mx.array] | None = None) -> Draft:
@@ -167,15 +203,7 @@ class Drafter(nn.Module):
         ``self.masks(position, kv)``, which a round's steps share (position
         and K/V stay fixed while drafting), computed here when not given.
         """
-        x = mx.concatenate([self.embed(tokens[:, None]), hidden], axis=-1)
-        h = self.pre_projection(x)
-        masks = self.masks(position, kv) if masks is None else masks
-        for i, layer in enumerate(self.layers):
-            kind = self.config.text.layer_types[i]
-            plan = Plan(slots=None, written=0, concat=False, mask=masks[kind])
-            h, _ = layer(h, position, plan, (kv[kind].keys, kv[kind].values))
-        h = self.norm(h)
-        projected = self.post_projection(h)
+        h, projected = self.forward(tokens[:, None], hidden, position, kv, masks)
         last = h[:, 0]
         if self.config.use_ordered_embeddings:
             logits, candidates = self.masked_embedding(last, self.lm_head)
@@ -228,4 +256,4 @@ def check_compatible(drafter: AssistantConfig, target: TextConfig, sources: dict
         raise DrafterMismatchError("drafter does not match the target: " + "; ".join(problems))
 
 
-__all__ = ["AssistantConfig", "Draft", "Drafter", "TargetKV", "check_compatible", "FULL", "SLIDING"]
+__all__ = ["DRAFTER_TYPES", "AssistantConfig", "Draft", "Drafter", "TargetKV", "check_compatible", "FULL", "SLIDING"]

@@ -2,12 +2,15 @@
 
 Covers every published geometry: per-layer inputs and KV-shared layers
 (E2B/E4B), k=v global attention with its own head dim and KV-head count (31B),
-the MoE block (26B A4B), sliding and full attention, logit soft-capping.
+the MoE block (26B A4B), sliding and full attention, logit soft-capping. The
+12B's decoder (transformers' ``gemma4_unified_text``) is this one without
+per-layer inputs and MoE, so it is a config here, not another model.
 
 One forward pass returns the final (normed) hidden state; ``logits()`` turns it
 into soft-capped logits, and the drafter reads the K/V of the two layers named
 by ``drafter_sources`` straight out of the cache the same pass filled.
-Reference semantics: transformers ``models/gemma4/modeling_gemma4.py``.
+Reference semantics: transformers ``models/gemma4/modeling_gemma4.py`` and
+``models/gemma4_unified/modeling_gemma4_unified.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ _DEFAULT_ROPE = {
 }
 _DEFAULT_SLIDING_PATTERN = 6
 
+GEMMA4_TEXT = "gemma4_text"
+UNIFIED_TEXT = "gemma4_unified_text"
+TEXT_TYPES = (GEMMA4_TEXT, UNIFIED_TEXT)
+# Where transformers' Gemma4UnifiedTextConfig (the 12B) departs from Gemma4TextConfig's
+# defaults. Its decoder layer has no per-layer inputs and no MoE block: it never reads
+# those keys, so they are off whatever a config.json says.
+_DEFAULTS = {
+    GEMMA4_TEXT: {"sliding_window": 512, "use_bidirectional_attention": None, "max_position_embeddings": 131_072},
+    UNIFIED_TEXT: {"sliding_window": 1024, "use_bidirectional_attention": "vision", "max_position_embeddings": 262_144},
+}
+
 
 def _layer_overrides(cfg: dict, layer_types: list[str]) -> list[dict]:
     """Per-layer head_dim / num_key_value_heads overrides, from either config style.
@@ -57,6 +71,49 @@ def _layer_overrides(cfg: dict, layer_types: list[str]) -> list[dict]:
     return [dict(full) if t == FULL else {} for t in layer_types]
 
 
+_REQUIRED = object()
+
+
+def config_int(cfg: dict, key: str, default=_REQUIRED, *, minimum: int = 1, null=_REQUIRED) -> int:
+    """``cfg[key]``, an integer >= ``minimum`` (``null``: what a JSON null stands for, if allowed)."""
+    value = cfg.get(key, default)
+    if value is _REQUIRED:
+        raise ConfigError(f"config is missing {key!r}")
+    if value is None and null is not _REQUIRED:
+        value = null
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def config_float(cfg: dict, key: str, default=_REQUIRED) -> float:
+    """``cfg[key]``, a finite number > 0."""
+    value = cfg.get(key, default)
+    if value is _REQUIRED:
+        raise ConfigError(f"config is missing {key!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def config_bool(cfg: dict, key: str, default: bool) -> bool:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def config_dict(cfg: dict, key: str) -> dict:
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a JSON object, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class TextConfig:
     """The text decoder's geometry, resolved once from config.json."""
@@ -71,6 +128,7 @@ class TextConfig:
     kv_heads: tuple[int, ...]
     rope_parameters: dict
     sliding_window: int
+    max_position_embeddings: int = 131_072  # prompt + answer never run past it
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: float | None = None
     hidden_size_per_layer_input: int = 0
@@ -85,61 +143,94 @@ class TextConfig:
     tie_word_embeddings: bool = True
     use_bidirectional_attention: str | None = None
     eos_token_id: tuple[int, ...] = ()
+    model_type: str = GEMMA4_TEXT
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "TextConfig":
-        try:
-            n = int(cfg["num_hidden_layers"])
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-        except KeyError as e:
-            raise ConfigError(f"config is missing {e.args[0]!r}") from None
+        """Parse and validate: a config.json is untrusted, and a bad value must fail here,
+        naming its key, rather than as a shape error, a crash or silent nonsense later."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"expected a JSON object, got {type(cfg).__name__}")
+        n = config_int(cfg, "num_hidden_layers")
+        hidden = config_int(cfg, "hidden_size")
+        heads = config_int(cfg, "num_attention_heads")
+        model_type = UNIFIED_TEXT if cfg.get("model_type") == UNIFIED_TEXT else GEMMA4_TEXT
+        defaults, gemma4 = _DEFAULTS[model_type], model_type == GEMMA4_TEXT
         act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
         if act != "gelu_pytorch_tanh":
             raise ConfigError(f"unsupported hidden_activation {act!r} (expected 'gelu_pytorch_tanh')")
         layer_types = cfg.get("layer_types") or [
             SLIDING if (i + 1) % _DEFAULT_SLIDING_PATTERN else FULL for i in range(n)
         ]
+        if not isinstance(layer_types, list):
+            raise ConfigError(f"layer_types must be a list, got {layer_types!r}")
         layer_types = list(layer_types)
         if len(layer_types) != n:
             raise ConfigError(f"layer_types has {len(layer_types)} entries for {n} layers")
-        unknown = set(layer_types) - set(ATTENTION_TYPES)
+        unknown = [t for t in layer_types if t not in ATTENTION_TYPES]
         if unknown:
-            raise ConfigError(f"unknown layer types {sorted(unknown)}")
+            raise ConfigError(f"unknown layer types {unknown}")
         layer_types[-1] = FULL  # transformers forces the last layer to full attention
-        overrides = _layer_overrides(cfg, layer_types)
-        head_dim = int(cfg.get("head_dim", 256))
-        kv_heads = int(cfg.get("num_key_value_heads", 4))
         rope = dict(_DEFAULT_ROPE)
-        rope.update(cfg.get("rope_parameters") or {})
+        rope.update(config_dict(cfg, "rope_parameters"))
+        if not all(isinstance(v, dict) for v in rope.values()):
+            raise ConfigError(f"rope_parameters must map each attention type to a dict, got {rope!r}")
+        if cfg.get("per_layer_config") is not None and not isinstance(cfg["per_layer_config"], (list, dict)):
+            raise ConfigError(f"per_layer_config must be a list or a dict, got {cfg['per_layer_config']!r}")
+        try:
+            overrides = _layer_overrides(cfg, layer_types)
+        except (TypeError, ValueError):
+            raise ConfigError(f"per_layer_config entries must be dicts, got {cfg.get('per_layer_config')!r}") from None
+        if len(overrides) != n:
+            raise ConfigError(f"per_layer_config has {len(overrides)} entries for {n} layers")
+        head_dim = config_int(cfg, "head_dim", 256)
+        kv_heads = config_int(cfg, "num_key_value_heads", 4)
+        head_dims = tuple(config_int(o, "head_dim", head_dim) for o in overrides)
+        layer_kv_heads = tuple(config_int(o, "num_key_value_heads", kv_heads) for o in overrides)
+        if any(heads % h for h in layer_kv_heads):
+            raise ConfigError(f"num_attention_heads {heads} is not a multiple of the KV heads {set(layer_kv_heads)}")
         eos = cfg.get("eos_token_id", 1)
-        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
+            raise ConfigError(f"eos_token_id must be a token id or a list of them, got {cfg.get('eos_token_id')!r}")
+        softcap = cfg.get("final_logit_softcapping")
+        shared = config_int(cfg, "num_kv_shared_layers", 0, minimum=0, null=0)
+        if shared > n:
+            raise ConfigError(f"num_kv_shared_layers must be at most num_hidden_layers ({n}), got {shared}")
+        moe = config_bool(cfg, "enable_moe_block", False) if gemma4 else False
+        bidirectional = cfg.get("use_bidirectional_attention", defaults["use_bidirectional_attention"])
+        if bidirectional is not None and not isinstance(bidirectional, str):
+            raise ConfigError(f"use_bidirectional_attention must be a string or null, got {bidirectional!r}")
         return cls(
-            vocab_size=int(cfg.get("vocab_size", 262_144)),
+            vocab_size=config_int(cfg, "vocab_size", 262_144),
             hidden_size=hidden,
-            intermediate_size=int(cfg.get("intermediate_size", 9216)),
+            intermediate_size=config_int(cfg, "intermediate_size", 9216),
             num_hidden_layers=n,
             num_attention_heads=heads,
             layer_types=tuple(layer_types),
-            head_dims=tuple(int(o.get("head_dim", head_dim)) for o in overrides),
-            kv_heads=tuple(int(o.get("num_key_value_heads", kv_heads)) for o in overrides),
+            head_dims=head_dims,
+            kv_heads=layer_kv_heads,
             rope_parameters=rope,
-            sliding_window=int(cfg.get("sliding_window", 512)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            final_logit_softcapping=cfg.get("final_logit_softcapping"),
-            hidden_size_per_layer_input=int(cfg.get("hidden_size_per_layer_input", 256) or 0),
-            vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input", 262_144) or 0),
-            attention_k_eq_v=bool(cfg.get("attention_k_eq_v", False)),
-            num_kv_shared_layers=int(cfg.get("num_kv_shared_layers", 0) or 0),
-            use_double_wide_mlp=bool(cfg.get("use_double_wide_mlp", False)),
-            enable_moe_block=bool(cfg.get("enable_moe_block", False)),
-            num_experts=cfg.get("num_experts"),
-            top_k_experts=cfg.get("top_k_experts"),
-            moe_intermediate_size=cfg.get("moe_intermediate_size"),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-            use_bidirectional_attention=cfg.get("use_bidirectional_attention"),
-            eos_token_id=eos,
+            sliding_window=config_int(cfg, "sliding_window", defaults["sliding_window"]),
+            max_position_embeddings=config_int(cfg, "max_position_embeddings", defaults["max_position_embeddings"]),
+            rms_norm_eps=config_float(cfg, "rms_norm_eps", 1e-6),
+            final_logit_softcapping=None if softcap is None else config_float(cfg, "final_logit_softcapping"),
+            hidden_size_per_layer_input=(
+                config_int(cfg, "hidden_size_per_layer_input", 256, minimum=0, null=0) if gemma4 else 0),
+            vocab_size_per_layer_input=(
+                config_int(cfg, "vocab_size_per_layer_input", 262_144, minimum=0, null=0) if gemma4 else 0),
+            attention_k_eq_v=config_bool(cfg, "attention_k_eq_v", False),
+            num_kv_shared_layers=shared,
+            use_double_wide_mlp=config_bool(cfg, "use_double_wide_mlp", False),
+            enable_moe_block=moe,
+            num_experts=config_int(cfg, "num_experts") if moe else cfg.get("num_experts"),
+            top_k_experts=config_int(cfg, "top_k_experts") if moe else cfg.get("top_k_experts"),
+            moe_intermediate_size=config_int(cfg, "moe_intermediate_size") if moe else cfg.get("moe_intermediate_size"),
+            tie_word_embeddings=config_bool(cfg, "tie_word_embeddings", True),
+            use_bidirectional_attention=bidirectional,
+            eos_token_id=tuple(eos),
+            model_type=model_type,
             extra=cfg,
         )
 

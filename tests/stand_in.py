@@ -1,6 +1,6 @@
 """A stand-in drafter that proposes the target's own greedy continuation.
 
-For tests and benchmarks: it is the ceiling of what drafting can give (every
+A test double, for tests and for bench/policy_bench.py (which imports it from here): it is the ceiling of what drafting can give (every
 draft accepted), where real random drafters almost never agree with a random
 target and only exercise rejection. This stand-in knows each row's plain-greedy sequence and the
 target's hidden state at every position of it; it recognises which row and
@@ -12,8 +12,6 @@ to exercise partial acceptance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import numpy as np
 
@@ -21,14 +19,12 @@ from mlx_specdec.cache import Step
 from mlx_specdec.models.assistant import Draft
 
 
-@dataclass(frozen=True)
-class StandInConfig:
-    sliding_window: int = 0
-
-
 class StandInDrafter:
+    """A `loading.DraftModel`: what the loop calls a drafter."""
+
+    sliding_window = 0  # it reads none of the target's K/V
+
     def __init__(self, target, sequences: list[list[int]], error_rate: float = 0.0, seed: int = 0):
-        self.config = StandInConfig()
         self.vocab = target.config.vocab_size
         self.sequences = [list(s) for s in sequences]
         self.hiddens = []
