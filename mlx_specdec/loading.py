@@ -54,8 +54,11 @@ class DraftModel(Protocol):
     def sliding_window(self) -> int:
         """How far back it reads the target's sliding-window K/V (0: it reads none)."""
 
+    def masks(self, position: mx.array, kv: dict[str, assistant.TargetKV]):
+        """What a draft at ``position`` may read of ``kv``; a round's drafts share it."""
+
     def __call__(self, tokens: mx.array, hidden: mx.array, position: mx.array,
-                 kv: dict[str, assistant.TargetKV]) -> assistant.Draft:
+                 kv: dict[str, assistant.TargetKV], masks=None) -> assistant.Draft:
         """One draft step for each row: the next token's logits and the hidden state to feed back."""
 
 

@@ -48,7 +48,7 @@ def runs(model, tmp_path_factory):
                                     text=True) for name, (cmd, _) in commands.items()}
     out = {}
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(commands[name][1], timeout=120)
+        stdout, stderr = proc.communicate(commands[name][1], timeout=300)  # seven at once on a loaded machine
         out[name] = subprocess.CompletedProcess(commands[name][0], proc.returncode, stdout, stderr)
     return out
 
