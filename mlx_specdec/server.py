@@ -19,7 +19,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -89,8 +88,6 @@ class Job:
     stops: list[str]
     include_usage: bool
     model: str
-    # Reserved K/V (bytes) while the request is held; set at admission.
-    kv_bytes: int = 0
 
 
 def _number(body: dict, name: str, default, *, integer: bool = False, low=None, high=None, nullable=True):
@@ -349,7 +346,10 @@ class EngineThread:
         """Hand a request to the engine (from the event loop); its events arrive on the queue."""
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            rid = self.engine.submit(prompt, options)
+            try:
+                rid = self.engine.submit(prompt, options)
+            except InputError as e:  # e.g. more K/V than the engine may ever hold
+                raise _bad(str(e)) from None
             self._queues[rid] = (asyncio.get_running_loop(), queue)
         self._wake.set()
         return rid, queue
@@ -380,12 +380,10 @@ class EngineThread:
             self._wake.clear()
             while self.engine.has_work and not self._stopping:
                 try:
-                    events = self.engine.step()
+                    self._deliver(self.engine.step())
                 except Exception as e:  # noqa: BLE001 - the server must outlive one bad step
                     log.exception("engine step failed")
                     self._fail_all(e)
-                    continue
-                self._deliver(events)
 
     def _deliver(self, events) -> None:
         now, n = time.monotonic(), sum(len(e.tokens) for e in events)
@@ -395,8 +393,9 @@ class EngineThread:
                 self._generated.append((now, n))
             targets = []
             for event in events:
-                entry = self._queues.pop(event.request_id) if event.finish_reason else \
-                    self._queues.get(event.request_id)
+                # A finished request's queue is done with; a cancelled one's is gone already.
+                entry = (self._queues.pop(event.request_id, None) if event.finish_reason else
+                         self._queues.get(event.request_id))
                 if entry is not None:
                     targets.append((entry, event))
         for (loop, queue), event in targets:
@@ -413,31 +412,6 @@ class EngineThread:
 
 # ---------------------------------------------------------------------------------------------
 # The server: admission, generation, response bodies
-
-
-def kv_bytes(spec: SpecModel, tokens: int) -> int:
-    """K/V memory one row of `tokens` positions can hold: full-attention layers grow with the
-    row, sliding layers are rings of a fixed size."""
-    config = spec.target.config
-    window = config.sliding_window + K_MAX + 1
-    if spec.drafter is not None:
-        window = max(window, spec.drafter.config.sliding_window + K_MAX + 1)
-    width = 4  # fp32 on the CPU; an upper bound for fp16/bf16
-    total = 0
-    for i, kind in enumerate(config.layer_types):
-        if i >= config.first_shared_layer:
-            continue  # reads another layer's K/V
-        per_position = 2 * config.kv_heads[i] * config.head_dims[i] * width
-        total += per_position * (min(tokens, window) if kind == "sliding_attention" else tokens)
-    return total
-
-
-def default_kv_budget() -> int:
-    """Half the machine's memory."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 @dataclass
@@ -467,12 +441,11 @@ class Server:
     """The state behind the routes: the parser, the engine thread and the admission books."""
 
     def __init__(self, runner: EngineThread, *, model_id: str, max_batch: int, max_queue: int,
-                 api_key: str | None = None, kv_budget: int | None = None, default_max_tokens: int = 512):
+                 api_key: str | None = None, default_max_tokens: int = 512):
         self.runner, self.spec = runner, runner.spec
         self.parser = Parser(runner.spec, model_id, default_max_tokens)
         self.model_id, self.max_batch, self.max_queue = model_id, max_batch, max_queue
         self.api_key = api_key
-        self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.held: dict[int, Job] = {}  # admitted and not finished, by a server-side number
         self._next = 0
         self.counters = Counters()
@@ -481,20 +454,12 @@ class Server:
     # -- admission
 
     def admit(self, job: Job) -> int:
-        """Reserve room for a job or refuse it; returns its ticket, to `release` when done."""
-        job.kv_bytes = kv_bytes(self.spec, len(job.prompt) + job.options.max_tokens + K_MAX + 1)
-        if job.kv_bytes > self.kv_budget:
-            raise _bad(f"this request could need {job.kv_bytes >> 20} MiB of K/V cache, more than the "
-                       f"server's budget of {self.kv_budget >> 20} MiB: ask for fewer tokens")
+        """Hold a place for a job or refuse it; returns its ticket, to `release` when done. (The
+        engine bounds the K/V memory of its live rows itself: a request that fits the count but
+        not the memory waits in its queue.)"""
         if len(self.held) >= self.max_batch + self.max_queue:
             raise APIError(429, f"the server is full ({len(self.held)} requests decoding or waiting): retry "
                            "shortly", type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
-        # Rows of a batch share one padded cache, so the bound is the longest row times the batch.
-        jobs = [*self.held.values(), job]
-        need = min(len(jobs), self.max_batch) * max(j.kv_bytes for j in jobs)
-        if need > self.kv_budget:
-            raise APIError(429, "the server's K/V memory is committed to other requests: retry shortly",
-                           type="rate_limit_error", code="kv_memory_full", headers={"Retry-After": "1"})
         self._next += 1
         self.held[self._next] = job
         return self._next
@@ -669,19 +634,22 @@ def _prometheus(server: Server) -> str:
     metric("requests_total", "counter", "Requests by outcome.",
            [(f'{{outcome="{k}"}}', v) for k, v in sorted(server.counters.requests.items())])
     metric("engine_errors_total", "counter", "Engine steps that failed.", [("", server.runner.errors)])
-    for key, name, kind, help in (("drafted", "drafted_tokens_total", "counter", "Draft tokens proposed."),
-                                  ("accepted", "accepted_tokens_total", "counter", "Draft tokens accepted."),
-                                  ("rounds", "rounds_total", "counter", "Speculative rounds run.")):
-        if key in m:
-            metric(name, kind, help, [("", m[key])])
+    metric("rounds_total", "counter", "Speculative rounds the live batch ran.", [("", m.get("rounds", 0))])
     by_position = m.get("acceptance_by_position") or []
-    metric("acceptance", "gauge", "Acceptance of draft position i given all before it were accepted.",
-           [(f'{{position="{i + 1}"}}', round(a, 4)) for i, a in enumerate(by_position)])
-    metric("draft_tokens", "gauge", "Draft length the policy chose in the last round (0: drafting off).",
-           [("", m.get("k", 0) or 0)])
+    metric("acceptance", "gauge", "Acceptance of draft position i given all before it were accepted "
+           "(all rounds so far).", [(f'{{position="{i + 1}"}}', round(a, 4)) for i, a in enumerate(by_position)
+                                    if a is not None])
+    metric("draft_tokens", "gauge", "Draft length k of the last round (0: drafting off).",
+           [("", m.get("draft_k", 0) or 0)])
     reason = m.get("off_reason")
-    metric("drafting_off", "gauge", "1 while the policy keeps drafting off, with its reason.",
+    metric("drafting_off", "gauge", "1 while the last round did not draft, with the policy's reason.",
            [(f'{{reason="{_label(reason)}"}}', 1)] if reason else [("", 0)])
+    for key, help in (("kv_reserved_bytes", "K/V memory the live rows could grow to."),
+                      ("kv_memory_bytes", "K/V memory the engine admits rows up to."),
+                      ("prefix_cache_tokens", "Positions held by the prefix cache."),
+                      ("prefix_reused_tokens", "Prompt tokens served from the prefix cache instead of prefilled.")):
+        if key in m:
+            metric(key, "counter" if key == "prefix_reused_tokens" else "gauge", help, [("", m[key])])
     return "\n".join(lines) + "\n"
 
 
@@ -690,12 +658,12 @@ def _label(text: str) -> str:
 
 
 def make_app(runner: EngineThread, *, model_id: str | None = None, max_batch: int = 8, max_queue: int = 64,
-             api_key: str | None = None, kv_budget: int | None = None, default_max_tokens: int = 512) -> Starlette:
+             api_key: str | None = None, default_max_tokens: int = 512) -> Starlette:
     """The ASGI app over a started engine thread (which holds the model); it stops the thread
     when the app shuts down."""
     spec = runner.spec
     server = Server(runner, model_id=model_id or spec.name, max_batch=max_batch, max_queue=max_queue,
-                    api_key=api_key, kv_budget=kv_budget, default_max_tokens=default_max_tokens)
+                    api_key=api_key, default_max_tokens=default_max_tokens)
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -804,7 +772,7 @@ def make_app(runner: EngineThread, *, model_id: str | None = None, max_batch: in
 
 
 def serve(load: Callable[[], SpecModel], *, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8,
-          max_queue: int = 64, api_key: str | None = None, model_id: str | None = None, kv_budget: int | None = None,
+          max_queue: int = 64, api_key: str | None = None, model_id: str | None = None,
           default_max_tokens: int = 512, log_level: str = "info", on_ready: Callable[[SpecModel], None] | None = None
           ) -> None:
     """Load the model (on the engine thread, through ``load``) and serve until interrupted."""
@@ -819,7 +787,7 @@ def serve(load: Callable[[], SpecModel], *, host: str = "127.0.0.1", port: int =
     runner = EngineThread(build)
     runner.start()
     app = make_app(runner, model_id=model_id, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
-                   kv_budget=kv_budget, default_max_tokens=default_max_tokens)
+                   default_max_tokens=default_max_tokens)
     if on_ready is not None:
         on_ready(runner.spec)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
