@@ -97,13 +97,18 @@ def tokens_per_second(
     return [batch_size * expected_tokens(acceptance, k) / (k * t_draft + t) for k, t in enumerate(t_verify)]
 
 
-def position_counts(k: int, accepted: Sequence[int]) -> tuple[list[int], list[int]]:
+def position_counts(k: int, accepted: Sequence[int],
+                    limits: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
     """Per draft position i = 1..k: rows that reached it (all before accepted) and rows that
-    accepted it, from each row's count of accepted drafts this round."""
-    for n in accepted:
-        if not 0 <= n <= k:
-            raise ValueError(f"accepted drafts per row must be in 0..k={k}, got {list(accepted)}")
-    reached = [sum(n >= i for n in accepted) for i in range(k)]
+    accepted it, from each row's count of accepted drafts this round. With `limits`, row r
+    drafted only its first limits[r] positions (rows of one round may draft different lengths):
+    positions past them were never tried, so they are not counted as reached."""
+    limits = [k] * len(accepted) if limits is None else limits
+    for n, limit in zip(accepted, limits):
+        if not 0 <= n <= limit <= k:
+            raise ValueError(f"accepted drafts per row must be in 0..k={k}, got {list(accepted)}, "
+                             f"and within each row's limit {list(limits)}")
+    reached = [sum(n >= i and i < limit for n, limit in zip(accepted, limits)) for i in range(k)]
     return reached, [sum(n > i for n in accepted) for i in range(k)]
 
 
@@ -149,9 +154,10 @@ class AcceptanceEstimate:
     def empty(cls, k_max: int) -> AcceptanceEstimate:
         return cls([0.0] * k_max, [0.0] * k_max, [0] * k_max)
 
-    def update(self, now: int, k: int, accepted: Sequence[int]) -> None:
-        """Add one round that drafted k tokens; positions beyond the estimate's length are ignored."""
-        reached, took = position_counts(k, accepted)
+    def update(self, now: int, k: int, accepted: Sequence[int], limits: Sequence[int] | None = None) -> None:
+        """Add one round that drafted k tokens (row r only its first limits[r], if given);
+        positions beyond the estimate's length are ignored."""
+        reached, took = position_counts(k, accepted, limits)
         for i in range(min(k, len(self.reached))):
             if reached[i] == 0:  # no row got this far, nor further
                 break
@@ -320,16 +326,17 @@ class DraftPolicy:
         self.costs.record_draft(batch_size, seconds_per_step)
 
     def record(self, batch_size: int, k: int, accepted: Sequence[int], t_draft: float, t_verify: float,
-               t_other: float = 0.0) -> None:
+               t_other: float = 0.0, limits: Sequence[int] | None = None) -> None:
         """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
         seconds spent drafting (all k steps), verifying, and on everything else (t_other is kept by
-        decode.Stats; the decision leaves it out, as in cost(k))."""
+        decode.Stats; the decision leaves it out, as in cost(k)). `limits[r]`: row r's own draft
+        length when it is below k (a fixed-k request, or one near its max_tokens)."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
         self.costs.record_verify(batch_size, k + 1, t_verify)
         if k > 0:
             self.costs.record_draft(batch_size, t_draft / k)
-            self.acceptance.update(self.rounds, k, accepted)
+            self.acceptance.update(self.rounds, k, accepted, limits)
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
 

@@ -81,6 +81,8 @@ def test_position_counts_are_conditional():
     assert position_counts(0, [0, 0]) == ([], [])
     with pytest.raises(ValueError, match=r"in 0..k=2, got \[3\]"):
         position_counts(2, [3])
+    # A row that drafted only 1 of 3 (its own k) and accepted it never tried position 2.
+    assert position_counts(3, [1, 3], limits=[1, 3]) == ([2, 1, 1], [2, 1, 1])
 
 
 def test_calibration_lengths():

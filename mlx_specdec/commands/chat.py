@@ -12,7 +12,8 @@ incrementally (the previous prompt's ids + the answer's own ids + the new text),
 model's answer keeps the ids it was generated with; when the chat template re-renders history
 differently (a changed system prompt, a trimmed answer) the common prefix is shorter and only
 the tokens after it are prefilled again. Sliding-window layers keep a ring of recent
-positions only, so a rewind further back than the ring still holds starts a fresh cache.
+positions only, so a rewind further back than the ring still holds starts a fresh cache
+(`engine.reusable` decides, for chat and for the engine's prefix store alike).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 
 from ..api import GenerationChunk, _options
 from ..cache import Cache
 from ..decode import Options, Stats, check_prompt, decode, new_cache
+from ..engine import reusable
 from ..errors import InputError, SpecDecError
 from ..loading import SpecModel
 from ..policy import K_MAX
@@ -43,14 +44,6 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Tru
 def encode_text(tokenizer, text: str) -> list[int]:
     """Ids of rendered template text (the template writes its own BOS)."""
     return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclass
@@ -157,21 +150,7 @@ class ChatSession:
         """How many leading ids of this prompt the cache can keep (0: start a fresh cache)."""
         if not self.reuse_cache or self._cache is None:
             return 0
-        # The last prompt token always runs: its hidden state predicts the answer's first token.
-        n = min(common_prefix(self._cached, ids), len(ids) - 1)
-        return n if n and self._window_intact(n) else 0
-
-    def _window_intact(self, n: int) -> bool:
-        """Does every sliding-window ring still hold the positions a query at n looks back to?"""
-        spec = self.spec
-        window = spec.target.config.sliding_window
-        if spec.drafter is not None:
-            window = max(window, spec.drafter.config.sliding_window + 1)
-        needed = np.arange(max(0, n - window), n)
-        for table in self._cache.tables.values():
-            if table.ring and not np.isin(needed, np.array(table.positions[0])).all():
-                return False
-        return True
+        return reusable(self.spec, self._cache, self._cached, ids)
 
     # -- a turn ------------------------------------------------------------------------------
 
