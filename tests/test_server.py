@@ -343,9 +343,10 @@ def test_a_full_server_answers_429_with_retry_after(small_server):
     with httpx.stream("POST", f"{small_server.url}/v1/completions", json=body, headers=auth,
                       timeout=60) as response:
         assert response.status_code == 200
-        next(response.iter_lines())
+        lines = response.iter_lines()  # kept: a dropped iterator closes the connection
+        assert next(lines).startswith("data: ")
         full = small_server.post("/v1/completions", body | {"stream": False, "max_tokens": 4}, headers=auth)
-        assert full.status_code == 429
+        assert full.status_code == 429, full.text
         assert int(full.headers["Retry-After"]) >= 1
         assert full.json()["error"]["type"] == "rate_limit_error"
     deadline = time.monotonic() + 30
