@@ -1,16 +1,21 @@
 """`mlx-specdec serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
-Two threads. Uvicorn's event loop parses requests, renders chat templates, detokenizes, cuts
-stop strings and writes responses; it never touches MLX. One engine thread (`EngineThread`)
-owns the model: it runs `Engine.step()` while there is work and hands each step's events to
-the loop with ``call_soon_threadsafe``, into one asyncio queue per request. So concurrent
-requests share speculative rounds, and a slow client never holds up the batch.
+Two threads. Uvicorn's event loop parses requests, renders chat templates (on worker threads),
+detokenizes, cuts stop strings and writes responses; it never touches MLX. One engine thread
+(`EngineThread`) loads and owns the model: it runs `Engine.step()` while there is work and
+hands each step's events to the loop with ``call_soon_threadsafe``, into one asyncio queue per
+request. So concurrent requests share speculative rounds, and a slow client never holds up
+the batch.
 
-Admission is decided here, before the engine sees a request: bad input is a 4xx with an
-OpenAI-style ``{"error": {...}}`` body; a request that would pass the number of requests
-the server holds (``max_batch`` decoding plus ``max_queue`` waiting) or the K/V memory they
-could need gets 429 with Retry-After. A request whose client goes away (or whose text hit a
-stop string) is cancelled in the engine, which drops its row by the next round.
+Bad input is a 4xx with an OpenAI-style ``{"error": {...}}`` body before the engine sees the
+request. Past the number of requests the server holds (``max_batch`` decoding plus
+``max_queue`` waiting) a request gets 429 with Retry-After; within it, the engine admits rows
+up to the K/V memory they could need and keeps the rest waiting. A request whose client goes
+away (or whose text hit a stop string) is cancelled in the engine, which drops its row by the
+next round.
+
+Reading order: `Parser` (bodies -> `Job`), `TextStream`, `EngineThread`, `Server.pieces` (one
+request's life), then the routes in `make_app`.
 """
 
 from __future__ import annotations
@@ -469,7 +474,7 @@ class Server:
 
     # -- generation
 
-    async def pieces(self, job: Job, request: Request) -> AsyncIterator[Piece]:
+    async def pieces(self, job: Job) -> AsyncIterator[Piece]:
         """Run one admitted job in the engine and yield its text as it comes. Ends the job in
         the engine when its text hits a stop string or its consumer stops listening."""
         rid, queue = self.runner.submit(job.prompt, job.options)
@@ -503,7 +508,7 @@ class Server:
         """A whole (non-streamed) answer; cancelled in the engine if the client disconnects first."""
         async def collect():
             parts, last = [], None
-            async for piece in self.pieces(job, request):
+            async for piece in self.pieces(job):
                 parts.append(piece.text)
                 last = piece
             return "".join(parts), last
@@ -538,7 +543,7 @@ class Server:
                        "usage": self.usage(job, last.tokens),
                        "speculative": speculative_summary(last.stats, job.options.draft_tokens)}
 
-    async def events(self, job: Job, request: Request, release) -> AsyncIterator[str]:
+    async def events(self, job: Job, release: Callable[[], None]) -> AsyncIterator[str]:
         """The SSE stream of one job: OpenAI's chunk objects, then ``data: [DONE]``."""
         chat = job.kind == "chat"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -552,7 +557,7 @@ class Server:
                 return head | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
             return head | {"choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
 
-        pieces = self.pieces(job, request)
+        pieces = self.pieces(job)
         try:
             if chat:
                 yield _sse(chunk(None, None, first=True))
@@ -680,7 +685,7 @@ def make_app(runner: EngineThread, *, model_id: str | None = None, max_batch: in
         job = await asyncio.to_thread(server.parser.parse, body, kind)  # template + tokenizer off the loop
         ticket = server.admit(job)
         if job.stream:
-            return EventStream(server.events(job, request, lambda: server.release(ticket)),
+            return EventStream(server.events(job, lambda: server.release(ticket)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
