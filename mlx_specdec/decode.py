@@ -46,6 +46,7 @@ class Stats:
     reached_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
     accepted_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
     off_reason: str | None = None  # why the policy last chose not to draft
+    policy_kept: bool | None = None  # "auto" only: whether its policy was read back from disk
 
     @property
     def acceptance_rate(self) -> float:
@@ -85,8 +86,8 @@ class Stats:
         self.decode_seconds += total_s
 
     def as_dict(self) -> dict:
-        keys = ("prompt_tokens", "reused_tokens", "generated_tokens", "rounds", "drafted", "accepted", "prefill_seconds",
-                "decode_seconds", "draft_seconds", "verify_seconds", "off_reason")
+        keys = ("prompt_tokens", "reused_tokens", "generated_tokens", "rounds", "drafted", "accepted",
+                "prefill_seconds", "decode_seconds", "draft_seconds", "verify_seconds", "off_reason", "policy_kept")
         out = {k: getattr(self, k) for k in keys}
         out.update(
             acceptance_rate=self.acceptance_rate,
@@ -267,26 +268,69 @@ class Rows:
                     Cache.stack([p.cache for p in parts]))
 
 
-@dataclass
 class Round:
-    drafted: list[list[int]]  # (B, k) drafts per row
-    accepted: list[int]  # per row
-    next: list[int]  # per row: the target's correction or bonus token
-    draft_seconds: float
-    verify_seconds: float
+    """What one round did: drafts (B, k), accepted drafts and the next token per row.
+
+    The lists are read from the device on first use, the round's one host sync
+    after the verify pass (``read``); ``verify_seconds`` runs from the verify
+    pass's launch, or from ``since`` (the previous round's read, when the loop
+    launched this round before reading that one), to that read."""
+
+    def __init__(self, drafted: mx.array, accepted: mx.array, next: mx.array, draft_seconds: float,
+                 started: float):
+        self._arrays = (drafted, accepted, next)
+        self.draft_seconds = draft_seconds
+        self._started = started
+        self._lists: tuple[list, list, list] | None = None
+        self._verify_seconds = 0.0
+
+    def read(self, since: float = 0.0) -> "Round":
+        if self._lists is None:
+            drafted, accepted, next = self._arrays
+            self._lists = (drafted.tolist(), accepted.tolist(), next.tolist())
+            self._verify_seconds = time.perf_counter() - max(self._started, since)
+        return self
+
+    @property
+    def drafted(self) -> list[list[int]]:
+        return self.read()._lists[0]
+
+    @property
+    def accepted(self) -> list[int]:
+        return self.read()._lists[1]
+
+    @property
+    def next(self) -> list[int]:
+        return self.read()._lists[2]
+
+    @property
+    def verify_seconds(self) -> float:
+        return self.read()._verify_seconds
 
 
 def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
                       limits: list[int] | None = None) -> tuple[Rows, Round]:
     """Draft k tokens, verify k + 1 in one target pass, accept: the rows after it, and what happened.
-    Row r counts only its first limits[r] drafts (its own draft length; None: all k)."""
+    Row r counts only its first limits[r] drafts (its own draft length; None: all k).
+
+    k must be at most ``rows.cache.max_step - 1`` (the loop clamps it). Host syncs: one
+    after drafting (it times the drafter for the policy, and costs nothing measurable here)
+    and one to read how many drafts each row accepted. A plain round (k = 0) is
+    returned unread, its arrays computing in the background (``mx.async_eval``): each
+    row's position just advances by one, so a loop can pipeline plain decoding as
+    mlx-lm's ``generate_step`` does: launch the next round on the returned rows, then
+    read this one (``result.read(since=...)``), and drop rows that finished from the
+    rows of the round already launched. Its K/V writes for those rows lie past their
+    end, as harmless as rejected drafts.
+    """
     start = time.perf_counter()
     drafts, qs = [], []
     if k:
         kv, position = target_kv(spec, rows.cache), mx.array(rows.pos, dtype=mx.int32)
+        masks = spec.drafter.masks(position, kv)  # the drafts share position and K/V: one mask
         token, hidden = rows.last, rows.hidden
         for _ in range(k):  # autoregressive, at the fixed position of each row's last token
-            draft = spec.drafter(token, hidden, position, kv)
+            draft = spec.drafter(token, hidden, position, kv, masks)
             token, q = sampler.draft(draft)
             drafts.append(token)
             qs += [q] if q is not None else []
@@ -295,18 +339,17 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
     drafted = mx.stack(drafts, axis=1) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
     verify_start = time.perf_counter()
 
-    tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1)
+    tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1) if k else rows.last[:, None]
     hiddens = spec.target(tokens, Step(tuple(rows.pos), k + 1), rows.cache)
     n, last = sampler.accept(spec.target.logits(hiddens), drafted, qs, limits)
     # The next draft starts from the hidden state of the last accepted token. The
     # cache needs no edit: rejected entries lie past each row's new position and
     # stay masked until overwritten.
-    hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1)
-    mx.eval(n, last, hidden)
-    accepted = n.tolist()
-    after = Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache)
-    return after, Round(drafted.tolist(), accepted, last.tolist(), verify_start - start,
-                        time.perf_counter() - verify_start)
+    hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1) if k else hiddens
+    mx.async_eval(n, last, hidden)
+    result = Round(drafted, n, last, verify_start - start, verify_start)
+    accepted = result.accepted if k else [0] * len(rows.pos)
+    return Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache), result
 
 
 def new_cache(spec: SpecModel, batch_size: int) -> Cache:
@@ -370,6 +413,8 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
     while engine.has_work:
         update = Update({}, {}, stats)
         for event in engine.step():
+            if event.error is not None:
+                raise event.error
             row = row_of[event.request_id]
             stats[row] = event.stats
             update.positions[row] = event.position

@@ -64,9 +64,10 @@ class Event:
 
     request_id: int
     tokens: list[int]
-    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens), "cancelled"
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens), "cancelled", "error"
     stats: Stats  # a snapshot, safe to read from any thread
     position: int = 0  # the request's cache holds prompt + output up to this position
+    error: Exception | None = None  # with finish_reason "error": what the model raised
 
 
 @dataclass
@@ -239,7 +240,8 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._cancelled: set[int] = set()
         self._open: set[int] = set()  # submitted, not yet finished
-        self._admitting: _Request | None = None
+        self._admitting: _Admission | None = None  # a prefill that continues next step
+        self._joining: list[_Admission] = []  # prefilled this step, not yet in the batch
         self._live: dict[int, _Request] = {}
         self._rows: Rows | None = None
         self._sampler: Sampler | None = None
@@ -252,6 +254,8 @@ class Engine:
         self._accepted = [0] * K_MAX
         self._last_k = 0
         self._off_reason: str | None = None
+        self._batch_size = 0  # live rows and the K/V they could grow to, as of the last step
+        self._kv_reserved = 0
 
     # -- any thread ---------------------------------------------------------------------------
 
@@ -264,7 +268,9 @@ class Engine:
         prompt = check_prompt(list(prompt), self.spec.target.config.vocab_size)
         if cache is not None and not (cache.batch_size == 1 and 0 <= cached < len(prompt)):
             raise ValueError("a kept cache holds one row and must end before the prompt does")
-        request = _Request(-1, prompt, options, Stats(prompt_tokens=len(prompt)), time.perf_counter(),
+        auto = options.draft_tokens == "auto" and self.spec.drafter is not None
+        stats = Stats(prompt_tokens=len(prompt), policy_kept=self.spec.policy.kept if auto else None)
+        request = _Request(-1, prompt, options, stats, time.perf_counter(),
                            cache=cache, prefilled=cached if cache is not None else 0, seq=list(prompt))
         if self._kv is not None and self._kv.batch([request]) > self.kv_memory_bytes:
             raise InputError(f"this request could need {self._kv.batch([request]) / 2**30:.2f} GiB of K/V "
@@ -288,23 +294,25 @@ class Engine:
             return bool(self._open)
 
     def metrics(self) -> dict:
+        """Counters for monitoring; safe to call from any thread (step updates them as it goes)."""
         with self._lock:
             waiting = len(self._waiting)
+        admitting = self._admitting
         return {
-            "batch_size": len(self._live),
+            "batch_size": self._batch_size,
             "max_batch": self.max_batch,
-            "queue_depth": waiting + (len(self._admitting.requests) if self._admitting else 0),
+            "queue_depth": waiting + (len(admitting.requests) if admitting is not None else 0),
             "tokens_generated": self._tokens_generated,
             "requests_finished": self._finished,
             "rounds": self._rounds,
-            "acceptance_by_position": [a / r if r else None for a, r in zip(self._accepted, self._reached)],
+            "acceptance_by_position": [a / r if r else None for a, r in zip(list(self._accepted), list(self._reached))],
             "draft_k": self._last_k,
             "off_reason": self._off_reason,
             "prefix_cache_entries": len(self.prefixes),
             "prefix_cache_tokens": self.prefixes.size,
             "prefix_cache_hits": self.prefixes.hits,
             "prefix_reused_tokens": self.prefixes.reused_tokens,
-            "kv_reserved_bytes": int(self._kv.batch(list(self._live.values()))) if self._kv else 0,
+            "kv_reserved_bytes": self._kv_reserved,
             "kv_memory_bytes": self.kv_memory_bytes,
         }
 
@@ -313,11 +321,31 @@ class Engine:
     def step(self) -> list[Event]:
         """Admit, run one round for the live batch, retire: the events of every request touched."""
         events: dict[int, Event] = {}
-        self._drop_cancelled(events)
-        self._admit(events)
-        if self._live:
-            self._round(events)
+        try:
+            self._drop_cancelled(events)
+            self._admit(events)
+            if self._live:
+                self._round(events)
+        except Exception as error:  # noqa: BLE001 - the requests it hit end with it; the engine goes on
+            self._fail(events, error)
+        live = list(self._live.values())
+        self._batch_size = len(live)
+        self._kv_reserved = int(self._kv.batch(live)) if self._kv is not None else 0
         return list(events.values())
+
+    def _fail(self, events: dict[int, Event], error: Exception) -> None:
+        """A pass raised: every request in the batch or being admitted ends with finish_reason
+        "error" and the exception on its event (their caches may be half written); the queue
+        and the prefix store are untouched, so the engine serves the next requests."""
+        failed = list(self._live.values()) + [r for g in self._joining for r in g.requests]
+        failed += self._admitting.requests if self._admitting is not None else []
+        self._live, self._rows, self._sampler = {}, None, None
+        self._admitting, self._joining = None, []
+        for request in failed:
+            if request.finish is None:
+                request.finish = "error"
+                self._close(events, request, 0)
+                events[request.id].error = error
 
     def _event(self, events: dict[int, Event], request: _Request, tokens: list[int], position: int) -> None:
         s = request.stats
@@ -384,7 +412,7 @@ class Engine:
         is waiting on a round, so the batch fills up first. Prompts of one length starting from
         nothing share their prefill passes."""
         budget = self.prefill_step_size if self._live else None
-        joining: list[_Admission] = []
+        joining = self._joining = []
         while budget is None or budget > 0:
             group = self._admitting
             if group is None:
@@ -410,6 +438,7 @@ class Engine:
             self._rows, self._sampler = Rows.stack(parts), Sampler.stack(samplers)
             for group in joining:
                 self._live.update((r.id, r) for r in group.requests)
+        self._joining = []
 
     def _take(self, joining: list[_Request], room: int) -> "_Admission | None":
         """The next waiting request, with the cache it starts from, and the waiting requests just
@@ -494,7 +523,9 @@ class Engine:
                     auto = spec.policy.decide(B)
             decisions = [auto if r.options.draft_tokens == "auto" else fixed_decision(r.options.draft_tokens)
                          for r in requests]
-        limits = [min(d.k, r.options.max_tokens - r.emitted - 1) for d, r in zip(decisions, requests)]
+        # The cache's rings bound k whatever the policy says.
+        cap = min(K_MAX, rows.cache.max_step - 1)
+        limits = [max(0, min(d.k, r.options.max_tokens - r.emitted - 1, cap)) for d, r in zip(decisions, requests)]
         return max(limits), limits, decisions
 
     def _round(self, events: dict[int, Event]) -> None:

@@ -258,3 +258,32 @@ def test_cancelling_a_waiting_request_and_metrics(checkpoints):
         engine.submit([], _options(5))
     with pytest.raises(InputError):
         Engine(spec, max_batch=0)
+
+
+class _FailingTarget(_CountingTarget):
+    """The target, raising on its n-th pass."""
+
+    def __init__(self, inner, at):
+        super().__init__(inner, [])
+        self.at = at
+
+    def __call__(self, tokens, step, cache):
+        if len(self.calls) + 1 == self.at:
+            self.calls.append(None)
+            raise RuntimeError("out of memory (simulated)")
+        return super().__call__(tokens, step, cache)
+
+
+def test_a_failed_pass_ends_the_requests_it_hit_and_the_engine_serves_on(checkpoints):
+    spec = _real(checkpoints, "dense")
+    failing = SpecModel(**{**vars(spec), "target": _FailingTarget(spec.target, at=4)})
+    engine = Engine(failing, max_batch=2)
+    first = [engine.submit(prompt(n, seed=n), _options(10, 2)) for n in (5, 8)]
+    events = []
+    while engine.has_work:
+        events += engine.step()
+    ended = {e.request_id: e for e in events if e.finish_reason}
+    assert {ended[i].finish_reason for i in first} == {"error"}
+    assert all(isinstance(ended[i].error, RuntimeError) for i in first)
+    [after] = run(engine, [(0, prompt(6, seed=3), _options(10, 2))])
+    assert after["tokens"] == _alone(spec, prompt(6, seed=3), 10, draft_tokens=0)[0]

@@ -220,12 +220,13 @@ def draft_label(stats: Stats, draft_tokens: int | str, has_drafter: bool) -> str
     if draft_tokens != "auto":
         return f"draft k={draft_tokens}"
     used = {k: n for k, n in stats.k_histogram.items() if k}
+    kept = ", policy kept from earlier runs" if stats.policy_kept else ""
     if not used:
-        return "draft auto: off"  # /stats says why
+        return f"draft auto: off{' (' + kept[2:] + ')' if kept else ''}"  # /stats says why
     drafting, rounds = sum(used.values()), sum(stats.k_histogram.values())
     if 2 * drafting < rounds:
-        return f"draft auto: mostly off (drafted in {drafting} of {rounds} rounds)"
-    return f"draft auto: on (mostly k={max(used, key=used.get)})"
+        return f"draft auto: mostly off (drafted in {drafting} of {rounds} rounds{kept})"
+    return f"draft auto: on (mostly k={max(used, key=used.get)}{kept})"
 
 
 def status_line(report: TurnReport, has_drafter: bool) -> str:
@@ -352,7 +353,8 @@ def show_stats(session: ChatSession, console) -> None:
         f"  prefill: {r.prefill_tokens} of {r.prompt_tokens} prompt tokens ran ({r.reused_tokens} reused from the "
         f"cache), {s.prefill_seconds * 1000:.1f} ms",
         f"  drafted {s.drafted}, accepted {s.accepted} ({s.acceptance_rate:.0%}); by position: {rates}",
-        f"  rounds by k: {hist}" + (f"; off because: {s.off_reason}" if s.off_reason else ""),
+        f"  rounds by k: {hist}" + (f"; off because: {s.off_reason}" if s.off_reason else "")
+        + ("; the policy was kept from earlier runs" if s.policy_kept else ""),
         f"  time: draft {s.draft_seconds * 1000:.1f} ms, verify {s.verify_seconds * 1000:.1f} ms, "
         f"decode total {s.decode_seconds * 1000:.1f} ms",
     ]

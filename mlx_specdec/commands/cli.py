@@ -104,6 +104,9 @@ TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k
 MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens below min-p times the top one.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the sampler (reproducible sampling).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")]
+FreshPolicyOpt = Annotated[bool, typer.Option(
+    "--fresh-policy", help="Start the draft policy from nothing instead of what earlier runs kept on disk "
+    "(and keep what this run learns in its place).")]
 
 
 def parse_draft_tokens(value: str) -> int | str:
@@ -127,14 +130,18 @@ DraftOpt = Annotated[str, typer.Option(
     f"off (plain decoding) or an integer 1..{K_MAX}.")]
 
 
-def _load(model: str | None, drafter: str | None, dtype: str | None):
+def _load(model: str | None, drafter: str | None, dtype: str | None, fresh_policy: bool = False):
     from rich.console import Console
 
     from ..loading import load
+    from ..policy import DraftPolicy
 
     drafter_arg: str | bool | None = False if drafter is not None and drafter.lower() in ("none", "off") else drafter
     with Console(stderr=True).status(f"loading {model or 'the embedded demo model'}"):
-        return load(model, drafter_arg, dtype=dtype)
+        spec = load(model, drafter_arg, dtype=dtype)
+    if fresh_policy:
+        spec.policy = DraftPolicy()
+    return spec
 
 
 def _messages(prompt: str, system: str | None) -> list[dict]:
@@ -145,6 +152,7 @@ def _summary(stats, draft_tokens, has_drafter: bool) -> str:
     from .chat import draft_label
 
     per_round = 1 + stats.mean_accepted_per_round if stats.rounds else 1.0
+    mostly_off = 2 * sum(n for k, n in stats.k_histogram.items() if k) < stats.rounds
     return " · ".join([
         f"{stats.generated_tokens} tokens",
         f"{stats.tokens_per_second:.1f} tok/s",
@@ -152,7 +160,7 @@ def _summary(stats, draft_tokens, has_drafter: bool) -> str:
         f"{per_round:.2f} tokens/round",
         draft_label(stats, draft_tokens, has_drafter),
         f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1000:.0f} ms",
-    ])
+    ] + ([f"off because {stats.off_reason}"] if draft_tokens == "auto" and stats.off_reason and mostly_off else []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +189,7 @@ def generate(
     dtype: DtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) "
                                           "instead of streaming.")] = False,
+    fresh_policy: FreshPolicyOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Answer one prompt, streamed to stdout; a summary line goes to stderr."""
@@ -200,7 +209,7 @@ def generate(
         from .chat import encode_text, render
         from ..errors import InputError
 
-        spec = _load(model, drafter, dtype)
+        spec = _load(model, drafter, dtype, fresh_policy)
         tok = spec.tokenizer
         if tok is None:
             raise InputError(f"{spec.name} has no tokenizer files (tokenizer.json / tokenizer.model); "
@@ -248,6 +257,7 @@ def chat(
     history: Annotated[Optional[Path], typer.Option(
         "--history", help="Readline history file (default: ~/.cache/mlx-specdec/chat_history).")] = None,
     dtype: DtypeOpt = None,
+    fresh_policy: FreshPolicyOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Chat in the terminal: streamed answers, the prompt cache kept across turns, /help for commands."""
@@ -257,7 +267,7 @@ def chat(
 
         from . import chat as chat_mod
 
-        spec = _load(model, drafter, dtype)
+        spec = _load(model, drafter, dtype, fresh_policy)
         settings = chat_mod.Settings(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                      seed=seed, draft_tokens=k)
         settings.options()  # refuse bad values before the first turn
@@ -360,6 +370,7 @@ def bench(
         "--chart", help="Write a PNG of speedup against k per workload here (needs matplotlib: "
         "pip install 'mlx-specdec[chart]').")] = None,
     dtype: DtypeOpt = None,
+    fresh_policy: FreshPolicyOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure tokens/s of plain, fixed-k and auto drafting on built-in workloads and batch sizes."""
@@ -388,7 +399,7 @@ def bench(
         # Piped output gets room for the whole table rather than rich's default 80 columns.
         console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
         err = Console(stderr=True, highlight=False)
-        spec = _load(model, drafter, dtype)
+        spec = _load(model, drafter, dtype, fresh_policy)
         env = B.environment(spec, B.reference_blas_warning())
         for line in B.environment_lines(env):
             warning = line.startswith("warning")
