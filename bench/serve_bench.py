@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -271,6 +272,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the servers (the finally below)
     levels = [int(x) for x in args.concurrency.split(",")]
     rates = [float(x) for x in args.rates.split(",")] if args.rates else []
     loads = [f"c={c}" for c in levels] + [f"rate={r:g}" for r in rates]

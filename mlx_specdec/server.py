@@ -483,9 +483,11 @@ class Server:
         try:
             while True:
                 event = await queue.get()
-                if isinstance(event, Exception):
+                failure = event if isinstance(event, Exception) else event.error
+                if failure is not None or event.finish_reason == "error":
                     done = True
-                    raise APIError(500, f"the engine failed: {type(event).__name__}: {event}", type="server_error")
+                    raise APIError(500, f"the model failed on this request: {type(failure).__name__}: {failure}",
+                                   type="server_error")
                 tokens += len(event.tokens)
                 final = event.finish_reason is not None
                 new = text.add(event.tokens, final) if text is not None else ""
