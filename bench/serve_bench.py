@@ -249,6 +249,8 @@ def summarize(runs: list[Run]) -> dict:
         ttft_p50=percentile(ttft, 50), ttft_p99=percentile(ttft, 99),
         itl_p50=percentile(itl, 50), itl_p99=percentile(itl, 99),
         cpu_per_wall=statistics.median(r.cpu / r.wall for r in runs),
+        # What a token costs the server in CPU time: steadier than wall time on a shared machine.
+        cpu_ms_per_token=statistics.median(1000 * r.cpu / r.tokens for r in runs),
         tokens=statistics.median(r.tokens for r in runs), repeats=len(runs),
     )
 
@@ -338,7 +340,8 @@ def main() -> None:
     command = "python bench/serve_bench.py " + " ".join(sys.argv[1:])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(env=env, command=command, table=table), indent=2) + "\n")
+        every = [dict(system=r.system, load=r.load, wall=r.wall, tokens=r.tokens, cpu=r.cpu) for r in runs]
+        args.json.write_text(json.dumps(dict(env=env, command=command, table=table, runs=every), indent=2) + "\n")
     md = markdown(env, command, table, len(requests))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -360,14 +363,15 @@ def markdown(env: dict, command: str, table: list[dict], n: int) -> str:
         f"`{command}`",
         "",
         "| load | system | tok/s (median) | range | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-        "server CPU s / s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "server CPU s / s | server CPU ms / token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         lines.append(
             f"| {row['load']} | {row['system']} | {row['throughput']:.1f} | {row['throughput_min']:.1f}-"
             f"{row['throughput_max']:.1f} | {row['ttft_p50'] * 1000:.0f} | {row['ttft_p99'] * 1000:.0f} | "
-            f"{row['itl_p50'] * 1000:.1f} | {row['itl_p99'] * 1000:.1f} | {row['cpu_per_wall']:.2f} |")
+            f"{row['itl_p50'] * 1000:.1f} | {row['itl_p99'] * 1000:.1f} | {row['cpu_per_wall']:.2f} | "
+            f"{row['cpu_ms_per_token']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
