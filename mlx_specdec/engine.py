@@ -3,12 +3,13 @@
 Every front end (the Python API, chat, bench, the HTTP server) submits requests here and reads
 their tokens back as `Event`s. One `step` is: admit waiting requests, run one round
 (`decode.speculative_round`) for the live batch, retire the rows that finished or were
-cancelled. Reading order: `Engine.step`, then `_admit`, `_decide`, `_round`, `_retire`.
+cancelled. Reading order: `Engine.step`, then `_admit`, `_round` (with `_decide`, `_launch`),
+`_retire`. Plain rounds pipeline across steps: the next one is launched before the last is read.
 
-Admission. A request's prompt is prefilled into its own single-row cache, in chunks of at most
-`prefill_step_size` tokens, and at most that many tokens per step while other rows are live: a
-long prompt stalls the live batch for about one chunk per round, never for its whole prefill.
-The prefilled row then joins the batch (`Rows.stack`). Admission stops at `max_batch` rows and
+Admission. A request's prompt is prefilled into its own cache, in chunks of at most
+`prefill_step_size` tokens, and while other rows are live a step stops prefilling once that
+many tokens ran: a long prompt stalls the live batch for about one chunk per round, never for
+its whole prefill. The prefilled row then joins the batch (`Rows.stack`). Admission stops at `max_batch` rows and
 at the K/V memory the live rows could grow to (`kv_memory_bytes`).
 
 Prefix reuse. When a row leaves, its cache goes into a bounded LRU store of single-row caches
@@ -43,7 +44,7 @@ import numpy as np
 
 from . import decode
 from .cache import GROW_STEP, Cache, Step
-from .decode import Options, Rows, Sampler, Stats, check_prompt, new_cache, speculative_round
+from .decode import Options, Round, Rows, Sampler, Stats, check_prompt, new_cache, speculative_round
 from .errors import InputError
 from .loading import SpecModel
 from .policy import K_MAX, Decision, fixed_decision
@@ -83,6 +84,19 @@ class _Admission:
     def __post_init__(self):
         self.reused = self.prefilled
         self.length = len(self.requests[0].prompt)
+
+
+@dataclass
+class _Launch:
+    """A round launched on the device, read in this step or (a plain round) the next."""
+
+    ids: list[int]  # the rows it runs on
+    result: Round
+    k: int
+    limits: list[int]  # each row's own draft length
+    decisions: list[Decision]
+    start: float
+    seconds: float | None = None  # from its launch (or the read before) to its read
 
 
 @dataclass
@@ -242,6 +256,8 @@ class Engine:
         self._open: set[int] = set()  # submitted, not yet finished
         self._admitting: _Admission | None = None  # a prefill that continues next step
         self._joining: list[_Admission] = []  # prefilled this step, not yet in the batch
+        self._ahead: _Launch | None = None  # a plain round launched, to be read next step
+        self._read_done = 0.0  # when the last round was read
         self._live: dict[int, _Request] = {}
         self._rows: Rows | None = None
         self._sampler: Sampler | None = None
@@ -323,6 +339,8 @@ class Engine:
         events: dict[int, Event] = {}
         try:
             self._drop_cancelled(events)
+            if self._ahead is not None and (self._admitting is not None or self._waiting):
+                self._read(self._ahead)  # so that the prefill is not timed as part of that round
             self._admit(events)
             if self._live:
                 self._round(events)
@@ -339,18 +357,20 @@ class Engine:
         and the prefix store are untouched, so the engine serves the next requests."""
         failed = list(self._live.values()) + [r for g in self._joining for r in g.requests]
         failed += self._admitting.requests if self._admitting is not None else []
-        self._live, self._rows, self._sampler = {}, None, None
+        self._live, self._rows, self._sampler, self._ahead = {}, None, None, None
         self._admitting, self._joining = None, []
         for request in failed:
             if request.finish is None:
                 request.finish = "error"
-                self._close(events, request, 0)
+                self._close(events, request)
                 events[request.id].error = error
 
-    def _event(self, events: dict[int, Event], request: _Request, tokens: list[int], position: int) -> None:
+    def _event(self, events: dict[int, Event], request: _Request, tokens: list[int]) -> None:
         s = request.stats
         snapshot = replace(s, k_histogram=dict(s.k_histogram), reached_by_position=list(s.reached_by_position),
                            accepted_by_position=list(s.accepted_by_position))
+        # The cache holds all committed tokens but the last; before the prefill, what it was given.
+        position = len(request.seq) - 1 if len(request.seq) > len(request.prompt) else request.prefilled
         if request.id in events:
             event = events[request.id]
             event.tokens += tokens
@@ -358,7 +378,7 @@ class Engine:
         else:
             events[request.id] = Event(request.id, list(tokens), request.finish, snapshot, position)
 
-    def _emit(self, events: dict[int, Event], request: _Request, tokens: list[int], position: int) -> None:
+    def _emit(self, events: dict[int, Event], request: _Request, tokens: list[int]) -> None:
         """Pass on committed tokens up to EOS (not emitted) or max_tokens."""
         request.seq += tokens
         new = []
@@ -373,7 +393,7 @@ class Engine:
                 break
         request.stats.generated_tokens += len(new)
         self._tokens_generated += len(new)
-        self._event(events, request, new, position)
+        self._event(events, request, new)
 
     def _drop_cancelled(self, events: dict[int, Event]) -> None:
         with self._lock:
@@ -391,14 +411,14 @@ class Engine:
             dropped += [r for r in group.requests if r.id in cancelled]
         for request in dropped:
             request.finish = "cancelled"
-            self._close(events, request, 0)
+            self._close(events, request)
         live = [r for r in self._live.values() if r.id in cancelled]
         for request in live:
             request.finish = "cancelled"
         self._retire(events, live)
 
-    def _close(self, events: dict[int, Event], request: _Request, position: int) -> None:
-        self._event(events, request, [], position)
+    def _close(self, events: dict[int, Event], request: _Request) -> None:
+        self._event(events, request, [])
         self._finished += 1
         with self._lock:
             self._open.discard(request.id)
@@ -408,20 +428,21 @@ class Engine:
     def _admit(self, events: dict[int, Event]) -> None:
         """Prefill waiting requests, a chunk at a time, and add them to the batch once prefilled.
 
-        With rows live, at most prefill_step_size prompt tokens run per step; with none, no one
-        is waiting on a round, so the batch fills up first. Prompts of one length starting from
-        nothing share their prefill passes."""
+        With rows live, prefill passes stop once prefill_step_size prompt tokens ran this step;
+        with none, no one is waiting on a round, so the batch fills up first. Prompts of one
+        length starting from nothing share their prefill passes."""
         budget = self.prefill_step_size if self._live else None
         joining = self._joining = []
         while budget is None or budget > 0:
             group = self._admitting
             if group is None:
                 room = self.max_batch - len(self._live) - sum(len(g.requests) for g in joining)
-                group = self._take([r for g in joining for r in g.requests], room)
+                group = self._take([r for g in joining for r in g.requests], room, budget)
                 if group is None:
                     break
-            n = min(group.length - group.prefilled, self.prefill_step_size,
-                    self.prefill_step_size if budget is None else budget)
+            # Chunks start at the same positions whatever else runs, so a prompt's prefill
+            # passes are the same alone or not; a step may overrun its budget by under a chunk.
+            n = min(group.length - group.prefilled, self.prefill_step_size)
             hidden = self._prefill(group, n)
             if budget is not None:
                 budget -= n * len(group.requests)
@@ -440,34 +461,48 @@ class Engine:
                 self._live.update((r.id, r) for r in group.requests)
         self._joining = []
 
-    def _take(self, joining: list[_Request], room: int) -> "_Admission | None":
+    def _take(self, joining: list[_Request], room: int, budget: int | None) -> "_Admission | None":
         """The next waiting request, with the cache it starts from, and the waiting requests just
-        behind it that can share its prefill (same length, nothing to reuse); None: none waiting,
-        or no room for its K/V."""
+        behind it that can share its prefill (same length, nothing to reuse, within the step's
+        token budget); None: none waiting, or no room for its K/V. Only this thread removes
+        from the queue, so its head stays put between looking and taking."""
+        live = list(self._live.values()) + joining
         group: list[_Request] = []
-        with self._lock:
-            live = list(self._live.values()) + joining
-            while self._waiting and len(group) < room:
-                request = self._waiting[0]
-                if group and (len(request.prompt) != len(group[0].prompt) or request.cache is not None):
-                    break  # only prompts of one length, from nothing, share a prefill
-                if live or group:
-                    # Until a first prefill has measured K/V sizes, one request goes alone.
-                    if self._kv is None or self._kv.batch(live + group + [request]) > self.kv_memory_bytes:
-                        break
-                if request.cache is not None:  # it continues a cache of its own
-                    self._waiting.popleft()
-                    return _Admission([request], request.cache, request.prefilled)
-                if group and self.prefixes.longest(self.spec, request.prompt)[1] is not None:
-                    break  # it has a prefix to reuse: it goes alone, next
-                self._waiting.popleft()
-                group.append(request)
+        while len(group) < room:
+            with self._lock:
+                request = self._waiting[0] if self._waiting else None
+            if request is None:
+                break
+            if request.cache is not None:  # it continues a cache of its own: alone
+                if group:
+                    break
+                self._pop()
+                return _Admission([request], request.cache, request.prefilled)
+            if group:
+                if len(request.prompt) != len(group[0].prompt):
+                    break  # only prompts of one length share a prefill
+                chunk = min(len(request.prompt), self.prefill_step_size)
+                if budget is not None and (len(group) + 1) * chunk > budget:
+                    break
+            if live or group:
+                # Until a first prefill has measured K/V sizes, one request goes alone.
+                if self._kv is None or self._kv.batch(live + group + [request]) > self.kv_memory_bytes:
+                    break
+            if group and self.prefixes.longest(self.spec, request.prompt)[1] is not None:
+                break  # it has a prefix to reuse: it goes alone, next
+            self._pop()
+            group.append(request)
+            if len(group) == 1:
                 reused, cache = self.prefixes.take(self.spec, request.prompt)
                 if cache is not None:
-                    return _Admission([request], cache, reused)
+                    return _Admission(group, cache, reused)
         if not group:
             return None
         return _Admission(group, new_cache(self.spec, len(group)), 0)
+
+    def _pop(self) -> None:
+        with self._lock:
+            self._waiting.popleft()
 
     def _prefill(self, group: "_Admission", n: int) -> mx.array:
         start = group.prefilled
@@ -491,26 +526,26 @@ class Engine:
         for request, token in zip(requests, first.tolist()):
             request.stats.prefill_seconds = now - request.submitted
             request.stats.reused_tokens = group.reused
-            self._emit(events, request, [token], position)
+            self._emit(events, request, [token])
         rows = Rows([r.id for r in requests], [position] * len(requests), first, hidden, group.cache)
         keep = [b for b, r in enumerate(requests) if r.finish is None]
         for b, request in enumerate(requests):
             if request.finish is not None:
                 self._store(request, rows, b)
-                self._close(events, request, position)
+                self._close(events, request)
         group.requests = [requests[b] for b in keep]
         if keep:
             group.rows, group.sampler = rows.select(keep), sampler.select(keep)
 
     # -- a round
 
-    def _decide(self, rows: Rows, requests: list[_Request]) -> tuple[int, list[int], list[Decision]]:
+    def _decide(self, rows: Rows, requests: list[_Request], pending: int) -> tuple[int, list[int], list[Decision]]:
         """The round's draft length k, each row's own (at most k), and the decision behind it.
 
         The one place a round's k is decided (every rank of a sharded run must take the same):
         rows asking for "auto" share the policy's k for this batch size, calibrated in the first
         round of a request that meets an unmeasured batch size; fixed rows draft their own k;
-        no row drafts past its max_tokens."""
+        no row drafts past its max_tokens (less the ``pending`` token of a plain round in flight)."""
         spec, B = self.spec, len(requests)
         if spec.drafter is None:
             decisions = [Decision(0, "k=0: the model has no drafter")] * B
@@ -525,36 +560,67 @@ class Engine:
                          for r in requests]
         # The cache's rings bound k whatever the policy says.
         cap = min(K_MAX, rows.cache.max_step - 1)
-        limits = [max(0, min(d.k, r.options.max_tokens - r.emitted - 1, cap)) for d, r in zip(decisions, requests)]
+        limits = [max(0, min(d.k, r.options.max_tokens - r.emitted - pending - 1, cap))
+                  for d, r in zip(decisions, requests)]
         return max(limits), limits, decisions
 
-    def _round(self, events: dict[int, Event]) -> None:
+    def _launch(self, before: "_Launch | None" = None) -> "_Launch":
+        """Start a round on the live rows, which become the rows after it. ``before``: a plain
+        round launched and not yet read (this one is launched ahead of reading it)."""
         rows = self._rows
         requests = [self._live[i] for i in rows.ids]
         start = time.perf_counter()
-        k, limits, decisions = self._decide(rows, requests)
+        k, limits, decisions = self._decide(rows, requests, pending=before is not None)
+        if k and before is not None:
+            self._read(before)  # drafting syncs anyway: time the plain round alone
         self._rows, result = speculative_round(self.spec, rows, k, self._sampler,
                                                None if all(n == k for n in limits) else limits)
-        seconds = time.perf_counter() - start
+        return _Launch(list(rows.ids), result, k, limits, decisions, start)
+
+    def _read(self, launch: "_Launch") -> None:
+        """Wait for a launched round's results (once), timing it from its launch or the last read."""
+        if launch.seconds is None:
+            launch.result.read(since=self._read_done)
+            now = time.perf_counter()
+            launch.seconds = now - max(launch.start, self._read_done)
+            self._read_done = now
+
+    def _round(self, events: dict[int, Event]) -> None:
+        """Read one round, launched now or ahead in the last step, and pass on its tokens.
+
+        A plain round (k = 0) moves every row by exactly one position, so the next round is
+        launched on its rows before reading it, as mlx-lm's generate_step pipelines plain
+        decoding; rows that finish meanwhile are dropped from the one in flight (its writes lie
+        past their end, like rejected drafts). Sampled rows pipeline too: each draws from its
+        own key."""
+        current, self._ahead = self._ahead or self._launch(), None
+        if current.k == 0 and any(r.options.max_tokens - r.emitted > 1 for r in self._live.values()):
+            self._ahead = self._launch(before=current)
+        self._read(current)
+        result, seconds = current.result, current.seconds
+        requests = [self._live.get(i) for i in current.ids]  # None: it left while the round ran
         for b, request in enumerate(requests):
+            if request is None or request.finish is not None:
+                continue
             n = result.accepted[b]
-            self._emit(events, request, result.drafted[b][:n] + [result.next[b]], self._rows.pos[b])
-            request.stats.record_round(limits[b], n, decisions[b], result.draft_seconds, result.verify_seconds,
-                                       seconds)
-        self.spec.policy.record(len(requests), k, result.accepted, result.draft_seconds, result.verify_seconds,
-                                seconds - result.draft_seconds - result.verify_seconds, limits)
+            self._emit(events, request, result.drafted[b][:n] + [result.next[b]])
+            request.stats.record_round(current.limits[b], n, current.decisions[b], result.draft_seconds,
+                                       result.verify_seconds, seconds)
+        self.spec.policy.record(len(current.ids), current.k, result.accepted, result.draft_seconds,
+                                result.verify_seconds, seconds - result.draft_seconds - result.verify_seconds,
+                                current.limits)
         self._rounds += 1
-        self._last_k = k
-        auto = [d for d, r in zip(decisions, requests) if r.options.draft_tokens == "auto"]
+        self._last_k = current.k
+        auto = [d for d, r in zip(current.decisions, requests) if r and r.options.draft_tokens == "auto"]
         self._off_reason = auto[0].reason if auto and auto[0].k == 0 else None
-        for n, limit in zip(result.accepted, limits):
+        for n, limit in zip(result.accepted, current.limits):
             for i in range(min(limit, n + 1)):
                 self._reached[i] += 1
                 self._accepted[i] += int(i < n)
-        self._retire(events, [r for r in requests if r.finish is not None])
+        self._retire(events, [r for r in requests if r is not None and r.finish is not None])
 
     def _retire(self, events: dict[int, Event], leaving: list[_Request]) -> None:
-        """Rows leave the batch; their caches go to the prefix store."""
+        """Rows leave the batch (and any round in flight); their caches go to the prefix store."""
         if not leaving:
             return
         rows, gone = self._rows, {r.id for r in leaving}
@@ -562,12 +628,12 @@ class Engine:
             if row_id in gone:
                 request = self._live.pop(row_id)
                 self._store(request, rows, b)
-                self._close(events, request, rows.pos[b])
+                self._close(events, request)
         keep = [b for b, row_id in enumerate(rows.ids) if row_id not in gone]
         if keep:
             self._rows, self._sampler = rows.select(keep), self._sampler.select(keep)
         else:
-            self._rows, self._sampler = None, None
+            self._rows, self._sampler, self._ahead = None, None, None
 
     def _store(self, request: _Request, rows: Rows, b: int) -> None:
         """Keep row b's cache for later prompts that share its tokens."""

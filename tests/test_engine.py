@@ -287,3 +287,21 @@ def test_a_failed_pass_ends_the_requests_it_hit_and_the_engine_serves_on(checkpo
     assert all(isinstance(ended[i].error, RuntimeError) for i in first)
     [after] = run(engine, [(0, prompt(6, seed=3), _options(10, 2))])
     assert after["tokens"] == _alone(spec, prompt(6, seed=3), 10, draft_tokens=0)[0]
+
+
+def test_plain_rounds_are_launched_before_the_last_one_is_read(checkpoints):
+    spec = _real(checkpoints, "dense")
+    calls = []
+    spec = SpecModel(**{**vars(spec), "target": _CountingTarget(spec.target, calls)})
+    engine = Engine(spec, max_batch=2)
+    engine.submit(prompt(5), _options(6, 0))
+    [event] = engine.step()
+    # The prefill, the round this step read, and the next one already running.
+    assert calls == [(1, 5), (1, 1), (1, 1)]
+    assert len(event.tokens) == 2
+    tokens = event.tokens
+    while engine.has_work:
+        tokens += sum((e.tokens for e in engine.step()), [])
+    # No round runs past the last token's: 1 prefill + 5 rounds, the last one not ahead.
+    assert len(calls) == 6
+    assert tokens == _alone(spec, prompt(5), 6, draft_tokens=0)[0]
