@@ -38,11 +38,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .api import _options
 from .decode import Options, Stats
 from .errors import InputError
 from .loading import SpecModel
 from .policy import K_MAX
+from .sampling import SamplingParams
 
 log = logging.getLogger("mlx_specdec.server")
 
@@ -204,7 +204,7 @@ class Parser:
                     max_tokens=max_tokens, sampling=sampling, stops=_stops(body), draft_tokens=_draft_tokens(body))
 
     def chat_prompt(self, body: dict) -> list[int]:
-        from .commands.chat import encode_text, render
+        from .commands.chat import render
 
         messages = body.get("messages")
         if not isinstance(messages, list):
@@ -216,7 +216,8 @@ class Parser:
         if tok is None or not tok.has_chat_template:
             raise _bad("this model has no chat template: use /v1/completions", "messages")
         try:
-            return encode_text(tok, render(tok, messages))
+            # The template writes its own BOS, so the text is encoded without adding it again.
+            return list(tok.encode(render(tok, messages), add_special_tokens=False))
         except InputError as e:
             raise _bad(str(e), "messages") from None
         except Exception as e:  # the template's own raise_exception (e.g. roles out of order)
@@ -258,9 +259,9 @@ class Parser:
                            else "prompt", code="context_length_exceeded")
             max_tokens = max_tokens or min(self.default_max_tokens, room)
         try:
-            options = _options(max_tokens or self.default_max_tokens, **common["sampling"],
-                               draft_tokens=common["draft_tokens"])
-        except InputError as e:
+            options = Options(max_tokens=max_tokens or self.default_max_tokens,
+                              sampling=SamplingParams(**common["sampling"]), draft_tokens=common["draft_tokens"])
+        except ValueError as e:  # InputError included
             raise _bad(str(e)) from None
         return Job(kind, prompt, options, common["stream"], common["stops"], common["include_usage"],
                    common["model"])
