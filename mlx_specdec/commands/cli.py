@@ -1,4 +1,4 @@
-"""The `mlx-specdec` command: generate, chat, bench, convert, distill.
+"""The `mlx-specdec` command: generate, chat, serve, bench, convert, distill.
 
 A thin layer: parse flags (named like mlx-lm's), load, call the Python API, render. Every
 failure is one line on stderr ("error: ...") and a non-zero exit: 2 for usage (a bad or
@@ -338,6 +338,55 @@ def chat(
                                        template_config=template_config)
         path = history or Path.home() / ".cache" / "mlx-specdec" / "chat_history"
         chat_mod.run(session, Console(highlight=False), history=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    drafter: DrafterOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8080,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256,
+                                           help="Most requests decoded together in one batch.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Most requests waiting for a row; "
+                                           "beyond them the server answers 429 with Retry-After.")] = 64,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="MLX_SPECDEC_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
+    model_id: Annotated[Optional[str], typer.Option(
+        "--served-model-name", help="The model's name in the API (default: --model, or mlx-specdec-demo).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1,
+                                            help="Answer length when a request does not give max_tokens.")] = 512,
+    dtype: DtypeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve an OpenAI-compatible API (chat and text completions, streaming or not) over one shared batch."""
+    if api_key is not None and not api_key.strip():
+        raise typer.BadParameter("it is empty", param_hint="--api-key")
+    with _errors(verbose):
+        import logging
+
+        from ..loading import load
+        from ..server import DEMO_MODEL_ID, serve as run_server
+
+        drafter_arg: str | bool | None = (False if drafter is not None and drafter.lower() in ("none", "off")
+                                          else drafter)
+        _err(f"loading {model or 'the embedded demo model'}")
+
+        def ready(spec) -> None:
+            _err(f"serving {name} · drafter {spec.drafter_name or 'none'} · max batch {max_batch} · "
+                 f"{'API key required' if api_key else 'no API key'} · http://{host}:{port}/v1")
+
+        name = model_id or model or DEMO_MODEL_ID
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+        run_server(lambda: load(model, drafter_arg, dtype=dtype), host=host, port=port, max_batch=max_batch,
+                   max_queue=max_queue, api_key=api_key, model_id=name, default_max_tokens=max_tokens,
+                   log_level="info" if verbose else "warning", on_ready=ready)
 
 
 # ---------------------------------------------------------------------------------------------
