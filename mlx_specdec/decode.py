@@ -14,6 +14,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from . import distributed
 from .cache import Cache, Step
 from .errors import InputError
 from .loading import SpecModel
@@ -134,11 +135,18 @@ def target_kv(spec: SpecModel, cache: Cache) -> dict[str, TargetKV]:
 
 
 class Sampler:
-    """Turns logits into tokens for one generation, holding its PRNG key explicitly."""
+    """Turns logits into tokens for one generation, holding its PRNG key explicitly.
 
-    def __init__(self, params: SamplingParams, vocab: int):
-        self.params, self.vocab = params, vocab
-        self.key = make_key(params.seed)
+    Over a group of processes, rank 0's key (its seed, or its draw of one) is every rank's, and
+    the tokens it picks and accepts are every rank's (see distributed.py)."""
+
+    def __init__(self, params: SamplingParams, vocab: int, group: mx.distributed.Group | None = None):
+        self.params, self.vocab, self.group = params, vocab, group
+        self.key = distributed.from_rank0(group, make_key(params.seed))
+
+    def agreed(self, tokens: mx.array) -> mx.array:
+        """Rank 0's tokens on every rank."""
+        return distributed.from_rank0(self.group, tokens)
 
     def _split(self) -> mx.array:
         self.key, sub = mx.random.split(self.key)
@@ -147,8 +155,8 @@ class Sampler:
     def pick(self, logits: mx.array) -> mx.array:
         """One token per row from (B, V) logits."""
         if self.params.greedy:
-            return mx.argmax(logits, axis=-1)
-        return sample(probabilities(logits, self.params), self._split())
+            return self.agreed(mx.argmax(logits, axis=-1))
+        return self.agreed(sample(probabilities(logits, self.params), self._split()))
 
     def draft(self, draft: Draft) -> tuple[mx.array, mx.array | None]:
         """The drafter's token per row, and (when sampling) the distribution q it came from."""
@@ -163,9 +171,14 @@ class Sampler:
         """(accepted drafts per row, next token per row): the longest agreeing
         prefix (greedy) or rejection sampling against the drafter's q."""
         if self.params.greedy:
-            return greedy_accept(mx.argmax(logits, axis=-1), drafted)
-        q = mx.stack(qs, axis=1) if qs else mx.zeros((drafted.shape[0], 0, self.vocab))
-        return speculative_accept(probabilities(logits, self.params), q, drafted, self._split())
+            n, last = greedy_accept(mx.argmax(logits, axis=-1), drafted)
+        else:
+            q = mx.stack(qs, axis=1) if qs else mx.zeros((drafted.shape[0], 0, self.vocab))
+            n, last = speculative_accept(probabilities(logits, self.params), q, drafted, self._split())
+        if self.group is None:
+            return n, last
+        both = self.agreed(mx.stack([n.astype(mx.int32), last.astype(mx.int32)]))
+        return both[0], both[1].astype(last.dtype)
 
 
 @dataclass
@@ -207,7 +220,7 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler) -> 
             qs += [q] if q is not None else []
             hidden = draft.hidden
         mx.eval(drafts)
-    drafted = mx.stack(drafts, axis=1) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
+    drafted = sampler.agreed(mx.stack(drafts, axis=1)) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
     verify_start = time.perf_counter()
 
     tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1)
@@ -294,7 +307,7 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
     """
     if cache is not None and not (len(prompts) == 1 and 0 <= cached < len(prompts[0])):
         raise ValueError("a kept cache continues exactly one prompt, which must extend past what it holds")
-    sampler = Sampler(options.sampling, spec.target.config.vocab_size)
+    sampler = Sampler(options.sampling, spec.target.config.vocab_size, spec.group)
     stats = [Stats(prompt_tokens=len(p)) for p in prompts]
     emitted = [0] * len(prompts)
 
@@ -303,12 +316,13 @@ def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
             return Decision(0, "k=0: the model has no drafter")
         if options.draft_tokens != "auto":
             return fixed_decision(options.draft_tokens)
-        decision = spec.policy.decide(len(rows.ids))
+        # Over a group, rank 0's policy decides for all (the others' measured times differ).
+        decision = distributed.agree(spec.group, spec.policy.decide(len(rows.ids)))
         # Only the batch size a request starts with is calibrated, in its first round; as rows
         # finish, the smaller batches are estimated from it and refined by their own rounds.
         if decision.calibrate and first:
             _calibrate(spec, decision.calibrate, rows)
-            decision = spec.policy.decide(len(rows.ids))
+            decision = distributed.agree(spec.group, spec.policy.decide(len(rows.ids)))
         return decision
 
     def emit(update: Update, row: int, tokens: list[int]) -> None:
