@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, DrafterMismatchError, InputError, LoadError, SpecDecError
+from .errors import ConfigError, DrafterMismatchError, InputError, LoadError, ShardError, SpecDecError
 
 if TYPE_CHECKING:
     from .api import GenerationChunk, GenerationResult, generate, generate_batch, load, stream_generate
@@ -27,6 +27,7 @@ __all__ = [
     "GenerationResult",
     "InputError",
     "LoadError",
+    "ShardError",
     "SpecDecError",
     "generate",
     "generate_batch",

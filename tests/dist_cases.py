@@ -23,10 +23,13 @@ DRAFT_MODES = [0, 1, 2, 3, 4, 5, 6, 7, 8, "auto"]
 STANDIN_KS = (1, 4, 8)
 
 
-def cases() -> list[dict]:
+def cases(light: bool = False) -> list[dict]:
     """Greedy batches at every k and auto (a batch costs the ranks as many all-reduces as one
-    prompt does), single prompts, and sampling with and without a seed."""
+    prompt does), single prompts, and sampling with and without a seed; ``light``: three
+    greedy batches (plain, k=3, auto)."""
     batch = [prompt(5, seed=2), prompt(11, seed=1), prompt(9, seed=3)]
+    if light:
+        return [{"prompts": batch, "k": k} for k in (0, 3, "auto")]
     greedy = [{"prompts": batch, "k": k} for k in DRAFT_MODES]
     single = [{"prompts": [prompt(11, seed=1)], "k": k} for k in (4, "auto")]
     sampled = [{"prompts": batch[:2], "k": 3, "temp": 1.0, "seed": s} for s in (7, None)]
@@ -69,9 +72,11 @@ def standin(spec: SpecModel, prompts: list[list[int]]) -> SpecModel:
                      group=spec.group)
 
 
-def run_plan(spec: SpecModel) -> dict:
+def run_plan(spec: SpecModel, light: bool = False) -> dict:
     """Every case with the model's own drafter, a few with the stand-in, and the logits."""
-    out = {"logits": _logits(spec, prompt(10, seed=6)), "cases": [_run(spec, c) for c in cases()]}
+    out = {"logits": _logits(spec, prompt(10, seed=6)), "cases": [_run(spec, c) for c in cases(light)]}
+    if light:
+        return out
     prompts = [prompt(8, seed=8), prompt(6, seed=9)]
     stand_in = standin(spec, prompts)
     out["standin"] = [_run(stand_in, {"prompts": prompts, "k": k}) for k in STANDIN_KS]

@@ -43,7 +43,7 @@ def main(plan_file: str, out_dir: str) -> None:
     }
     for pair in plan["pairs"]:
         spec = load(pair["target"], drafter=pair["drafter"], group=group, policy_cache=False)
-        results["pairs"][pair["name"]] = run_plan(spec)
+        results["pairs"][pair["name"]] = run_plan(spec, light=pair.get("light", False))
     Path(out_dir, f"rank{group.rank()}.json").write_text(json.dumps(results))
 
 
