@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 # Full-attention buffers grow in steps of this many slots (as mlx-lm's KVCache).
 GROW_STEP = 256
@@ -39,6 +40,11 @@ class Step:
     def end(self) -> int:
         return max(self.starts) + self.length
 
+    @property
+    def uniform(self) -> bool:
+        """Every row starts at the same position (always at B = 1)."""
+        return min(self.starts) == max(self.starts)
+
     def positions(self) -> mx.array:
         starts = mx.array(self.starts, dtype=mx.int32)[:, None]
         return starts + mx.arange(self.length, dtype=mx.int32)[None, :]
@@ -48,17 +54,24 @@ class Step:
 class Plan:
     """How one layer type reads and writes the cache in one step.
 
-    ``slots``/``written`` say where the step's tokens go (``written`` selects
-    the trailing tokens kept when a long prefill overflows a ring).
-    ``concat`` means attention must read the old buffer followed by the new
-    keys, because writing first would overwrite keys the prefill still needs.
-    ``mask`` is (B, 1, L, keys) boolean.
+    Writes go either to ``slots`` (B, written) by scatter, for rows at different
+    positions, or, when every row is at the same position, by slice to the
+    ``writes`` pieces ``(slot, first token, count)``. Attention then reads, in
+    this order of precedence: only the step's own keys (``fresh``: a prefill
+    from position 0), the old buffer followed by the new keys (``concat``: the
+    step is longer than a ring can take without overwriting keys it still
+    needs), or buffer slots ``read`` = (lo, hi) (all slots in use when None).
+    ``mask`` is a boolean array broadcastable to (B, 1, L, keys), "causal", or
+    None when every key read is visible to every query.
     """
 
-    slots: mx.array
+    slots: mx.array | None
     written: int
     concat: bool
-    mask: mx.array
+    mask: mx.array | str | None
+    writes: tuple[tuple[int, int, int], ...] | None = None
+    read: tuple[int, int] | None = None
+    fresh: bool = False
 
 
 class PositionTable:
@@ -76,14 +89,15 @@ class PositionTable:
         return self.window is not None
 
     def plan(self, step: Step) -> Plan:
-        """Record the step's positions and build the attention mask for it."""
-        q_pos = step.positions()
+        """Record the step's positions and say how attention reads and writes for it."""
         if not self.ring and step.end > self.capacity:
             grow = -(-(step.end - self.capacity) // GROW_STEP) * GROW_STEP
             pad = mx.full((self.positions.shape[0], grow), -1, dtype=mx.int32)
             self.positions = mx.concatenate([self.positions, pad], axis=1)
             self.capacity += grow
-
+        if step.uniform:
+            return self._plan_uniform(step.starts[0], step.length)
+        q_pos = step.positions()
         concat = self.ring and step.length > self.capacity - self.window + 1
         written = min(step.length, self.capacity)
         slots = q_pos[:, step.length - written :] % self.capacity
@@ -101,6 +115,53 @@ class PositionTable:
         self.positions = new_positions
         return Plan(slots, written, concat, self.mask(q_pos, k_pos))
 
+    def _plan_uniform(self, start: int, length: int) -> Plan:
+        """Every row at ``start``: slice writes, and a mask from arithmetic on the host.
+
+        Rows at one position have the same layout: every position before ``start``
+        was written (by the prefill or a verify pass) and, in a ring, a slot holds
+        the newest position that maps to it, except slots a rejected draft
+        overwrote, whose old positions are out of every window (see the module
+        docstring). So which slot holds what follows from ``start`` alone.
+        """
+        end, C, W = start + length, self.capacity, self.window
+        if not self.ring:
+            writes = self._write(start, 0, length)
+            self.used = max(self.used, end)
+            return Plan(None, length, False, None if length == 1 else "causal", writes, (0, end))
+        concat = length > C - W + 1
+        written = min(length, C)
+        writes = self._write(end - written, length - written, written)
+        self.used = C
+        q = np.arange(start, end)[:, None]
+        if concat:
+            k = np.arange(start, end)[None, :]
+            if start == 0:
+                mask = (k <= q) & (k > q - W)
+                return Plan(None, written, True, _host_mask(mask, length, W), writes, fresh=True)
+            # The ring as it was before this step, then the new keys.
+            old = (start - 1) - ((start - 1 - np.arange(C)) % C)
+            k = np.concatenate([old[None, :], k], axis=1)
+            return Plan(None, written, True, mx.array((k >= 0) & (k <= q) & (k > q - W)), writes)
+        lo = max(0, start - W + 1)  # the oldest position any query of the step sees
+        if lo // C == (end - 1) // C:  # the positions lo..end-1 lie in order in the ring
+            k = np.arange(lo, end)[None, :]
+            mask = None if length == 1 else _host_mask((k <= q) & (k > q - W), length, W, end - lo)
+            return Plan(None, written, False, mask, writes, (lo % C, lo % C + end - lo))
+        slot = np.arange(C)[None, :]
+        k = q - ((q - slot) % C)  # the position each slot holds in each query's view
+        return Plan(None, written, False, mx.array((k >= 0) & (k > q - W)), writes, (0, C))
+
+    def _write(self, position: int, first: int, count: int) -> tuple[tuple[int, int, int], ...]:
+        """Slice writes of ``count`` tokens from ``position`` on (wrapping in a ring), recorded."""
+        pieces, slot = [], position % self.capacity
+        while count:
+            n = min(count, self.capacity - slot)
+            pieces.append((slot, first, n))
+            self.positions[:, slot : slot + n] = mx.arange(position, position + n, dtype=mx.int32)
+            position, first, count, slot = position + n, first + n, count - n, 0
+        return tuple(pieces)
+
     def mask(self, q_pos: mx.array, k_pos: mx.array) -> mx.array:
         q = q_pos[:, None, :, None]
         k = k_pos[:, None, None, :]
@@ -108,6 +169,13 @@ class PositionTable:
         if self.ring:
             mask = mask & (k > q - self.window)
         return mask
+
+
+def _host_mask(mask: np.ndarray, length: int, window: int, keys: int | None = None):
+    """"causal" where the window cuts nothing, so attention needs no mask array."""
+    if (keys if keys is not None else length) <= window:
+        return "causal"
+    return mx.array(mask)
 
 
 class LayerKV:
@@ -130,28 +198,31 @@ class LayerKV:
             self.values = mx.pad(self.values, [(0, 0), (0, 0), (0, grow), (0, 0)])
 
     def update_and_fetch(self, keys: mx.array, values: mx.array, plan: Plan):
-        """Write the step's K/V at the plan's slots; return the K/V attention reads."""
+        """Write the step's K/V where the plan says; return the K/V attention reads."""
         self._ensure(keys, values)
-        L = keys.shape[2]
-        if plan.concat:
+        if plan.concat and not plan.fresh:
             all_keys = mx.concatenate([self.keys, keys], axis=2)
             all_values = mx.concatenate([self.values, values], axis=2)
-        idx = mx.broadcast_to(
-            plan.slots[:, None, :, None],
-            (keys.shape[0], keys.shape[1], plan.written, keys.shape[-1]),
-        )
-        self.keys = mx.put_along_axis(self.keys, idx, keys[:, :, L - plan.written :], axis=2)
-        idx_v = idx if values.shape[-1] == keys.shape[-1] else mx.broadcast_to(
-            plan.slots[:, None, :, None],
-            (values.shape[0], values.shape[1], plan.written, values.shape[-1]),
-        )
-        self.values = mx.put_along_axis(
-            self.values, idx_v, values[:, :, L - plan.written :], axis=2
-        )
+        if plan.writes is not None:
+            for slot, first, n in plan.writes:
+                self.keys[:, :, slot : slot + n] = keys[:, :, first : first + n]
+                self.values[:, :, slot : slot + n] = values[:, :, first : first + n]
+        else:
+            self._scatter(keys, values, plan)
+        if plan.fresh:
+            return keys, values
         if plan.concat:
             return all_keys, all_values
-        used = self.table.used
-        return self.keys[:, :, :used], self.values[:, :, :used]
+        lo, hi = plan.read or (0, self.table.used)
+        return self.keys[:, :, lo:hi], self.values[:, :, lo:hi]
+
+    def _scatter(self, keys: mx.array, values: mx.array, plan: Plan) -> None:
+        L = keys.shape[2]
+        for name, new in (("keys", keys), ("values", values)):
+            idx = mx.broadcast_to(
+                plan.slots[:, None, :, None], (new.shape[0], new.shape[1], plan.written, new.shape[-1])
+            )
+            setattr(self, name, mx.put_along_axis(getattr(self, name), idx, new[:, :, L - plan.written :], axis=2))
 
     def state(self):
         return self.keys, self.values
@@ -161,9 +232,12 @@ class Cache:
     """Everything the target remembers: one position table per attention type,
     one K/V buffer per non-shared layer (KV-shared layers read their source's)."""
 
-    def __init__(self, tables: dict[str, PositionTable], layers: list[LayerKV]):
+    def __init__(self, tables: dict[str, PositionTable], layers: list[LayerKV], max_step: int):
         self.tables = tables
         self.layers = layers
+        # Longest decode step the rings were sized for: a longer one would overwrite keys
+        # still in a window when it is rejected, so the loop never drafts past max_step - 1.
+        self.max_step = max_step
 
     @property
     def batch_size(self) -> int:
@@ -190,7 +264,7 @@ class Cache:
             if layer.keys is not None:
                 new.keys, new.values = layer.keys[idx], layer.values[idx]
             layers.append(new)
-        return Cache(tables, layers)
+        return Cache(tables, layers, self.max_step)
 
     @staticmethod
     def stack(caches: list["Cache"]) -> "Cache":
@@ -213,7 +287,7 @@ class Cache:
                 new.keys = mx.concatenate([_pad_axis(c.layers[i].keys, capacity, 2, 0) for c in caches])
                 new.values = mx.concatenate([_pad_axis(c.layers[i].values, capacity, 2, 0) for c in caches])
             layers.append(new)
-        return Cache(tables, layers)
+        return Cache(tables, layers, min(c.max_step for c in caches))
 
     def arrays(self) -> list[mx.array]:
         """All arrays the cache holds, for mx.eval."""

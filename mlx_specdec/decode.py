@@ -8,8 +8,9 @@ of the same round: verify the last token alone, no drafting.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import mlx.core as mx
@@ -32,6 +33,7 @@ class Stats:
     """What one row's generation did, and where its time went."""
 
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # of the prompt, taken from a kept cache rather than prefilled
     generated_tokens: int = 0
     rounds: int = 0
     drafted: int = 0
@@ -45,6 +47,7 @@ class Stats:
     reached_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
     accepted_by_position: list[int] = field(default_factory=lambda: [0] * K_MAX)
     off_reason: str | None = None  # why the policy last chose not to draft
+    policy_kept: bool | None = None  # "auto" only: whether its policy was read back from disk
 
     @property
     def acceptance_rate(self) -> float:
@@ -84,8 +87,8 @@ class Stats:
         self.decode_seconds += total_s
 
     def as_dict(self) -> dict:
-        keys = ("prompt_tokens", "generated_tokens", "rounds", "drafted", "accepted", "prefill_seconds",
-                "decode_seconds", "draft_seconds", "verify_seconds", "off_reason")
+        keys = ("prompt_tokens", "reused_tokens", "generated_tokens", "rounds", "drafted", "accepted",
+                "prefill_seconds", "decode_seconds", "draft_seconds", "verify_seconds", "off_reason", "policy_kept")
         out = {k: getattr(self, k) for k in keys}
         out.update(
             acceptance_rate=self.acceptance_rate,
@@ -134,51 +137,123 @@ def target_kv(spec: SpecModel, cache: Cache) -> dict[str, TargetKV]:
     return out
 
 
+ROUND_KEYS = K_MAX + 2
+"""Keys a sampled row splits its key into each round: one per draft step, one for the
+acceptance (or the pick after a prefill), and the next round's key."""
+
+
 class Sampler:
-    """Turns logits into tokens for one generation, holding its PRNG key explicitly.
+    """Turns logits into tokens for the rows of a batch, each with its own params and PRNG key.
 
-    Over a group of processes, rank 0's key (its seed, or its draw of one) is every rank's, and
-    the tokens it picks and accepts are every rank's (see distributed.py)."""
+    A row's random numbers come from its own key alone, split the same way every round
+    whatever the round's k and whichever rows share it: a seeded request draws the same tokens
+    alone or in any batch, given the same draft lengths. Rows whose params agree (seed aside)
+    share each call. The keys advance once per round (`accept`) or prefill (`pick`).
 
-    def __init__(self, params: SamplingParams, vocab: int, group: mx.distributed.Group | None = None):
+    Over a group of processes, rank 0's keys (its seeds, or its draws of them) are every rank's,
+    and so are the tokens it picks, drafts and accepts (see distributed.py).
+    """
+
+    def __init__(self, params: list[SamplingParams], vocab: int, keys: mx.array | None = None,
+                 group: mx.distributed.Group | None = None):
         self.params, self.vocab, self.group = params, vocab, group
-        self.key = distributed.from_rank0(group, make_key(params.seed))
+        if keys is None:
+            keys = distributed.from_rank0(group, mx.stack([make_key(p.seed) for p in params]))
+        self.keys = keys  # (B, 2)
+        by_params: dict[SamplingParams, list[int]] = {}
+        for row, p in enumerate(params):
+            by_params.setdefault(replace(p, seed=None), []).append(row)
+        # (params, rows, index): index is None when the group is the whole batch in order.
+        self.groups = [(p, rows, None if len(rows) == len(params) else mx.array(rows))
+                       for p, rows in by_params.items()]
+        self._round: mx.array | None = None  # (B, ROUND_KEYS, 2) this round's keys
+        self._drafts = 0
+
+    def select(self, keep: list[int]) -> "Sampler":
+        return Sampler([self.params[i] for i in keep], self.vocab, self.keys[mx.array(keep)], self.group)
+
+    @staticmethod
+    def stack(parts: list["Sampler"]) -> "Sampler":
+        if len(parts) == 1:
+            return parts[0]
+        return Sampler([p for s in parts for p in s.params], parts[0].vocab,
+                       mx.concatenate([s.keys for s in parts]), parts[0].group)
 
     def agreed(self, tokens: mx.array) -> mx.array:
         """Rank 0's tokens on every rank."""
         return distributed.from_rank0(self.group, tokens)
 
-    def _split(self) -> mx.array:
-        self.key, sub = mx.random.split(self.key)
-        return sub
+    def _round_keys(self, which: int, index: mx.array | None) -> mx.array:
+        if self._round is None:
+            self._round = mx.vmap(lambda key: mx.random.split(key, ROUND_KEYS))(self.keys)
+        keys = self._round[:, which]
+        return keys if index is None else keys[index]
+
+    def _end_round(self) -> None:
+        if self._round is not None:
+            self.keys = self._round[:, ROUND_KEYS - 1]
+        self._round, self._drafts = None, 0
+
+    def _merge(self, parts: list[mx.array]) -> mx.array:
+        """Per-group results, (rows of the group, ...) each, back into batch order."""
+        if len(parts) == 1:
+            return parts[0]
+        order = [row for _, rows, _ in self.groups for row in rows]
+        return mx.concatenate(parts)[mx.array(sorted(range(len(order)), key=order.__getitem__))]
 
     def pick(self, logits: mx.array) -> mx.array:
         """One token per row from (B, V) logits."""
-        if self.params.greedy:
-            return self.agreed(mx.argmax(logits, axis=-1))
-        return self.agreed(sample(probabilities(logits, self.params), self._split()))
+        parts = []
+        for params, _, index in self.groups:
+            x = logits if index is None else logits[index]
+            parts.append(mx.argmax(x, axis=-1) if params.greedy else
+                         sample(probabilities(x, params), self._round_keys(K_MAX, index)))
+        self._end_round()
+        return self.agreed(self._merge(parts))
 
-    def draft(self, draft: Draft) -> tuple[mx.array, mx.array | None]:
-        """The drafter's token per row, and (when sampling) the distribution q it came from."""
-        if self.params.greedy:
-            return draft.greedy_tokens(), None
-        q = probabilities(draft.logits, self.params)
-        if draft.candidates is not None:  # centroid head: q is zero off the scored tokens
-            q = mx.put_along_axis(mx.zeros((q.shape[0], self.vocab), q.dtype), draft.candidates, q, axis=-1)
-        return sample(q, self._split()), q
+    def draft(self, draft: Draft) -> tuple[mx.array, tuple | None]:
+        """The drafter's token per row, and (when some row samples) the distributions q they came
+        from: one per group of rows, None for greedy groups."""
+        tokens, qs = [], []
+        for params, rows, index in self.groups:
+            if params.greedy:
+                greedy = draft.greedy_tokens()
+                tokens.append(greedy if index is None else greedy[index])
+                qs.append(None)
+                continue
+            logits = draft.logits if index is None else draft.logits[index]
+            q = probabilities(logits, params)
+            if draft.candidates is not None:  # centroid head: q is zero off the scored tokens
+                candidates = draft.candidates if index is None else draft.candidates[index]
+                q = mx.put_along_axis(mx.zeros((len(rows), self.vocab), q.dtype), candidates, q, axis=-1)
+            tokens.append(sample(q, self._round_keys(self._drafts, index)))
+            qs.append(q)
+        self._drafts += 1
+        return self._merge(tokens), (None if all(q is None for q in qs) else tuple(qs))
 
-    def accept(self, logits: mx.array, drafted: mx.array, qs: list[mx.array]) -> tuple[mx.array, mx.array]:
-        """(accepted drafts per row, next token per row): the longest agreeing
-        prefix (greedy) or rejection sampling against the drafter's q."""
-        if self.params.greedy:
-            n, last = greedy_accept(mx.argmax(logits, axis=-1), drafted)
-        else:
-            q = mx.stack(qs, axis=1) if qs else mx.zeros((drafted.shape[0], 0, self.vocab))
-            n, last = speculative_accept(probabilities(logits, self.params), q, drafted, self._split())
+    def accept(self, logits: mx.array, drafted: mx.array, qs: list[tuple],
+               limits: list[int] | None = None) -> tuple[mx.array, mx.array]:
+        """(accepted drafts per row, next token per row): the longest agreeing prefix (greedy) or
+        rejection sampling against the drafter's q; row r counts only its first limits[r] drafts."""
+        k = drafted.shape[1]
+        limit = None if limits is None else mx.array(limits)
+        ns, nexts = [], []
+        for g, (params, rows, index) in enumerate(self.groups):
+            x, d = (logits, drafted) if index is None else (logits[index], drafted[index])
+            lim = limit if limit is None or index is None else limit[index]
+            if params.greedy:
+                n, nxt = greedy_accept(mx.argmax(x, axis=-1), d, lim)
+            else:
+                q = mx.stack([step[g] for step in qs], axis=1) if k else mx.zeros((len(rows), 0, self.vocab))
+                n, nxt = speculative_accept(probabilities(x, params), q, d, self._round_keys(K_MAX, index), lim)
+            ns.append(n)
+            nexts.append(nxt)
+        self._end_round()
+        n, nxt = self._merge(ns), self._merge(nexts)
         if self.group is None:
-            return n, last
-        both = self.agreed(mx.stack([n.astype(mx.int32), last.astype(mx.int32)]))
-        return both[0], both[1].astype(last.dtype)
+            return n, nxt
+        both = self.agreed(mx.stack([n.astype(mx.int32), nxt.astype(mx.int32)]))
+        return both[0], both[1].astype(nxt.dtype)
 
 
 @dataclass
@@ -192,29 +267,85 @@ class Rows:
     cache: Cache
 
     def select(self, keep: list[int]) -> "Rows":
+        if keep == list(range(len(self.ids))):
+            return self
         idx = mx.array(keep)
         return Rows([self.ids[i] for i in keep], [self.pos[i] for i in keep], self.last[idx],
                     self.hidden[idx], self.cache.select(keep))
 
+    @staticmethod
+    def stack(parts: list["Rows"]) -> "Rows":
+        """One batch from several (rows joining a live batch)."""
+        if len(parts) == 1:
+            return parts[0]
+        return Rows([i for p in parts for i in p.ids], [x for p in parts for x in p.pos],
+                    mx.concatenate([p.last for p in parts]), mx.concatenate([p.hidden for p in parts]),
+                    Cache.stack([p.cache for p in parts]))
 
-@dataclass
+
 class Round:
-    drafted: list[list[int]]  # (B, k) drafts per row
-    accepted: list[int]  # per row
-    next: list[int]  # per row: the target's correction or bonus token
-    draft_seconds: float
-    verify_seconds: float
+    """What one round did: drafts (B, k), accepted drafts and the next token per row.
+
+    The lists are read from the device on first use, the round's one host sync
+    after the verify pass (``read``); ``verify_seconds`` runs from the verify
+    pass's launch, or from ``since`` (the previous round's read, when the loop
+    launched this round before reading that one), to that read."""
+
+    def __init__(self, drafted: mx.array, accepted: mx.array, next: mx.array, draft_seconds: float,
+                 started: float):
+        self._arrays = (drafted, accepted, next)
+        self.draft_seconds = draft_seconds
+        self._started = started
+        self._lists: tuple[list, list, list] | None = None
+        self._verify_seconds = 0.0
+
+    def read(self, since: float = 0.0) -> "Round":
+        if self._lists is None:
+            drafted, accepted, next = self._arrays
+            self._lists = (drafted.tolist(), accepted.tolist(), next.tolist())
+            self._verify_seconds = time.perf_counter() - max(self._started, since)
+        return self
+
+    @property
+    def drafted(self) -> list[list[int]]:
+        return self.read()._lists[0]
+
+    @property
+    def accepted(self) -> list[int]:
+        return self.read()._lists[1]
+
+    @property
+    def next(self) -> list[int]:
+        return self.read()._lists[2]
+
+    @property
+    def verify_seconds(self) -> float:
+        return self.read()._verify_seconds
 
 
-def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler) -> tuple[Rows, Round]:
-    """Draft k tokens, verify k + 1 in one target pass, accept: the rows after it, and what happened."""
+def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
+                      limits: list[int] | None = None) -> tuple[Rows, Round]:
+    """Draft k tokens, verify k + 1 in one target pass, accept: the rows after it, and what happened.
+    Row r counts only its first limits[r] drafts (its own draft length; None: all k).
+
+    k must be at most ``rows.cache.max_step - 1`` (the loop clamps it). Host syncs: one
+    after drafting (it times the drafter for the policy, and costs nothing measurable here)
+    and one to read how many drafts each row accepted. A plain round (k = 0) is
+    returned unread, its arrays computing in the background (``mx.async_eval``): each
+    row's position just advances by one, so a loop can pipeline plain decoding as
+    mlx-lm's ``generate_step`` does: launch the next round on the returned rows, then
+    read this one (``result.read(since=...)``), and drop rows that finished from the
+    rows of the round already launched. Its K/V writes for those rows lie past their
+    end, as harmless as rejected drafts.
+    """
     start = time.perf_counter()
     drafts, qs = [], []
     if k:
         kv, position = target_kv(spec, rows.cache), mx.array(rows.pos, dtype=mx.int32)
+        masks = spec.drafter.masks(position, kv)  # the drafts share position and K/V: one mask
         token, hidden = rows.last, rows.hidden
         for _ in range(k):  # autoregressive, at the fixed position of each row's last token
-            draft = spec.drafter(token, hidden, position, kv)
+            draft = spec.drafter(token, hidden, position, kv, masks)
             token, q = sampler.draft(draft)
             drafts.append(token)
             qs += [q] if q is not None else []
@@ -223,18 +354,17 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler) -> 
     drafted = sampler.agreed(mx.stack(drafts, axis=1)) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
     verify_start = time.perf_counter()
 
-    tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1)
+    tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1) if k else rows.last[:, None]
     hiddens = spec.target(tokens, Step(tuple(rows.pos), k + 1), rows.cache)
-    n, last = sampler.accept(spec.target.logits(hiddens), drafted, qs)
+    n, last = sampler.accept(spec.target.logits(hiddens), drafted, qs, limits)
     # The next draft starts from the hidden state of the last accepted token. The
     # cache needs no edit: rejected entries lie past each row's new position and
     # stay masked until overwritten.
-    hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1)
-    mx.eval(n, last, hidden)
-    accepted = n.tolist()
-    after = Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache)
-    return after, Round(drafted.tolist(), accepted, last.tolist(), verify_start - start,
-                        time.perf_counter() - verify_start)
+    hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1) if k else hiddens
+    mx.async_eval(n, last, hidden)
+    result = Round(drafted, n, last, verify_start - start, verify_start)
+    accepted = result.accepted if k else [0] * len(rows.pos)
+    return Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache), result
 
 
 def new_cache(spec: SpecModel, batch_size: int) -> Cache:
@@ -242,35 +372,6 @@ def new_cache(spec: SpecModel, batch_size: int) -> Cache:
     rings wide enough for the drafter's window too."""
     window = spec.drafter.config.sliding_window if spec.drafter else 0
     return spec.target.make_cache(batch_size, max_step=K_MAX + 1, drafter_window=window)
-
-
-def _prefill(spec: SpecModel, prompts: list[list[int]]) -> tuple[Cache, mx.array]:
-    """Prompts of one length share a pass; the batched cache keeps the callers' row order."""
-    by_length: dict[int, list[int]] = {}
-    for row, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(row)
-    caches, hiddens, order = [], [], []
-    for length, rows in by_length.items():
-        cache = new_cache(spec, len(rows))
-        tokens = mx.array([prompts[r] for r in rows])
-        hidden = spec.target(tokens, Step((0,) * len(rows), length), cache)[:, -1:]
-        mx.eval(hidden, *cache.arrays())
-        caches.append(cache)
-        hiddens.append(hidden)
-        order += rows
-    cache, hidden = Cache.stack(caches), mx.concatenate(hiddens, axis=0)
-    if order != sorted(order):
-        where = sorted(range(len(order)), key=order.__getitem__)
-        cache, hidden = cache.select(where), hidden[mx.array(where)]
-    return cache, hidden
-
-
-def _extend(spec: SpecModel, cache: Cache, prompt: list[int], cached: int) -> mx.array:
-    """Prefill one prompt into a cache that already holds its first ``cached`` tokens."""
-    tokens = mx.array([prompt[cached:]])
-    hidden = spec.target(tokens, Step((cached,), len(prompt) - cached), cache)[:, -1:]
-    mx.eval(hidden, *cache.arrays())
-    return hidden
 
 
 def _calibrate(spec: SpecModel, lengths, rows: "Rows") -> None:
@@ -297,83 +398,46 @@ def _calibrate(spec: SpecModel, lengths, rows: "Rows") -> None:
         policy.record_draft_time(B, seconds)
 
 
+def row_seed(seed: int | None, row: int) -> int | None:
+    """The seed of row ``row`` of a batch given one ``seed``: row 0 keeps it (so a batch's first
+    row is what the prompt gives alone), the others get their own, so rows do not repeat."""
+    if seed is None or row == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest(), "little")
+
+
 def decode(spec: SpecModel, prompts: list[list[int]], options: Options,
            cache: Cache | None = None, cached: int = 0) -> Iterator[Update]:
-    """Generate for every prompt; yields after the prefill and after each round.
+    """Generate for every prompt, on an engine of their own; yields after each engine step.
 
-    With ``cache`` (one prompt, a cache from ``new_cache(spec, 1)``)
-    generation continues a cache that already holds the prompt's first ``cached`` tokens and
-    prefills only the rest: how chat keeps one cache across turns.
+    With ``cache`` (one prompt, a cache from ``new_cache(spec, 1)``) generation continues a
+    cache that already holds the prompt's first ``cached`` tokens and prefills only the rest,
+    writing into it in place: how chat keeps one cache across turns.
     """
+    from .engine import Engine
+
     if cache is not None and not (len(prompts) == 1 and 0 <= cached < len(prompts[0])):
         raise ValueError("a kept cache continues exactly one prompt, which must extend past what it holds")
-    sampler = Sampler(options.sampling, spec.target.config.vocab_size, spec.group)
+    engine = Engine(spec, max_batch=len(prompts), prefix_cache_tokens=0)
+    row_of = {}
+    for row, prompt in enumerate(prompts):
+        sampling = replace(options.sampling, seed=row_seed(options.sampling.seed, row))
+        row_options = replace(options, sampling=sampling)
+        row_of[engine.submit(prompt, row_options, cache=cache, cached=cached)] = row
     stats = [Stats(prompt_tokens=len(p)) for p in prompts]
-    emitted = [0] * len(prompts)
-
-    def decide(rows: Rows, first: bool) -> Decision:
-        if spec.drafter is None:
-            return Decision(0, "k=0: the model has no drafter")
-        if options.draft_tokens != "auto":
-            return fixed_decision(options.draft_tokens)
-        # Over a group, rank 0's policy decides for all (the others' measured times differ).
-        decision = distributed.agree(spec.group, spec.policy.decide(len(rows.ids)))
-        # Only the batch size a request starts with is calibrated, in its first round; as rows
-        # finish, the smaller batches are estimated from it and refined by their own rounds.
-        if decision.calibrate and first:
-            _calibrate(spec, decision.calibrate, rows)
-            decision = distributed.agree(spec.group, spec.policy.decide(len(rows.ids)))
-        return decision
-
-    def emit(update: Update, row: int, tokens: list[int]) -> None:
-        for t in tokens:
-            if t in spec.eos_token_ids:
-                update.finished[row] = "stop"
-                return
-            update.tokens.setdefault(row, []).append(t)
-            emitted[row] += 1
-            stats[row].generated_tokens += 1
-            if emitted[row] == options.max_tokens:
-                update.finished[row] = "length"
-                return
-
-    start = time.perf_counter()
-    if cache is None:
-        cache, hidden = _prefill(spec, prompts)
-    else:
-        hidden = _extend(spec, cache, prompts[0], cached)
-    last = sampler.pick(spec.target.logits(hidden[:, 0]))
-    mx.eval(last)
-    rows = Rows(list(range(len(prompts))), [len(p) for p in prompts], last, hidden, cache)
-    update = Update({}, {}, stats, dict(zip(rows.ids, rows.pos)))
-    first = True
-    for row, token in zip(rows.ids, last.tolist()):
-        stats[row].prefill_seconds = time.perf_counter() - start
-        emit(update, row, [token])
-
-    while True:
-        yield update
-        keep = [i for i, row in enumerate(rows.ids) if row not in update.finished]
-        if not keep:
-            return
-        if len(keep) < len(rows.ids):
-            rows = rows.select(keep)
+    while engine.has_work:
         update = Update({}, {}, stats)
-        round_start = time.perf_counter()
-        decision = decide(rows, first=first)
-        first = False
-        # Drafts past max_tokens would be thrown away.
-        k = min(decision.k, max(options.max_tokens - emitted[row] for row in rows.ids) - 1)
-        batch = len(rows.ids)
-        rows, result = speculative_round(spec, rows, k, sampler)
-        update.positions = dict(zip(rows.ids, rows.pos))
-        for b, row in enumerate(rows.ids):
-            n = result.accepted[b]
-            emit(update, row, result.drafted[b][:n] + [result.next[b]])
-            stats[row].record_round(k, n, decision, result.draft_seconds, result.verify_seconds,
-                                    time.perf_counter() - round_start)
-        spec.policy.record(batch, k, result.accepted, result.draft_seconds, result.verify_seconds,
-                           time.perf_counter() - round_start - result.draft_seconds - result.verify_seconds)
+        for event in engine.step():
+            if event.error is not None:
+                raise event.error
+            row = row_of[event.request_id]
+            stats[row] = event.stats
+            update.positions[row] = event.position
+            if event.tokens:
+                update.tokens[row] = event.tokens
+            if event.finish_reason:
+                update.finished[row] = event.finish_reason
+        yield update
 
 
 def check_prompt(prompt: list[int], vocab: int) -> list[int]:

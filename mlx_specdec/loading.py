@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from mlx.utils import tree_flatten
 from .distributed import Footprint, weight_bytes
 from .errors import ConfigError, LoadError
 from .models import assistant, gemma4
-from .policy import DraftPolicy
+from .policy import DraftPolicy, PolicyFileError
 
 TARGET_TYPES = ("gemma4", "gemma4_text")
 DRAFTER_TYPE = "gemma4_assistant"
@@ -64,15 +65,8 @@ class SpecModel:
 
     def save_policy(self) -> None:
         """Keep what the policy learned for the next process on this machine."""
-        if self.policy_file is None or not self.is_main:
-            return
-        try:
-            self.policy_file.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.policy_file.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(self.policy.to_json())
-            partial.replace(self.policy_file)
-        except OSError:
-            pass  # a read-only cache costs the next process a calibration, never this request
+        if self.policy_file is not None and self.is_main:
+            _write_policy(self.policy_file, self.policy)
 
 
 def policy_cache_dir(setting: str | Path | bool | None) -> Path | None:
@@ -110,13 +104,31 @@ def policy_key(target_path: Path, drafter_path: Path | None, dtype: str | None, 
 
 
 def load_policy(path: Path | None) -> DraftPolicy:
-    """The policy kept at ``path``, or a fresh one when there is none or it cannot be read."""
-    if path is not None and path.is_file():
-        try:
-            return DraftPolicy.from_json(path.read_text())
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # another version's format, or a torn file: measure again
-    return DraftPolicy()
+    """The policy kept at ``path``, or a fresh one when there is none.
+
+    The file is checked fully (DraftPolicy.from_json): one that is not exactly what this version
+    writes (another version, a torn write, edited by hand) is not used. It is replaced by a fresh
+    policy at once, with a one-line warning naming it, so the warning comes once."""
+    if path is None or not path.is_file():
+        return DraftPolicy()
+    try:
+        return DraftPolicy.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, PolicyFileError) as e:
+        reason = " ".join(str(e).split())
+        print(f"warning: ignoring the kept draft policy {path} ({reason}); measuring afresh", file=sys.stderr)
+    policy = DraftPolicy()
+    _write_policy(path, policy)
+    return policy
+
+
+def _write_policy(path: Path, policy: DraftPolicy) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(policy.to_json())
+        partial.replace(path)
+    except OSError:
+        pass  # a read-only cache costs the next process a calibration, never this request
 
 
 def resolve(path_or_repo: str | Path, *, what: str = "model") -> Path:

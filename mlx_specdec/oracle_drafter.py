@@ -49,7 +49,10 @@ class StandInDrafter:
         assert best < 1e-3, f"stand-in drafter lost track of the sequence (distance {best})"
         return where
 
-    def __call__(self, tokens, hidden, position, kv) -> Draft:
+    def masks(self, position, kv):
+        return None  # it reads no K/V
+
+    def __call__(self, tokens, hidden, position, kv, masks=None) -> Draft:
         proposals, next_hidden = [], []
         for h in np.array(hidden[:, 0]):
             s, t = self._locate(h)

@@ -20,7 +20,11 @@ so that, by the measured costs, probes add at most PROBE_OVERHEAD_BUDGET (3%) to
 decoding time even when no draft is ever accepted.
 
 The policy object is meant to be owned by the loaded model and reused across requests, so what it
-has measured carries over; `to_json` / `from_json` save it per model and machine. Per-request
+has measured carries over; `to_json` / `from_json` save it per model and machine. What a new process
+reads back is a prior, not a verdict: each kept cost stands until this process measures that cell
+(then only its own samples count), kept costs not yet re-measured are scaled by how this process's
+measurements compare with the kept ones, and a kept decision not to draft is re-checked with one
+probe in the first round that would decode plainly (the kept numbers may come from a busy machine). Per-request
 overrides (a fixed k, or 0 = off) bypass `decide` with `fixed_decision`, and still `record`.
 """
 
@@ -50,9 +54,15 @@ drafting) still averages out the coin flips of single rows."""
 
 _DECAY = 0.5 ** (1.0 / ACCEPTANCE_HALF_LIFE_ROUNDS)
 
-COST_EMA_WEIGHT = 0.2
-"""Weight of a new timing sample in the running mean of its cell (about the last five samples):
-verify time drifts as the context grows, and single samples jitter with GPU scheduling."""
+COST_SAMPLES = 8
+"""Timing samples kept per cost cell, newest first out: verify time drifts as the context grows, so
+old samples must go, and eight are enough for a quantile to see past a burst of slow ones."""
+
+COST_QUANTILE = 0.25
+"""A cell's cost is this low quantile of its samples: timings are noise on top of a floor (another
+process taking the cores, a page fault, a GC pause), so the low end is what the work costs; a mean
+is dragged up by one busy moment. The quantile rather than the minimum, so one lucky sample does
+not rule either."""
 
 DRAFT_STEP_PRIOR = 0.25
 """A drafter step is assumed to cost this fraction of a 1-token target forward until the first
@@ -94,16 +104,27 @@ def tokens_per_second(
 ) -> list[float]:
     """Expected throughput B * E(k) / (k * t_draft + t_verify[k]) for k = 0..len(t_verify) - 1,
     where t_verify[k] is the time to verify k + 1 tokens per row and t_draft one drafter step."""
-    return [batch_size * expected_tokens(acceptance, k) / (k * t_draft + t) for k, t in enumerate(t_verify)]
+    out, total, reach = [], 1.0, 1.0  # E(k) built up as k grows, not summed again for each k
+    for k, t in enumerate(t_verify):
+        if k:
+            reach *= acceptance[k - 1]
+            total += reach
+        out.append(batch_size * total / (k * t_draft + t))
+    return out
 
 
-def position_counts(k: int, accepted: Sequence[int]) -> tuple[list[int], list[int]]:
+def position_counts(k: int, accepted: Sequence[int],
+                    limits: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
     """Per draft position i = 1..k: rows that reached it (all before accepted) and rows that
-    accepted it, from each row's count of accepted drafts this round."""
-    for n in accepted:
-        if not 0 <= n <= k:
-            raise ValueError(f"accepted drafts per row must be in 0..k={k}, got {list(accepted)}")
-    reached = [sum(n >= i for n in accepted) for i in range(k)]
+    accepted it, from each row's count of accepted drafts this round. With `limits`, row r
+    drafted only its first limits[r] positions (rows of one round may draft different lengths):
+    positions past them were never tried, so they are not counted as reached."""
+    limits = [k] * len(accepted) if limits is None else limits
+    for n, limit in zip(accepted, limits):
+        if not 0 <= n <= limit <= k:
+            raise ValueError(f"accepted drafts per row must be in 0..k={k}, got {list(accepted)}, "
+                             f"and within each row's limit {list(limits)}")
+    reached = [sum(n >= i and i < limit for n, limit in zip(accepted, limits)) for i in range(k)]
     return reached, [sum(n > i for n in accepted) for i in range(k)]
 
 
@@ -149,9 +170,10 @@ class AcceptanceEstimate:
     def empty(cls, k_max: int) -> AcceptanceEstimate:
         return cls([0.0] * k_max, [0.0] * k_max, [0] * k_max)
 
-    def update(self, now: int, k: int, accepted: Sequence[int]) -> None:
-        """Add one round that drafted k tokens; positions beyond the estimate's length are ignored."""
-        reached, took = position_counts(k, accepted)
+    def update(self, now: int, k: int, accepted: Sequence[int], limits: Sequence[int] | None = None) -> None:
+        """Add one round that drafted k tokens (row r only its first limits[r], if given);
+        positions beyond the estimate's length are ignored."""
+        reached, took = position_counts(k, accepted, limits)
         for i in range(min(k, len(self.reached))):
             if reached[i] == 0:  # no row got this far, nor further
                 break
@@ -179,10 +201,6 @@ class AcceptanceEstimate:
 # Costs
 
 
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else old + COST_EMA_WEIGHT * (new - old)
-
-
 def _interpolate(points: dict[int, float], x: int, scale_below: bool, extrapolate: bool = True) -> float | None:
     """Linear interpolation between the measured points around x. Beyond the largest, proportional
     to x (no amortisation: per-token and per-row costs do not grow with size, so this is an upper
@@ -200,10 +218,10 @@ def _interpolate(points: dict[int, float], x: int, scale_below: bool, extrapolat
     return points[min(above)] * (x / min(above) if scale_below else 1.0)
 
 
-@dataclass
 class CostModel:
     """Measured seconds: t_verify(B, L) per target pass over L tokens in each of B rows, and
-    t_draft(B) per drafter step; each cell a running mean (COST_EMA_WEIGHT).
+    t_draft(B) per drafter step; each cell the COST_QUANTILE of its last COST_SAMPLES samples,
+    or its kept prior (see `from_prior`) until this process measures it.
 
     An unmeasured (B, L) is estimated, in this order, and never taken as free:
       1. between two measured lengths at this B: linear interpolation in L;
@@ -213,18 +231,79 @@ class CostModel:
          as if nothing amortised. Above the longest measured length that overstates the cost; below
          the shortest it understates plain decoding. Both err against drafting.
     Finally a length never costs less than a shorter length measured at this B.
+
+    ``verify`` and ``draft`` hold the current estimate of every cell; ``version`` changes whenever
+    one does, so a caller can keep what it derived from them until then.
     """
 
-    verify: dict[tuple[int, int], float] = field(default_factory=dict)
-    draft: dict[int, float] = field(default_factory=dict)
+    def __init__(self, verify: dict[tuple[int, int], float] | None = None, draft: dict[int, float] | None = None):
+        self.verify: dict[tuple[int, int], float] = {}
+        self.draft: dict[int, float] = {}
+        self._samples: dict[tuple, list[float]] = {}  # ("verify", B, L) or ("draft", B): this process's
+        self._priors: dict[tuple, float] = {}  # kept from an earlier process, until measured here
+        self.version = 0
+        self.firsts = 0  # cells measured for the first time in this process
+        for (b, n), t in (verify or {}).items():
+            self.record_verify(b, n, t)
+        for b, t in (draft or {}).items():
+            self.record_draft(b, t)
+
+    @classmethod
+    def from_prior(cls, verify: dict[tuple[int, int], float], draft: dict[int, float]) -> CostModel:
+        """Costs an earlier process measured, each standing until this one measures its cell."""
+        costs = cls()
+        costs._priors = {("verify", b, n): t for (b, n), t in verify.items()}
+        costs._priors.update({("draft", b): t for b, t in draft.items()})
+        costs.verify, costs.draft = dict(verify), dict(draft)
+        return costs
+
+    @property
+    def kept(self) -> int:
+        """Cells still holding a kept prior, not yet measured in this process."""
+        return sum(key not in self._samples for key in self._priors)
 
     def record_verify(self, batch_size: int, length: int, seconds: float) -> None:
         _check_positive(batch_size=batch_size, length=length, seconds=seconds)
-        self.verify[batch_size, length] = _ema(self.verify.get((batch_size, length)), seconds)
+        self._record(("verify", batch_size, length), seconds)
 
     def record_draft(self, batch_size: int, seconds_per_step: float) -> None:
         _check_positive(batch_size=batch_size, seconds_per_step=seconds_per_step)
-        self.draft[batch_size] = _ema(self.draft.get(batch_size), seconds_per_step)
+        self._record(("draft", batch_size), seconds_per_step)
+
+    def _record(self, key: tuple, seconds: float) -> None:
+        samples = self._samples.setdefault(key, [])
+        samples.append(seconds)
+        if len(samples) > COST_SAMPLES:
+            del samples[0]
+        self._set(key, sorted(samples)[int((len(samples) - 1) * COST_QUANTILE)])
+        if len(samples) == 1:  # a new cell, or this process's first look at a kept one
+            self.firsts += 1
+            if key in self._priors:
+                self._rescale_priors(key[1])
+
+    def _cells(self, key: tuple) -> tuple[dict, object]:
+        return (self.verify, key[1:]) if key[0] == "verify" else (self.draft, key[1])
+
+    def _set(self, key: tuple, value: float) -> None:
+        cells, cell = self._cells(key)
+        if cells.get(cell) != value:
+            cells[cell] = value
+            self.version += 1
+
+    def _rescale_priors(self, batch_size: int) -> None:
+        """Kept costs at this batch size not yet re-measured: scaled by the median ratio of this
+        process's measurements to the kept ones, so a prior from a busier or quieter machine
+        does not make the cells measured here look cheap or dear beside it."""
+        here = [key for key in self._priors if key[1] == batch_size]
+        ratios = sorted(self._get(key) / self._priors[key] for key in here if key in self._samples)
+        scale = ratios[len(ratios) // 2]
+        for key in here:
+            if key not in self._samples:
+                self._set(key, self._priors[key] * scale)
+
+    def _get(self, key: tuple) -> float:
+        cells, cell = self._cells(key)
+        return cells[cell]
 
     def lengths(self, batch_size: int) -> dict[int, float]:
         """Measured verify times at this batch size, by length."""
@@ -303,13 +382,24 @@ class DraftPolicy:
         self.costs = costs or CostModel()
         self.rounds = rounds  # the clock acceptance ages by: rounds recorded
         self.plain_rounds = plain_rounds  # k=0 rounds since the last drafting round
+        # Read back from an earlier process (from_json): until this process drafts once, a
+        # decision not to draft probes at once instead of waiting out the probe interval.
+        self.kept = False
+        self.recheck = False
+        self._cached: tuple | None = None  # what _estimates last derived, and from what
+        self._calibrated: set[int] = set()  # batch sizes with every calibration length measured
 
     # -- measurements
 
     def needs_calibration(self, batch_size: int) -> list[int]:
         """Verify lengths from `calibration_lengths(k_max)` not yet measured at this batch size."""
+        if batch_size in self._calibrated:  # cells are never forgotten: checked once
+            return []
         measured = self.costs.lengths(batch_size)
-        return [n for n in calibration_lengths(self.k_max) if n not in measured]
+        missing = [n for n in calibration_lengths(self.k_max) if n not in measured]
+        if not missing:
+            self._calibrated.add(batch_size)
+        return missing
 
     def record_verify_time(self, batch_size: int, length: int, seconds: float) -> None:
         """One timed target pass over `length` tokens per row (calibration, or any pass)."""
@@ -320,16 +410,20 @@ class DraftPolicy:
         self.costs.record_draft(batch_size, seconds_per_step)
 
     def record(self, batch_size: int, k: int, accepted: Sequence[int], t_draft: float, t_verify: float,
-               t_other: float = 0.0) -> None:
+               t_other: float = 0.0, limits: Sequence[int] | None = None) -> None:
         """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
         seconds spent drafting (all k steps), verifying, and on everything else (t_other is kept by
-        decode.Stats; the decision leaves it out, as in cost(k))."""
+        decode.Stats; the decision leaves it out, as in cost(k)). `limits[r]`: row r's own draft
+        length when it is below k (a fixed-k request, or one near its max_tokens)."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
-        self.costs.record_verify(batch_size, k + 1, t_verify)
+        if 0 < t_verify < math.inf:  # a clock glitch is not a measurement
+            self.costs.record_verify(batch_size, k + 1, t_verify)
         if k > 0:
-            self.costs.record_draft(batch_size, t_draft / k)
-            self.acceptance.update(self.rounds, k, accepted)
+            if 0 < t_draft < math.inf:
+                self.costs.record_draft(batch_size, t_draft / k)
+            self.acceptance.update(self.rounds, k, accepted, limits)
+            self.recheck = False
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
 
@@ -337,14 +431,20 @@ class DraftPolicy:
 
     def _estimates(self, batch_size: int) -> tuple[list[float], float, list[float]] | None:
         """(a_1..a_k_max, t_draft, [t_verify(B, 1..k_max+1)]), or None before any verify is timed."""
-        plain = self.costs.verify_time(batch_size, 1)
-        if plain is None:
-            return None
-        t_draft = self.costs.draft_time(batch_size)
-        if t_draft is None:
-            t_draft = DRAFT_STEP_PRIOR * plain
-        t_verify = [self.costs.verify_time(batch_size, n) for n in range(1, self.k_max + 2)]
-        return self.acceptance.rates(self.rounds), t_draft, t_verify
+        cached, costs = self._cached, self.costs
+        if (cached is None or cached[1:3] != (batch_size, costs) or cached[3] != costs.firsts
+                or (cached[0] != costs.version and self.rounds - cached[6] >= REDERIVE_ROUNDS)):
+            plain = self.costs.verify_time(batch_size, 1)
+            if plain is None:
+                return None
+            t_draft = self.costs.draft_time(batch_size)
+            if t_draft is None:
+                t_draft = DRAFT_STEP_PRIOR * plain
+            t_verify = [self.costs.verify_time(batch_size, n) for n in range(1, self.k_max + 2)]
+            # Rederiving every round would cost a tenth of a small model's round; costs move
+            # slowly (each cell a quantile), so a few rounds' lag changes no decision.
+            cached = self._cached = (costs.version, batch_size, costs, costs.firsts, t_draft, t_verify, self.rounds)
+        return self.acceptance.rates(self.rounds), cached[4], cached[5]
 
     def probe_interval(self, batch_size: int) -> int:
         """Plain rounds before the next probe: PROBE_MIN_INTERVAL, stretched so that a probe that
@@ -377,6 +477,9 @@ class DraftPolicy:
         if rates[best] > rates[0] * (1 + MIN_GAIN):
             return Decision(best, f"{compared} beats plain {rates[0]:.1f} tok/s{suffix}", calibrate=calibrate)
         reason = f"k=0: plain {rates[0]:.1f} tok/s beats {compared}{suffix}"
+        if self.recheck:
+            k = min(PROBE_K, self.k_max)
+            return Decision(k, f"probe k={k}: re-checking the kept policy; {reason}", True, calibrate)
         if self.plain_rounds >= self.probe_interval(batch_size):
             k = min(PROBE_K, self.k_max)
             return Decision(k, f"probe k={k} after {self.plain_rounds} plain rounds; {reason}", True, calibrate)
@@ -388,7 +491,7 @@ class DraftPolicy:
         """What was learned, for this model on this machine: costs, acceptance, clock."""
         a = self.acceptance
         return json.dumps({
-            "format": 1,
+            "format": POLICY_FORMAT,
             "k_max": self.k_max,
             "rounds": self.rounds,
             "plain_rounds": self.plain_rounds,
@@ -400,12 +503,83 @@ class DraftPolicy:
 
     @classmethod
     def from_json(cls, text: str) -> DraftPolicy:
-        data = json.loads(text)
-        if data.get("format") != 1:
-            raise ValueError(f"unknown draft policy format {data.get('format')!r}, expected 1")
+        """A kept policy, as a prior for this process (see the module docstring); PolicyFileError
+        says what is wrong with anything but a well-formed file of this version and k_max."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise PolicyFileError(f"not JSON ({e})") from None
+        _check(isinstance(data, dict), f"expected a JSON object, found {type(data).__name__}")
+        _check(data.get("format") == POLICY_FORMAT,
+               f"unknown draft policy format {data.get('format')!r}, expected {POLICY_FORMAT}")
+        keys = {"format", "k_max", "rounds", "plain_rounds", "verify", "draft", "acceptance"}
+        _check(set(data) == keys, f"expected the keys {sorted(keys)}, found {sorted(data)}")
+        _check(data["k_max"] == K_MAX and _is_int(data["k_max"]), f"k_max must be {K_MAX}, found {data['k_max']!r}")
+        rounds, plain_rounds = data["rounds"], data["plain_rounds"]
+        _check(_is_int(rounds) and rounds >= 0, f"rounds must be an integer >= 0, found {rounds!r}")
+        _check(_is_int(plain_rounds) and 0 <= plain_rounds <= rounds,
+               f"plain_rounds must be an integer in 0..rounds, found {plain_rounds!r}")
+        verify, draft = {}, {}
+        _check(isinstance(data["verify"], list) and isinstance(data["draft"], list), "verify and draft must be lists")
+        for cell in data["verify"]:
+            _check(isinstance(cell, list) and len(cell) == 3, f"a verify cost must be [B, L, seconds], found {cell!r}")
+            b, n, t = cell
+            _check(_is_int(b) and 1 <= b <= MAX_BATCH and _is_int(n) and 1 <= n <= K_MAX + 1 and (b, n) not in verify,
+                   f"a verify cost needs B in 1..{MAX_BATCH} and L in 1..{K_MAX + 1}, once each, found {cell!r}")
+            verify[b, n] = _seconds(t)
+        for cell in data["draft"]:
+            _check(isinstance(cell, list) and len(cell) == 2, f"a draft cost must be [B, seconds], found {cell!r}")
+            b, t = cell
+            _check(_is_int(b) and 1 <= b <= MAX_BATCH and b not in draft,
+                   f"a draft cost needs B in 1..{MAX_BATCH}, once each, found {cell!r}")
+            draft[b] = _seconds(t)
         a = data["acceptance"]
-        acceptance = AcceptanceEstimate([float(x) for x in a["accepted"]], [float(x) for x in a["reached"]],
-                                        [int(x) for x in a["last_round"]], float(a["prior_weight"]))
-        costs = CostModel({(int(b), int(n)): float(t) for b, n, t in data["verify"]},
-                          {int(b): float(t) for b, t in data["draft"]})
-        return cls(int(data["k_max"]), acceptance, costs, int(data["rounds"]), int(data["plain_rounds"]))
+        _check(isinstance(a, dict) and set(a) == {"accepted", "reached", "last_round", "prior_weight"},
+               "acceptance must hold accepted, reached, last_round and prior_weight")
+        for name in ("accepted", "reached", "last_round"):
+            _check(isinstance(a[name], list) and len(a[name]) == K_MAX, f"acceptance.{name} must list {K_MAX} numbers")
+        accepted, reached = [_count(x) for x in a["accepted"]], [_count(x) for x in a["reached"]]
+        _check(all(x <= y for x, y in zip(accepted, reached)), "acceptance.accepted exceeds acceptance.reached")
+        last_round = a["last_round"]
+        _check(all(_is_int(x) and 0 <= x <= rounds for x in last_round), "acceptance.last_round must be in 0..rounds")
+        acceptance = AcceptanceEstimate(accepted, reached, list(last_round), _count(a["prior_weight"]))
+        policy = cls(K_MAX, acceptance, CostModel.from_prior(verify, draft), rounds, plain_rounds)
+        policy.kept = policy.recheck = True
+        return policy
+
+
+REDERIVE_ROUNDS = 4
+"""Rounds the derived costs may lag behind new samples of cells already measured (a new cell is
+used at once; see DraftPolicy._estimates)."""
+
+POLICY_FORMAT = 2
+"""Version of the kept file; 2: costs are low quantiles (1 kept running means, which a busy period
+could poison, so its files are not read)."""
+
+MAX_BATCH = 4096
+"""Largest batch size a kept cost may name."""
+
+
+class PolicyFileError(ValueError):
+    """A kept policy file that is not one this version wrote."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PolicyFileError(message)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _seconds(t) -> float:
+    _check(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 3600 and math.isfinite(t),
+           f"a cost must be a finite number of seconds in (0, 3600), found {t!r}")
+    return float(t)
+
+
+def _count(x) -> float:
+    _check(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0,
+           f"acceptance counts must be finite and >= 0, found {x!r}")
+    return float(x)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .policy import K_MAX
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -99,8 +101,13 @@ def _top_p_mask(probs: mx.array, top_p: float) -> mx.array:
 def sample(probs: mx.array, key: mx.array) -> mx.array:
     """Draw one token id per row, ``(..., V)`` -> ``(...)`` int32, from an explicit PRNG key.
 
+    ``key`` is one key, or ``(B, 2)`` keys for ``(B, V)`` probs: one per row, so that a row's
+    draw depends on its own key only, whatever rows share the batch.
     ``probs`` need not be normalised; zero entries are never drawn.
     """
+    if key.ndim == 2:
+        draw = mx.vmap(lambda logp, k: mx.random.categorical(logp, key=k))
+        return draw(mx.log(probs), key).astype(mx.int32)
     return mx.random.categorical(mx.log(probs), axis=-1, key=key).astype(mx.int32)
 
 
@@ -109,12 +116,16 @@ def make_key(seed: int | None) -> mx.array:
     return mx.random.key(secrets.randbits(64) if seed is None else seed)
 
 
-def greedy_accept(target_tokens: mx.array, draft_tokens: mx.array) -> tuple[mx.array, mx.array]:
+def greedy_accept(
+    target_tokens: mx.array, draft_tokens: mx.array, limits: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
     """Accept the longest prefix of the draft that the target's argmax agrees with.
 
     Args:
         target_tokens: ``(B, k+1)`` argmax of the target at each verified position.
         draft_tokens: ``(B, k)`` the drafted tokens.
+        limits: ``(B,)`` at most this many drafts count in each row (a row's own draft length
+            when rows of one round draft different lengths); None: all ``k``.
 
     Returns:
         ``n_accepted`` ``(B,)`` int32 in ``[0, k]`` and ``next_token`` ``(B,)``: the target's
@@ -125,12 +136,14 @@ def greedy_accept(target_tokens: mx.array, draft_tokens: mx.array) -> tuple[mx.a
     k = draft_tokens.shape[1]
     matches = (draft_tokens == target_tokens[:, :k]).astype(mx.int32)
     n_accepted = mx.sum(mx.cumprod(matches, axis=1), axis=1)
+    if limits is not None:
+        n_accepted = mx.minimum(n_accepted, limits)
     next_token = mx.take_along_axis(target_tokens, n_accepted[:, None], axis=1)[:, 0]
     return n_accepted, next_token
 
 
 def speculative_accept(
-    p: mx.array, q: mx.array, draft_tokens: mx.array, key: mx.array
+    p: mx.array, q: mx.array, draft_tokens: mx.array, key: mx.array, limits: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
     """Rejection-sample the draft so that the emitted tokens follow ``p`` exactly.
 
@@ -145,8 +158,13 @@ def speculative_accept(
         q: ``(B, k, V)`` drafter probabilities that ``draft_tokens`` were sampled from, from
             `probabilities` (a one-hot for a greedy drafter is fine).
         draft_tokens: ``(B, k)``.
-        key: PRNG key; it is split here, one draw for all acceptance tests and one for the
-            replacement/bonus tokens.
+        key: one PRNG key, or ``(B, 2)``: one per row. Each row's key is split here, one part
+            for its acceptance tests and one for its replacement/bonus token; a row draws the
+            same numbers whatever k and the other rows are, so a seeded row is reproducible
+            in any batch.
+        limits: ``(B,)`` at most this many drafts count in each row (its own draft length when
+            rows of one round draft different lengths): a row that accepts all of its own
+            drafts takes its bonus token from ``p`` there. None: all ``k``.
 
     Returns:
         ``n_accepted`` ``(B,)`` int32 in ``[0, k]`` and ``next_token`` ``(B,)`` int32.
@@ -160,27 +178,34 @@ def speculative_accept(
             "speculative_accept expects p (B, k+1, V), q (B, k, V), draft_tokens (B, k); "
             f"got p {p.shape}, q {q.shape}, draft_tokens {draft_tokens.shape}"
         )
-    accept_key, resample_key = mx.random.split(key)
+    keys = key if key.ndim == 2 else mx.random.split(key, B)
+    split = mx.vmap(lambda k: mx.random.split(k))(keys)
+    accept_keys, resample_keys = split[:, 0], split[:, 1]
 
     drafted = draft_tokens[..., None]
     p_draft = mx.take_along_axis(p[:, :k], drafted, axis=-1)[..., 0]
     q_draft = mx.take_along_axis(q, drafted, axis=-1)[..., 0]
     # u < p/q, multiplied out so that q(x) = 0 cannot make a NaN. u < 1, so p >= q always accepts.
-    u = mx.random.uniform(shape=(B, k), key=accept_key)
+    # Each row draws the same K_MAX numbers whatever k is, and uses the first k.
+    width = max(k, K_MAX)
+    u = mx.vmap(lambda key: mx.random.uniform(shape=(width,), key=key))(accept_keys)[:, :k]
     accepted = (u * q_draft < p_draft).astype(mx.int32)
+    if limits is not None:
+        accepted = accepted * (mx.arange(k)[None, :] < limits[:, None])
     n_accepted = mx.sum(mx.cumprod(accepted, axis=1), axis=1)
 
     # The next token comes from position n. The bonus position (n = k) has no draft: its q is
     # taken as zero, so the residual there is p_k itself.
     p_next = _at_position(p, n_accepted)
     q_next = _at_position(q, mx.minimum(n_accepted, k - 1)) if k > 0 else mx.zeros_like(p_next)
-    q_next = mx.where((n_accepted < k)[:, None], q_next, 0.0)
+    drafts = k if limits is None else limits
+    q_next = mx.where((n_accepted < drafts)[:, None], q_next, 0.0)
     residual = mx.maximum(p_next - q_next, 0.0)
     # An all-zero residual means p == q at that position (both sum to 1), where a draft from q is
     # never rejected; it only happens for a draft outside q's support or through rounding. Fall
     # back to p there rather than sample from nothing. (`sample` needs no normalised input.)
     has_mass = mx.sum(residual, axis=-1, keepdims=True) > 0
-    return n_accepted, sample(mx.where(has_mass, residual, p_next), resample_key)
+    return n_accepted, sample(mx.where(has_mass, residual, p_next), resample_keys)
 
 
 def _at_position(x: mx.array, position: mx.array) -> mx.array:

@@ -109,10 +109,10 @@ def test_a_wrong_acceptance_rule_is_caught(tiny, monkeypatch):
     above rejects it."""
     real = decode_module.speculative_accept
 
-    def replacement_from_p(p, q, draft_tokens, key):
-        n, _ = real(p, q, draft_tokens, key)
+    def replacement_from_p(p, q, draft_tokens, keys, limits=None):
+        n, _ = real(p, q, draft_tokens, keys, limits)
         p_next = mx.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
-        return n, sample(p_next, mx.random.split(key)[1])
+        return n, sample(p_next, keys)
 
     monkeypatch.setattr(decode_module, "speculative_accept", replacement_from_p)
     params = SamplingParams(temperature=1.0)

@@ -12,7 +12,8 @@ incrementally (the previous prompt's ids + the answer's own ids + the new text),
 model's answer keeps the ids it was generated with; when the chat template re-renders history
 differently (a changed system prompt, a trimmed answer) the common prefix is shorter and only
 the tokens after it are prefilled again. Sliding-window layers keep a ring of recent
-positions only, so a rewind further back than the ring still holds starts a fresh cache.
+positions only, so a rewind further back than the ring still holds starts a fresh cache
+(`engine.reusable` decides, for chat and for the engine's prefix store alike).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 
 from .. import distributed
 from ..api import GenerationChunk, _options
 from ..cache import Cache
 from ..decode import Options, Stats, check_prompt, decode, new_cache
+from ..engine import reusable
 from ..errors import InputError, SpecDecError
 from ..loading import SpecModel
 from ..policy import K_MAX
@@ -46,14 +47,6 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Tru
 def encode_text(tokenizer, text: str) -> list[int]:
     """Ids of rendered template text (the template writes its own BOS)."""
     return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclass
@@ -160,21 +153,7 @@ class ChatSession:
         """How many leading ids of this prompt the cache can keep (0: start a fresh cache)."""
         if not self.reuse_cache or self._cache is None:
             return 0
-        # The last prompt token always runs: its hidden state predicts the answer's first token.
-        n = min(common_prefix(self._cached, ids), len(ids) - 1)
-        return n if n and self._window_intact(n) else 0
-
-    def _window_intact(self, n: int) -> bool:
-        """Does every sliding-window ring still hold the positions a query at n looks back to?"""
-        spec = self.spec
-        window = spec.target.config.sliding_window
-        if spec.drafter is not None:
-            window = max(window, spec.drafter.config.sliding_window + 1)
-        needed = np.arange(max(0, n - window), n)
-        for table in self._cache.tables.values():
-            if table.ring and not np.isin(needed, np.array(table.positions[0])).all():
-                return False
-        return True
+        return reusable(self.spec, self._cache, self._cached, ids)
 
     # -- a turn ------------------------------------------------------------------------------
 
@@ -244,12 +223,13 @@ def draft_label(stats: Stats, draft_tokens: int | str, has_drafter: bool) -> str
     if draft_tokens != "auto":
         return f"draft k={draft_tokens}"
     used = {k: n for k, n in stats.k_histogram.items() if k}
+    kept = ", policy kept from earlier runs" if stats.policy_kept else ""
     if not used:
-        return "draft auto: off"  # /stats says why
+        return f"draft auto: off{' (' + kept[2:] + ')' if kept else ''}"  # /stats says why
     drafting, rounds = sum(used.values()), sum(stats.k_histogram.values())
     if 2 * drafting < rounds:
-        return f"draft auto: mostly off (drafted in {drafting} of {rounds} rounds)"
-    return f"draft auto: on (mostly k={max(used, key=used.get)})"
+        return f"draft auto: mostly off (drafted in {drafting} of {rounds} rounds{kept})"
+    return f"draft auto: on (mostly k={max(used, key=used.get)}{kept})"
 
 
 def status_line(report: TurnReport, has_drafter: bool) -> str:
@@ -376,7 +356,8 @@ def show_stats(session: ChatSession, console) -> None:
         f"  prefill: {r.prefill_tokens} of {r.prompt_tokens} prompt tokens ran ({r.reused_tokens} reused from the "
         f"cache), {s.prefill_seconds * 1000:.1f} ms",
         f"  drafted {s.drafted}, accepted {s.accepted} ({s.acceptance_rate:.0%}); by position: {rates}",
-        f"  rounds by k: {hist}" + (f"; off because: {s.off_reason}" if s.off_reason else ""),
+        f"  rounds by k: {hist}" + (f"; off because: {s.off_reason}" if s.off_reason else "")
+        + ("; the policy was kept from earlier runs" if s.policy_kept else ""),
         f"  time: draft {s.draft_seconds * 1000:.1f} ms, verify {s.verify_seconds * 1000:.1f} ms, "
         f"decode total {s.decode_seconds * 1000:.1f} ms",
     ]

@@ -117,6 +117,9 @@ TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k
 MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens below min-p times the top one.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the sampler (reproducible sampling).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")]
+FreshPolicyOpt = Annotated[bool, typer.Option(
+    "--fresh-policy", help="Start the draft policy from nothing instead of what earlier runs kept on disk "
+    "(and keep what this run learns in its place).")]
 
 
 def parse_draft_tokens(value: str) -> int | str:
@@ -152,15 +155,20 @@ def _group():
     return group
 
 
-def _load(model: str | None, drafter: str | None, dtype: str | None, group=None):
+def _load(model: str | None, drafter: str | None, dtype: str | None, fresh_policy: bool = False,
+          group=None):
     from rich.console import Console
 
     from ..loading import load
+    from ..policy import DraftPolicy
 
     drafter_arg: str | bool | None = False if drafter is not None and drafter.lower() in ("none", "off") else drafter
     where = f", sharded over {group.size()} processes" if group is not None else ""
     with Console(stderr=True).status(f"loading {model or 'the embedded demo model'}{where}"):
-        return load(model, drafter_arg, dtype=dtype, group=group)
+        spec = load(model, drafter_arg, dtype=dtype, group=group)
+    if fresh_policy:
+        spec.policy = DraftPolicy()
+    return spec
 
 
 def _messages(prompt: str, system: str | None) -> list[dict]:
@@ -171,6 +179,7 @@ def _summary(stats, draft_tokens, has_drafter: bool) -> str:
     from .chat import draft_label
 
     per_round = 1 + stats.mean_accepted_per_round if stats.rounds else 1.0
+    mostly_off = 2 * sum(n for k, n in stats.k_histogram.items() if k) < stats.rounds
     return " · ".join([
         f"{stats.generated_tokens} tokens",
         f"{stats.tokens_per_second:.1f} tok/s",
@@ -178,7 +187,7 @@ def _summary(stats, draft_tokens, has_drafter: bool) -> str:
         f"{per_round:.2f} tokens/round",
         draft_label(stats, draft_tokens, has_drafter),
         f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1000:.0f} ms",
-    ])
+    ] + ([f"off because {stats.off_reason}"] if draft_tokens == "auto" and stats.off_reason and mostly_off else []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +216,7 @@ def generate(
     dtype: DtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) "
                                           "instead of streaming.")] = False,
+    fresh_policy: FreshPolicyOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Answer one prompt, streamed to stdout; a summary line goes to stderr."""
@@ -234,7 +244,7 @@ def generate(
         from ..errors import InputError
 
         text = distributed.share_text(group, text)  # stdin is rank 0's alone
-        spec = _load(model, drafter, dtype, group)
+        spec = _load(model, drafter, dtype, fresh_policy, group)
         tok = spec.tokenizer
         if tok is None:
             raise InputError(f"{spec.name} has no tokenizer files (tokenizer.json / tokenizer.model); "
@@ -282,6 +292,7 @@ def chat(
     history: Annotated[Optional[Path], typer.Option(
         "--history", help="Readline history file (default: ~/.cache/mlx-specdec/chat_history).")] = None,
     dtype: DtypeOpt = None,
+    fresh_policy: FreshPolicyOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Chat in the terminal: streamed answers, the prompt cache kept across turns, /help for commands."""
@@ -291,7 +302,7 @@ def chat(
 
         from . import chat as chat_mod
 
-        spec = _load(model, drafter, dtype, _group())
+        spec = _load(model, drafter, dtype, fresh_policy, _group())
         settings = chat_mod.Settings(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                      seed=seed, draft_tokens=k)
         settings.options()  # refuse bad values before the first turn
@@ -345,6 +356,7 @@ def bench(
         "--chart", help="Write a PNG of speedup against k per workload here (needs matplotlib: "
         "pip install 'mlx-specdec[chart]').")] = None,
     dtype: DtypeOpt = None,
+    fresh_policy: FreshPolicyOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure tokens/s of plain, fixed-k and auto drafting on built-in workloads and batch sizes."""
@@ -374,7 +386,7 @@ def bench(
         console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
         group = _group()
         err = Console(stderr=True, highlight=False)
-        spec = _load(model, drafter, dtype, group)
+        spec = _load(model, drafter, dtype, fresh_policy, group)
         env = B.environment(spec, B.reference_blas_warning())
         for line in B.environment_lines(env):
             warning = line.startswith("warning")

@@ -156,17 +156,20 @@ class Drafter(nn.Module):
             out[kind] = mask
         return out
 
-    def __call__(self, tokens: mx.array, hidden: mx.array, position: mx.array, kv: dict[str, TargetKV]) -> Draft:
+    def __call__(self, tokens: mx.array, hidden: mx.array, position: mx.array, kv: dict[str, TargetKV],
+                 masks: dict[str, mx.array] | None = None) -> Draft:
         """One draft step for B rows.
 
         tokens (B,): the last token of each row; hidden (B, 1, backbone): the
         target's (or previous step's post-projected) hidden state for the
         token before it; position (B,): the fixed drafting position (that of
-        ``tokens``); kv: the target's K/V per attention type.
+        ``tokens``); kv: the target's K/V per attention type; masks:
+        ``self.masks(position, kv)``, which a round's steps share (position
+        and K/V stay fixed while drafting), computed here when not given.
         """
         x = mx.concatenate([self.embed(tokens[:, None]), hidden], axis=-1)
         h = self.pre_projection(x)
-        masks = self.masks(position, kv)
+        masks = self.masks(position, kv) if masks is None else masks
         for i, layer in enumerate(self.layers):
             kind = self.config.text.layer_types[i]
             plan = Plan(slots=None, written=0, concat=False, mask=masks[kind])

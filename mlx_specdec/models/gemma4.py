@@ -263,7 +263,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.rope = make_rope(config, self.kind, self.head_dim)
 
-    def __call__(self, x, offsets: mx.array, plan: Plan, kv):
+    def __call__(self, x, offsets: mx.array | int, plan: Plan, kv):
         """``kv`` is this layer's LayerKV, or for a KV-shared layer the
         (keys, values) its source layer attended to in this same pass."""
         B, L, _ = x.shape
@@ -444,7 +444,8 @@ class TextModel(nn.Module):
         h = self.embed(tokens)
         per_layer = self.per_layer_inputs(tokens, h) if self.config.hidden_size_per_layer_input else None
         plans = cache.plan(step)
-        offsets = mx.array(step.starts, dtype=mx.int32)
+        # One start for all rows (always at B = 1) rotates by a plain offset.
+        offsets = step.starts[0] if step.uniform else mx.array(step.starts, dtype=mx.int32)
         attended = {}  # layer -> the (keys, values) it attended to, for KV-shared layers
         for i, layer in enumerate(self.layers):
             source = self.config.kv_source(i)
@@ -498,7 +499,7 @@ class Model(nn.Module):
         # KV-shared layers never write theirs (their LayerKV stays empty);
         # one entry per layer keeps the indexing plain.
         layers = [LayerKV(tables[kind]) for kind in c.layer_types]
-        return Cache(tables, layers)
+        return Cache(tables, layers, max_step)
 
     def shard(self, group) -> None:
         """Tensor parallelism over ``group`` (run on every rank, before the weights are evaluated,

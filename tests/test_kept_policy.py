@@ -1,0 +1,150 @@
+"""A draft policy kept on disk is untrusted input: validated fully, replaced when invalid, never
+able to break exactness (k is clamped at the loop whatever a policy says), and treated as a prior
+that the new process re-checks early."""
+
+import json
+import math
+
+import pytest
+
+from mlx_specdec import generate, load
+from mlx_specdec.loading import load_policy
+from mlx_specdec.policy import K_MAX, Decision, DraftPolicy, PolicyFileError
+from tests.helpers import prompt
+from tests.test_exactness import _plain, _spec, standin
+
+T1 = 0.02
+
+
+def kept_text(**changes) -> str:
+    """A valid kept file (what to_json writes after some rounds), with top-level changes."""
+    policy = DraftPolicy()
+    for n in (1, 2, 3, 5, 9):
+        policy.record_verify_time(1, n, T1 * (1 + 0.1 * n))
+    policy.record_draft_time(1, 0.1 * T1)
+    for _ in range(5):
+        policy.record(1, 2, [1], 0.2 * T1, 1.3 * T1)
+    data = json.loads(policy.to_json())
+    data.update(changes)
+    return json.dumps(data)
+
+
+BAD = {
+    "k_max past the rings": kept_text(k_max=20),
+    "a list": "[]",
+    "null": "null",
+    "a string": '"policy"',
+    "torn": kept_text()[:40],
+    "older format": kept_text(format=1),
+    "NaN cost": kept_text(verify=[[1, 1, math.nan]]),
+    "infinite cost": kept_text(verify=[[1, 1, math.inf]]),
+    "zero cost": kept_text(verify=[[1, 1, 0.0]]),
+    "negative cost": kept_text(verify=[[1, 1, -0.01]]),
+    "negative draft cost": kept_text(draft=[[1, -1.0]]),
+    "string cost": kept_text(draft=[[1, "0.1"]]),
+    "length past k_max + 1": kept_text(verify=[[1, 12, 0.01]]),
+    "batch size 0": kept_text(verify=[[0, 1, 0.01]]),
+    "duplicate cell": kept_text(verify=[[1, 1, 0.01], [1, 1, 0.02]]),
+    "cells not lists": kept_text(verify={"1": 0.01}),
+    "acceptance too short": kept_text(acceptance={"accepted": [1], "reached": [1], "last_round": [0],
+                                                   "prior_weight": 2.0}),
+    "accepted above reached": kept_text(acceptance={"accepted": [5.0] * K_MAX, "reached": [1.0] * K_MAX,
+                                                    "last_round": [0] * K_MAX, "prior_weight": 2.0}),
+    "negative rounds": kept_text(rounds=-3),
+    "missing key": json.dumps({k: v for k, v in json.loads(kept_text()).items() if k != "draft"}),
+    "extra key": kept_text(extra=1),
+    "boolean k_max": kept_text(k_max=True),
+}
+
+
+def test_a_valid_kept_file_round_trips():
+    policy = DraftPolicy.from_json(kept_text())
+    assert policy.kept and policy.k_max == K_MAX
+    assert DraftPolicy.from_json(policy.to_json()).to_json() == policy.to_json()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_every_invalid_kept_file_is_refused_by_the_parser(case):
+    with pytest.raises(PolicyFileError):
+        DraftPolicy.from_json(BAD[case])
+
+
+@pytest.mark.parametrize("case", ["k_max past the rings", "a list", "null", "NaN cost", "zero cost",
+                                  "negative cost", "older format"])
+def test_an_invalid_kept_file_is_ignored_with_one_line_naming_it_and_replaced(case, tmp_path, capsys):
+    path = tmp_path / "policy" / "pair.json"
+    path.parent.mkdir()
+    path.write_text(BAD[case])
+    policy = load_policy(path)
+    assert not policy.kept and policy.k_max == K_MAX and policy.costs.verify == {}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and err.startswith("warning:")
+    # Replaced by a valid fresh file: the next process reads it silently.
+    again = load_policy(path)
+    assert capsys.readouterr().err == ""
+    assert again.kept and again.costs.verify == {}
+
+
+class Reckless(DraftPolicy):
+    """A policy that asks for more drafts than any cache ring holds."""
+
+    def decide(self, batch_size: int) -> Decision:
+        return Decision(20, "k=20 from a corrupt policy")
+
+
+def test_k_is_clamped_at_the_loop_whatever_the_policy_says(checkpoints):
+    # The oracle's sliding window is 8: a 21-token step would overwrite keys still in the window.
+    spec = _spec(checkpoints.target("dense"), None)
+    for seed, length in ((1, 5), (2, 30)):
+        ids = prompt(length, seed)
+        expected = _plain(spec, ids, 40)
+        pair = standin(spec, [ids], 40)
+        pair.policy = Reckless()
+        result = generate(pair, ids, max_tokens=40)
+        assert result.tokens == expected
+        assert max(result.stats.k_histogram) <= K_MAX
+
+
+def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
+    # Kept costs from a busy period: a drafting round looked 5x dearer than it is.
+    busy = DraftPolicy()
+    for n in range(1, K_MAX + 2):
+        busy.record_verify_time(1, n, T1 * (1 + 0.05 * (n - 1)) * (1 if n == 1 else 5))
+    busy.record_draft_time(1, 0.5 * T1)
+    kept = DraftPolicy.from_json(busy.to_json())
+    assert kept.needs_calibration(1) == []
+    first = kept.decide(1)
+    assert first.k == 1 and first.probe and "re-checking the kept policy" in first.reason
+    # The probe measures this process: its cells replace the kept ones, the others are rescaled.
+    kept.record(1, 1, [1], 0.1 * T1, 1.05 * T1)
+    assert kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
+    assert kept.costs.draft[1] == pytest.approx(0.1 * T1)
+    assert kept.costs.verify[1, 3] < busy.costs.verify[1, 3] / 3
+    kept.record(1, 0, [0], 0.0, T1)  # and a plain round measures plain decoding
+    assert kept.decide(1).k > 1
+    # Once it has drafted, a decision not to draft waits out the probe interval as usual.
+    assert not kept.recheck
+
+
+def test_kept_costs_are_priors_scaled_by_what_this_process_measures():
+    policy = DraftPolicy()
+    for n in (1, 2, 3):
+        policy.record_verify_time(1, n, float(n))
+    kept = DraftPolicy.from_json(policy.to_json())
+    assert kept.costs.kept == 3
+    kept.record_verify_time(1, 1, 2.0)  # this machine is twice as slow now
+    assert kept.costs.verify[1, 1] == 2.0
+    assert kept.costs.verify[1, 2] == pytest.approx(4.0) and kept.costs.verify[1, 3] == pytest.approx(6.0)
+    assert kept.costs.kept == 2
+
+
+def test_the_stats_say_whether_the_policy_was_kept(checkpoints, tmp_path):
+    target = checkpoints.target("dense")
+    drafter = checkpoints.assistant(target)
+    ids = prompt(6, 3)
+    first = generate(load(target, drafter=drafter, policy_cache=tmp_path), ids, max_tokens=6)
+    assert first.stats.policy_kept is False and first.stats.as_dict()["policy_kept"] is False
+    again = generate(load(target, drafter=drafter, policy_cache=tmp_path), ids, max_tokens=6)
+    assert again.stats.policy_kept is True
+    assert generate(load(target, drafter=drafter, policy_cache=tmp_path), ids, max_tokens=6,
+                    draft_tokens=2).stats.policy_kept is None
