@@ -3,12 +3,13 @@
 Every front end (the Python API, chat, bench, the HTTP server) submits requests here and reads
 their tokens back as `Event`s. One `step` is: admit waiting requests, run one round
 (`decode.speculative_round`) for the live batch, retire the rows that finished or were
-cancelled. Reading order: `Engine.step`, then `_admit`, `_decide`, `_round`, `_retire`.
+cancelled. Reading order: `Engine.step`, then `_admit`, `_round` (with `_decide`, `_launch`),
+`_retire`. Plain rounds pipeline across steps: the next one is launched before the last is read.
 
-Admission. A request's prompt is prefilled into its own single-row cache, in chunks of at most
-`prefill_step_size` tokens, and at most that many tokens per step while other rows are live: a
-long prompt stalls the live batch for about one chunk per round, never for its whole prefill.
-The prefilled row then joins the batch (`Rows.stack`). Admission stops at `max_batch` rows and
+Admission. A request's prompt is prefilled into its own cache, in chunks of at most
+`prefill_step_size` tokens, and while other rows are live a step stops prefilling once that
+many tokens ran: a long prompt stalls the live batch for about one chunk per round, never for
+its whole prefill. The prefilled row then joins the batch (`Rows.stack`). Admission stops at `max_batch` rows and
 at the K/V memory the live rows could grow to (`kv_memory_bytes`).
 
 Prefix reuse. When a row leaves, its cache goes into a bounded LRU store of single-row caches
@@ -430,20 +431,21 @@ class Engine:
     def _admit(self, events: dict[int, Event]) -> None:
         """Prefill waiting requests, a chunk at a time, and add them to the batch once prefilled.
 
-        With rows live, at most prefill_step_size prompt tokens run per step; with none, no one
-        is waiting on a round, so the batch fills up first. Prompts of one length starting from
-        nothing share their prefill passes."""
+        With rows live, prefill passes stop once prefill_step_size prompt tokens ran this step;
+        with none, no one is waiting on a round, so the batch fills up first. Prompts of one
+        length starting from nothing share their prefill passes."""
         budget = self.prefill_step_size if self._live else None
         joining = self._joining = []
         while budget is None or budget > 0:
             group = self._admitting
             if group is None:
                 room = self.max_batch - len(self._live) - sum(len(g.requests) for g in joining)
-                group = self._take([r for g in joining for r in g.requests], room)
+                group = self._take([r for g in joining for r in g.requests], room, budget)
                 if group is None:
                     break
-            n = min(group.length - group.prefilled, self.prefill_step_size,
-                    self.prefill_step_size if budget is None else budget)
+            # Chunks start at the same positions whatever else runs, so a prompt's prefill
+            # passes are the same alone or not; a step may overrun its budget by under a chunk.
+            n = min(group.length - group.prefilled, self.prefill_step_size)
             hidden = self._prefill(group, n)
             if budget is not None:
                 budget -= n * len(group.requests)
@@ -462,34 +464,48 @@ class Engine:
                 self._live.update((r.id, r) for r in group.requests)
         self._joining = []
 
-    def _take(self, joining: list[_Request], room: int) -> "_Admission | None":
+    def _take(self, joining: list[_Request], room: int, budget: int | None) -> "_Admission | None":
         """The next waiting request, with the cache it starts from, and the waiting requests just
-        behind it that can share its prefill (same length, nothing to reuse); None: none waiting,
-        or no room for its K/V."""
+        behind it that can share its prefill (same length, nothing to reuse, within the step's
+        token budget); None: none waiting, or no room for its K/V. Only this thread removes
+        from the queue, so its head stays put between looking and taking."""
+        live = list(self._live.values()) + joining
         group: list[_Request] = []
-        with self._lock:
-            live = list(self._live.values()) + joining
-            while self._waiting and len(group) < room:
-                request = self._waiting[0]
-                if group and (len(request.prompt) != len(group[0].prompt) or request.cache is not None):
-                    break  # only prompts of one length, from nothing, share a prefill
-                if live or group:
-                    # Until a first prefill has measured K/V sizes, one request goes alone.
-                    if self._kv is None or self._kv.batch(live + group + [request]) > self.kv_memory_bytes:
-                        break
-                if request.cache is not None:  # it continues a cache of its own
-                    self._waiting.popleft()
-                    return _Admission([request], request.cache, request.prefilled)
-                if group and self.prefixes.longest(self.spec, request.prompt)[1] is not None:
-                    break  # it has a prefix to reuse: it goes alone, next
-                self._waiting.popleft()
-                group.append(request)
+        while len(group) < room:
+            with self._lock:
+                request = self._waiting[0] if self._waiting else None
+            if request is None:
+                break
+            if request.cache is not None:  # it continues a cache of its own: alone
+                if group:
+                    break
+                self._pop()
+                return _Admission([request], request.cache, request.prefilled)
+            if group:
+                if len(request.prompt) != len(group[0].prompt):
+                    break  # only prompts of one length share a prefill
+                chunk = min(len(request.prompt), self.prefill_step_size)
+                if budget is not None and (len(group) + 1) * chunk > budget:
+                    break
+            if live or group:
+                # Until a first prefill has measured K/V sizes, one request goes alone.
+                if self._kv is None or self._kv.batch(live + group + [request]) > self.kv_memory_bytes:
+                    break
+            if group and self.prefixes.longest(self.spec, request.prompt)[1] is not None:
+                break  # it has a prefix to reuse: it goes alone, next
+            self._pop()
+            group.append(request)
+            if len(group) == 1:
                 reused, cache = self.prefixes.take(self.spec, request.prompt)
                 if cache is not None:
-                    return _Admission([request], cache, reused)
+                    return _Admission(group, cache, reused)
         if not group:
             return None
         return _Admission(group, new_cache(self.spec, len(group)), 0)
+
+    def _pop(self) -> None:
+        with self._lock:
+            self._waiting.popleft()
 
     def _prefill(self, group: "_Admission", n: int) -> mx.array:
         start = group.prefilled
