@@ -102,9 +102,10 @@ class Footprint:
         return dict(vars(self))
 
 
-def weight_bytes(*models: nn.Module | None) -> int:
+def parameter_bytes(*models: nn.Module | None) -> int:
+    """The bytes of the arrays these models hold (a drafter's share of the target's embedding excluded)."""
     return sum(v.nbytes for m in models if m is not None for _, v in tree_flatten(m.parameters()))
 
 
 __all__ = ["Footprint", "agree", "from_rank0", "is_main", "share_flag", "share_text",
-           "weight_bytes", "world"]
+           "parameter_bytes", "world"]

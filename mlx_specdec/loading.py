@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from mlx.utils import tree_flatten
 
-from .distributed import Footprint, weight_bytes
+from .distributed import Footprint, parameter_bytes
 from .errors import ConfigError, LoadError
 from .models import assistant, gemma4
 from .policy import DraftPolicy, PolicyFileError
@@ -241,7 +241,7 @@ def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype, s
         dtype = mx.float32
     if dtype is not None:
         model.apply(lambda x: x.astype(dtype) if x.dtype in (mx.float16, mx.bfloat16, mx.float32) else x)
-    unsharded = weight_bytes(model)
+    unsharded = parameter_bytes(model)
     if shard is None:
         mx.eval(model.parameters())
         return unsharded
@@ -366,7 +366,7 @@ def load(
     if drafter_path:
         draft_model, drafter_unsharded = _load_drafter(drafter_path, target, dtype, group)
         unsharded += drafter_unsharded
-    footprint = Footprint(1 if group is None else group.size(), weight_bytes(target, draft_model), unsharded,
+    footprint = Footprint(1 if group is None else group.size(), parameter_bytes(target, draft_model), unsharded,
                           mx.get_active_memory() - active_before)
     eos = list(target.config.eos_token_id) or None
     tokenizer = load_tokenizer(path, eos)
