@@ -213,14 +213,19 @@ class _KVSize:
                 per_position += nbytes / rows / max(layer.table.capacity, 1)
         return cls(per_position, per_row)
 
-    def batch(self, requests: list[_Request]) -> float:
-        """What a batch of these rows could grow to: every row as long as the longest could get
-        (rows of one batch share the full-attention capacity)."""
-        if not requests:
-            return 0.0
-        longest = max(len(r.prompt) + r.options.max_tokens + K_MAX + 1 for r in requests)
+    @staticmethod
+    def longest(request: _Request) -> int:
+        """Positions a request's row could reach: prompt, max_tokens and a last round's drafts."""
+        return len(request.prompt) + request.options.max_tokens + K_MAX + 1
+
+    def rows(self, count: int, longest: int) -> float:
+        """What ``count`` rows could grow to when the longest could reach ``longest`` positions:
+        rows of one batch share the full-attention capacity."""
         positions = -(-longest // GROW_STEP) * GROW_STEP
-        return len(requests) * (self.per_row + self.per_position * positions)
+        return count * (self.per_row + self.per_position * positions)
+
+    def batch(self, requests: list[_Request]) -> float:
+        return self.rows(len(requests), max(map(self.longest, requests))) if requests else 0.0
 
 
 def device_memory() -> int:
@@ -470,6 +475,7 @@ class Engine:
         token budget); None: none waiting, or no room for its K/V. Only this thread removes
         from the queue, so its head stays put between looking and taking."""
         live = list(self._live.values()) + joining
+        longest = max(map(_KVSize.longest, live), default=0)
         group: list[_Request] = []
         while len(group) < room:
             with self._lock:
@@ -489,7 +495,8 @@ class Engine:
                     break
             if live or group:
                 # Until a first prefill has measured K/V sizes, one request goes alone.
-                if self._kv is None or self._kv.batch(live + group + [request]) > self.kv_memory_bytes:
+                longest = max(longest, _KVSize.longest(request))
+                if self._kv is None or self._kv.rows(len(live) + len(group) + 1, longest) > self.kv_memory_bytes:
                     break
             if group and self.prefixes.longest(self.spec, request.prompt)[1] is not None:
                 break  # it has a prefix to reuse: it goes alone, next
