@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .errors import ConfigError, DrafterMismatchError, InputError, LoadError, SpecDecError
+from .errors import ConfigError, DrafterMismatchError, InputError, LoadError, ShardError, SpecDecError
 
 if TYPE_CHECKING:
     from .api import GenerationChunk, GenerationResult, generate, generate_batch, load, stream_generate
@@ -30,6 +30,7 @@ __all__ = [
     "GenerationResult",
     "InputError",
     "LoadError",
+    "ShardError",
     "SpecDecError",
     "generate",
     "generate_batch",

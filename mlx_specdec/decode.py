@@ -15,6 +15,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from . import distributed
 from .cache import Cache, Step
 from .errors import InputError
 from .loading import SpecModel
@@ -148,11 +149,17 @@ class Sampler:
     whatever the round's k and whichever rows share it: a seeded request draws the same tokens
     alone or in any batch, given the same draft lengths. Rows whose params agree (seed aside)
     share each call. The keys advance once per round (`accept`) or prefill (`pick`).
+
+    Over a group of processes, rank 0's keys (its seeds, or its draws of them) are every rank's,
+    and so are the tokens it picks, drafts and accepts (see distributed.py).
     """
 
-    def __init__(self, params: list[SamplingParams], vocab: int, keys: mx.array | None = None):
-        self.params, self.vocab = params, vocab
-        self.keys = mx.stack([make_key(p.seed) for p in params]) if keys is None else keys  # (B, 2)
+    def __init__(self, params: list[SamplingParams], vocab: int, keys: mx.array | None = None,
+                 group: mx.distributed.Group | None = None):
+        self.params, self.vocab, self.group = params, vocab, group
+        if keys is None:
+            keys = distributed.from_rank0(group, mx.stack([make_key(p.seed) for p in params]))
+        self.keys = keys  # (B, 2)
         by_params: dict[SamplingParams, list[int]] = {}
         for row, p in enumerate(params):
             by_params.setdefault(replace(p, seed=None), []).append(row)
@@ -163,14 +170,18 @@ class Sampler:
         self._drafts = 0
 
     def select(self, keep: list[int]) -> "Sampler":
-        return Sampler([self.params[i] for i in keep], self.vocab, self.keys[mx.array(keep)])
+        return Sampler([self.params[i] for i in keep], self.vocab, self.keys[mx.array(keep)], self.group)
 
     @staticmethod
     def stack(parts: list["Sampler"]) -> "Sampler":
         if len(parts) == 1:
             return parts[0]
         return Sampler([p for s in parts for p in s.params], parts[0].vocab,
-                       mx.concatenate([s.keys for s in parts]))
+                       mx.concatenate([s.keys for s in parts]), parts[0].group)
+
+    def agreed(self, tokens: mx.array) -> mx.array:
+        """Rank 0's tokens on every rank."""
+        return distributed.from_rank0(self.group, tokens)
 
     def _round_keys(self, which: int, index: mx.array | None) -> mx.array:
         if self._round is None:
@@ -198,7 +209,7 @@ class Sampler:
             parts.append(mx.argmax(x, axis=-1) if params.greedy else
                          sample(probabilities(x, params), self._round_keys(K_MAX, index)))
         self._end_round()
-        return self._merge(parts)
+        return self.agreed(self._merge(parts))
 
     def draft(self, draft: Draft) -> tuple[mx.array, tuple | None]:
         """The drafter's token per row, and (when some row samples) the distributions q they came
@@ -238,7 +249,11 @@ class Sampler:
             ns.append(n)
             nexts.append(nxt)
         self._end_round()
-        return self._merge(ns), self._merge(nexts)
+        n, nxt = self._merge(ns), self._merge(nexts)
+        if self.group is None:
+            return n, nxt
+        both = self.agreed(mx.stack([n.astype(mx.int32), nxt.astype(mx.int32)]))
+        return both[0], both[1].astype(nxt.dtype)
 
 
 @dataclass
@@ -336,7 +351,7 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
             qs += [q] if q is not None else []
             hidden = draft.hidden
         mx.eval(drafts)
-    drafted = mx.stack(drafts, axis=1) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
+    drafted = sampler.agreed(mx.stack(drafts, axis=1)) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
     verify_start = time.perf_counter()
 
     tokens = mx.concatenate([rows.last[:, None], drafted.astype(rows.last.dtype)], axis=1) if k else rows.last[:, None]

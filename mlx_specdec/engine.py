@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
-from . import decode
+from . import decode, distributed
 from .cache import GROW_STEP, Cache, Step
 from .decode import Options, Round, Rows, Sampler, Stats, check_prompt, new_cache, speculative_round
 from .errors import InputError
@@ -258,6 +258,9 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.kv_memory_bytes = (int(KV_MEMORY_FRACTION * max(0, device_memory() - mx.get_active_memory()))
                                 if kv_memory_bytes is None else kv_memory_bytes)
+        if spec.group is not None:  # admission must be the same on every rank: rank 0's bound, in MiB
+            mib = distributed.from_rank0(spec.group, mx.array([self.kv_memory_bytes >> 20], dtype=mx.int32))
+            self.kv_memory_bytes = mib.item() << 20
         self.prefixes = PrefixStore(prefix_cache_tokens)
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -531,7 +534,8 @@ class Engine:
         """Each prefilled request's first token, from the prefill; the group keeps the rows that
         token did not already end, ready to join the batch."""
         requests = group.requests
-        sampler = Sampler([r.options.sampling for r in requests], self.spec.target.config.vocab_size)
+        sampler = Sampler([r.options.sampling for r in requests], self.spec.target.config.vocab_size,
+                          group=self.spec.group)
         first = sampler.pick(self.spec.target.logits(hidden[:, 0]))
         mx.eval(first)
         now = time.perf_counter()
@@ -565,10 +569,11 @@ class Engine:
         else:
             auto = None
             if any(r.options.draft_tokens == "auto" for r in requests):
-                auto = spec.policy.decide(B)
+                # Over a group, rank 0's policy decides for all (each rank measures its own times).
+                auto = distributed.agree(spec.group, spec.policy.decide(B))
                 if auto.calibrate and any(r.stats.rounds == 0 for r in requests):
                     decode._calibrate(spec, auto.calibrate, rows)
-                    auto = spec.policy.decide(B)
+                    auto = distributed.agree(spec.group, spec.policy.decide(B))
             decisions = [auto if r.options.draft_tokens == "auto" else fixed_decision(r.options.draft_tokens)
                          for r in requests]
         # The cache's rings bound k whatever the policy says.

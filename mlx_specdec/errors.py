@@ -17,5 +17,9 @@ class DrafterMismatchError(LoadError, ValueError):
     """A drafter made for another target."""
 
 
+class ShardError(ConfigError):
+    """A model whose geometry cannot be split over the processes of a group."""
+
+
 class InputError(SpecDecError, ValueError):
     """A bad prompt or generation option."""

@@ -26,6 +26,9 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx.utils import tree_flatten
+
+from .distributed import Footprint, parameter_bytes
 from .errors import ConfigError, LoadError
 from .models import assistant, gemma4
 from .policy import DraftPolicy, PolicyFileError
@@ -77,10 +80,18 @@ class SpecModel:
     policy: DraftPolicy = field(default_factory=DraftPolicy, repr=False)
     # Where the policy is kept between processes (None: not kept).
     policy_file: Path | None = None
+    # The mx.distributed group the models are sharded over (None: one process holds them whole).
+    group: mx.distributed.Group | None = None
+    footprint: Footprint | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process talks to the user and keeps what is learned (rank 0, or alone)."""
+        return self.group is None or self.group.rank() == 0
 
     def save_policy(self) -> None:
         """Keep what the policy learned for the next process on this machine."""
-        if self.policy_file is not None:
+        if self.policy_file is not None and self.is_main:
             _write_policy(self.policy_file, self.policy)
 
 
@@ -97,7 +108,7 @@ def policy_cache_dir(setting: str | Path | bool | None) -> Path | None:
     return Path(setting).expanduser() / "policy"
 
 
-def policy_key(target_path: Path, drafter_path: Path | None, dtype: str | None) -> str:
+def policy_key(target_path: Path, drafter_path: Path | None, dtype: str | None, processes: int = 1) -> str:
     """Names one model pair on one machine: the measured costs hold for nothing else.
 
     The weight files' sizes and dates stand for their contents (a re-conversion in place is
@@ -113,6 +124,7 @@ def policy_key(target_path: Path, drafter_path: Path | None, dtype: str | None) 
         "machine": [platform.node(), platform.machine(), platform.system(), str(mx.default_device())],
         "mlx": mx.__version__,
         "blas": os.environ.get("LD_PRELOAD", ""),
+        **({"processes": processes} if processes > 1 else {}),  # sharded costs are another model's
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -380,17 +392,29 @@ def _quantize(model: nn.Module, cfg: dict, weights: dict[str, mx.array]) -> None
     )
 
 
-def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype, role: str = "model") -> None:
+def _apply(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype, role: str = "model",
+           shard=None) -> int:
+    """Fill ``model`` from lazily loaded ``weights``, cast, shard (``shard(model)``) and evaluate;
+    returns the bytes the weights would take unsharded."""
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise LoadError(f"{role} weights in {where} do not fit the config: {str(e).splitlines()[0]}") from e
+    weights.clear()  # the model holds the only references: a sharded array's full source can go
     if dtype is not None:
         model.apply(lambda x: x.astype(dtype) if x.dtype in (mx.float16, mx.bfloat16, mx.float32) else x)
+    unsharded = parameter_bytes(model)
     try:
-        mx.eval(model.parameters())
+        if shard is None:
+            mx.eval(model.parameters())
+        else:
+            shard(model)
+            # One array at a time: each full tensor is read, sliced and freed before the next.
+            for _, value in tree_flatten(model.parameters()):
+                mx.eval(value)
     except (RuntimeError, ValueError, OSError) as e:  # MLX reads lazily: a bad file fails here
         raise LoadError(f"could not read the {role} weights in {where}: {e}") from None
+    return unsharded
 
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -407,7 +431,12 @@ def _dtype(name: str | None):
     return DTYPES[name]
 
 
-def load_target(path: Path, dtype: str | None = None) -> gemma4.Model:
+def load_target(path: Path, dtype: str | None = None, group=None) -> gemma4.Model:
+    """The target in ``path``; with ``group`` (an ``mx.distributed`` group) only this rank's shard."""
+    return _load_target(path, dtype, group)[0]
+
+
+def _load_target(path: Path, dtype: str | None, group) -> tuple[gemma4.Model, int]:
     cfg = read_config(path, "target")
     with _config_file(path, "target"):
         if cfg.get("model_type") in DRAFTER_TYPES:
@@ -416,11 +445,17 @@ def load_target(path: Path, dtype: str | None = None) -> gemma4.Model:
     model = gemma4.Model(config)
     weights = model.sanitize(_text_weights(_load_weights(path, "target")))
     _quantize(model, cfg, weights)
-    _apply(model, weights, path, _dtype(dtype), "target")
-    return model
+    shard = None if group is None else (lambda m: m.shard(group))
+    return model, _apply(model, weights, path, _dtype(dtype), "target", shard)
 
 
-def load_drafter(path: Path, target: gemma4.Model, dtype: str | None = None) -> assistant.Drafter:
+def load_drafter(path: Path, target: gemma4.Model, dtype: str | None = None, group=None) -> assistant.Drafter:
+    """The drafter in ``path``, built around ``target``'s embedding; with ``group`` sharded like
+    the target (``target`` must be sharded over the same group)."""
+    return _load_drafter(path, target, dtype, group)[0]
+
+
+def _load_drafter(path: Path, target: gemma4.Model, dtype: str | None, group) -> tuple[assistant.Drafter, int]:
     cfg = read_config(path, "drafter")
     with _config_file(path, "drafter"):
         if cfg.get("model_type") not in DRAFTER_TYPES:
@@ -433,8 +468,8 @@ def load_drafter(path: Path, target: gemma4.Model, dtype: str | None = None) -> 
     drafter = assistant.Drafter(config, target.embed_tokens)
     weights = drafter.sanitize(_load_weights(path, "drafter"))
     _quantize(drafter, cfg, weights)
-    _apply(drafter, weights, path, _dtype(dtype), "drafter")
-    return drafter
+    shard = None if group is None else (lambda d: d.shard(group, target.config, target.drafter_sources()))
+    return drafter, _apply(drafter, weights, path, _dtype(dtype), "drafter", shard)
 
 
 def find_drafter(target_path: Path, name: str) -> Path | None:
@@ -486,6 +521,7 @@ def load(
     *,
     dtype: str | None = None,
     policy_cache: str | Path | bool | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> SpecModel:
     """Load a Gemma 4 target and its drafter.
 
@@ -499,6 +535,9 @@ def load(
     ``policy_cache``: the folder where what the draft policy measures is kept per model
     and machine, so a new process need not calibrate again; False keeps nothing; by
     default $MLX_SPECDEC_CACHE (``off`` for nothing) or ~/.cache/mlx-specdec.
+    ``group``: an ``mx.distributed`` group (e.g. ``mx.distributed.init()`` under ``mlx.launch``)
+    to shard both models over, each rank reading only its slices; every rank must then run the
+    same calls (see distributed.py). A group of one process is the same as None.
     With no ``model``, the embedded demo pair.
     """
     if model is not None and (not isinstance(model, (str, Path)) or not str(model).strip()):
@@ -507,6 +546,9 @@ def load(
         raise LoadError(f"drafter must be a folder, a hub repo id, True (the model's own, which must exist), "
                         f"None (the model's own, if any) or False (none), got {drafter!r}")
     cast = _dtype(dtype)
+    if group is not None and group.size() == 1:
+        group = None
+    active_before = mx.get_active_memory()
     if model is None:
         from .demo import demo_path
 
@@ -514,14 +556,20 @@ def load(
     path = resolve(model)
     where = locate_drafter(model, path, drafter)
     check_memory([(path, "target")] + ([(where, "drafter")] if where else []), cast)
-    target = load_target(path, dtype)
-    draft_model = load_drafter(where, target, dtype) if where else None
+    target, unsharded = _load_target(path, dtype, group)
+    draft_model = None
+    if where:
+        draft_model, drafter_unsharded = _load_drafter(where, target, dtype, group)
+        unsharded += drafter_unsharded
+    footprint = Footprint(1 if group is None else group.size(), parameter_bytes(target, draft_model), unsharded,
+                          mx.get_active_memory() - active_before)
     eos = list(target.config.eos_token_id) or None
     tokenizer = load_tokenizer(path, eos)
     if tokenizer is not None:
         eos = sorted(set(eos or ()) | set(tokenizer.eos_token_ids or ()))
     cache_dir = policy_cache_dir(policy_cache) if draft_model is not None else None
-    policy_file = cache_dir / f"{policy_key(path, where, dtype)}.json" if cache_dir else None
+    processes = footprint.processes
+    policy_file = cache_dir / f"{policy_key(path, where, dtype, processes)}.json" if cache_dir else None
     return SpecModel(
         target=target,
         drafter=draft_model,
@@ -531,4 +579,6 @@ def load(
         drafter_name=str(where) if where else None,
         policy=load_policy(policy_file),
         policy_file=policy_file,
+        group=group,
+        footprint=footprint,
     )

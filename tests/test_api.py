@@ -93,9 +93,10 @@ def _readme_python_blocks() -> list[str]:
 
 
 def test_every_readme_python_example_prints_an_answer():
-    """Run as written, on the default (embedded demo) model."""
-    blocks = _readme_python_blocks()
-    assert blocks
+    """Run as written, on the default (embedded demo) model. The examples that talk to a running
+    `mlx-specdec serve` (the openai client) run in test_server.py, against a live server."""
+    blocks = [b for b in _readme_python_blocks() if "from openai import" not in b]
+    assert len(blocks) >= 2
     for block in blocks:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):

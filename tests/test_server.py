@@ -357,3 +357,20 @@ def test_a_full_server_answers_429_with_retry_after(small_server):
         time.sleep(0.1)
     assert again.status_code == 200, again.text
     assert again.json()["usage"]["completion_tokens"] == 4
+
+
+def test_the_readme_client_example_streams_an_answer(server):
+    """README's openai example, run as written except for the port this test's server listens on."""
+    import contextlib
+    import io
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from openai import" in b]
+    assert blocks
+    for block in blocks:
+        assert "http://127.0.0.1:8080/v1" in block
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block.replace("http://127.0.0.1:8080", server.url), "README.md", "exec"), {})
+        assert out.getvalue().strip(), block

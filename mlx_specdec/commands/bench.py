@@ -37,6 +37,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..api import generate, generate_batch
+from ..distributed import Footprint
 from ..errors import InputError
 from ..loading import SpecModel
 from .common import human, openblas_loaded
@@ -330,6 +331,7 @@ def environment(spec: SpecModel, blas_warning: str | None) -> dict:
     env["policy_file"] = str(spec.policy_file) if spec.policy_file else None
     env["policy_measured_before"] = bool(spec.policy.costs.verify)
     env["blas_warning"] = blas_warning
+    env["footprint"] = spec.footprint.as_dict() if spec.footprint is not None else None
     return env
 
 
@@ -348,6 +350,9 @@ def environment_lines(env: dict) -> list[str]:
     if env.get("policy_file"):
         before = "what earlier runs measured" if env["policy_measured_before"] else "nothing measured yet"
         lines.append(f"policy  {env['policy_file']}: auto starts from {before} (MLX_SPECDEC_CACHE=off: fresh)")
+    footprint = env.get("footprint")
+    if footprint and footprint["processes"] > 1:
+        lines.append("sharded " + Footprint(**footprint).line())
     if env.get("blas_warning"):
         lines.append("warning: " + env["blas_warning"])
     return lines

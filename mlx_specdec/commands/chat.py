@@ -19,12 +19,15 @@ positions only, so a rewind further back than the ring still holds starts a fres
 from __future__ import annotations
 
 import json
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 
 from . import common
+from .. import distributed
 from ..api import GenerationChunk, Settings
 from ..cache import Cache
 from ..decode import Stats, check_prompt, decode, new_cache
@@ -299,15 +302,44 @@ def show_stats(session: ChatSession, console) -> None:
     console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
+class _StopRequest:
+    requested = False
+
+
+@contextmanager
+def _stop_requests(group):
+    """Over a group, Ctrl-C on rank 0 only asks the answer to stop: every rank must leave the
+    loop after the same round (one that left mid-pass would leave the others waiting in an
+    all-reduce), so the request is shared after each round. Alone, Ctrl-C interrupts at once."""
+    stop = _StopRequest()
+    if group is None or group.rank() != 0:
+        yield stop
+        return
+
+    def ask(signum, frame):
+        stop.requested = True
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def answer(session: ChatSession, text: str, console) -> None:
     """Stream one answer; Ctrl-C stops it, a failure prints one line. The session goes on."""
+    group = session.spec.group
     turns = len(session.reports)
     stream = session.ask(text)
     interrupted = False
     try:
-        for chunk in stream:
-            if chunk.text:
-                console.out(chunk.text, end="", highlight=False)
+        with _stop_requests(group) as stop:
+            for chunk in stream:
+                if chunk.text:
+                    console.out(chunk.text, end="", highlight=False)
+                if group is not None and distributed.share_flag(group, stop.requested):
+                    interrupted = True
+                    break
     except KeyboardInterrupt:
         interrupted = True
     except SpecDecError as e:
@@ -347,6 +379,18 @@ def _setup_readline(history: Path | None):
     return readline, history
 
 
+def _read_line(group) -> str | None:
+    """The user's next line, None at the end of input; over a group rank 0 reads the terminal and
+    every rank gets the line (all of them then run the same turn or command)."""
+    line = None
+    if distributed.is_main(group):
+        try:
+            line = input(PROMPT)
+        except EOFError:
+            line = None
+    return distributed.share_text(group, line)
+
+
 def run(session: ChatSession, console, history: Path | None = None) -> None:
     """Read lines until /quit or Ctrl-D; Ctrl-C at the prompt clears the line."""
     rl = _setup_readline(history)
@@ -355,19 +399,21 @@ def run(session: ChatSession, console, history: Path | None = None) -> None:
     console.print(f"[bold]mlx-specdec chat[/bold] · model {spec.name} · drafter {drafter}", highlight=False,
                   soft_wrap=True)
     console.print("[dim]/help for commands · Ctrl-C stops an answer · Ctrl-D or /quit leaves[/dim]")
+    if not distributed.is_main(spec.group):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 hears Ctrl-C and tells the others
     try:
         while True:
             try:
-                line = input(PROMPT)
-            except EOFError:
-                console.print()
-                break
+                line = _read_line(spec.group)
             except KeyboardInterrupt:
                 console.print()
                 continue
             except UnicodeDecodeError:  # bytes the terminal's encoding cannot read
                 console.print("[red]error:[/red] that line is not valid UTF-8 text; nothing was sent", highlight=False)
                 continue
+            if line is None:  # end of input
+                console.print()
+                break
             line = line.strip()
             if not line:
                 continue

@@ -73,6 +73,19 @@ def _err(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+_QUIET_STDERR: list = [None]  # where a rank other than 0 writes instead of stdout and stderr
+
+
+def _fail(line: str) -> None:
+    """An error line: it reaches the terminal from every rank of a group, naming the rank."""
+    from .. import distributed
+
+    if sys.stderr is _QUIET_STDERR[0]:
+        print(f"rank {distributed.world().rank()}: {line}", file=sys.__stderr__, flush=True)
+    else:
+        _err(line)
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -99,7 +112,7 @@ def _errors(verbose: bool):
             message = str(e)
         else:
             message = f"{type(e).__name__}: {e}" + ("" if verbose else " (run with --verbose for the traceback)")
-        _err(f"error: {_one_line(message)}")
+        _fail(f"error: {_one_line(message)}")
         raise typer.Exit(1) from None
 
 
@@ -194,7 +207,20 @@ DraftOpt = Annotated[str, typer.Option(
     f"off (plain decoding) or an integer 1..{K_MAX}.")]
 
 
-def _load(model: str | None, drafter: str | None, dtype: str | None, fresh_policy: bool = False):
+def _group():
+    """The group of processes when started by `mlx.launch` (the models then shard over it), else
+    None; only rank 0 prints."""
+    from .. import distributed
+
+    group = distributed.world()
+    if not distributed.is_main(group) and _QUIET_STDERR[0] is None:
+        _QUIET_STDERR[0] = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        sys.stdout = sys.stderr = _QUIET_STDERR[0]
+    return group
+
+
+def _load(model: str | None, drafter: str | None, dtype: str | None, fresh_policy: bool = False,
+          group=None):
     """Load the pair, saying so on stderr, then the BLAS hint if the slow reference BLAS is in use."""
     from rich.console import Console
 
@@ -203,8 +229,9 @@ def _load(model: str | None, drafter: str | None, dtype: str | None, fresh_polic
     from ..policy import DraftPolicy
 
     drafter_arg: str | bool | None = False if drafter is not None and drafter.lower() in ("none", "off") else drafter
-    with Console(stderr=True).status(f"loading {model or 'the embedded demo model'}"):
-        spec = load(model, drafter_arg, dtype=dtype)
+    where = f", sharded over {group.size()} processes" if group is not None else ""
+    with Console(stderr=True).status(f"loading {model or 'the embedded demo model'}{where}"):
+        spec = load(model, drafter_arg, dtype=dtype, group=group)
     if fresh_policy:
         spec.policy = DraftPolicy()
     print_blas_hint()
@@ -253,21 +280,29 @@ def generate(
     if prompt is not None and prompt_opt is not None:
         raise typer.BadParameter("give it once: as an argument or with --prompt", param_hint="PROMPT")
     text = prompt_opt if prompt_opt is not None else prompt
-    if text is None or text == "-":
+    group = _group()
+    main = group is None or group.rank() == 0
+    if group is not None and (text is None or text == "-"):
+        # mlx.launch passes stdin on to the ranks but never its end: a read would wait forever.
+        raise typer.BadParameter("under mlx.launch, pass it as an argument or with --prompt (not on stdin)",
+                                 param_hint="PROMPT")
+    if main and (text is None or text == "-"):
         if text is None and sys.stdin.isatty():
             raise typer.BadParameter("none given: pass it as an argument, with --prompt, or on stdin",
                                      param_hint="PROMPT")
         text = read_stdin()
-    if not text.strip():
+    if main and not text.strip():
         raise typer.BadParameter("it is empty", param_hint="PROMPT")
     with _errors(verbose):
+        from .. import distributed
         from ..api import stream_generate
         from ..errors import InputError
         from ..prompt import check_text, encode_messages, encode_text, user_turn
         from .common import status_line
 
+        text = distributed.share_text(group, text)  # stdin is rank 0's alone
         check_text(text)
-        spec = _load(model, drafter, dtype, fresh_policy)
+        spec = _load(model, drafter, dtype, fresh_policy, group)
         tok = spec.tokenizer
         if tok is None:
             raise InputError(f"{spec.name} has no tokenizer files (tokenizer.json / tokenizer.model); "
@@ -333,7 +368,7 @@ def chat(
 
         settings = Settings(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                             seed=seed, draft_tokens=k)
-        spec = _load(model, drafter, dtype, fresh_policy)
+        spec = _load(model, drafter, dtype, fresh_policy, _group())
         session = chat_mod.ChatSession(spec, settings, system=system, reuse_cache=not no_cache_reuse,
                                        template_config=template_config)
         path = history or Path.home() / ".cache" / "mlx-specdec" / "chat_history"
@@ -474,8 +509,9 @@ def bench(
                 raise InputError("--chart needs matplotlib: pip install 'mlx-specdec[chart]'") from None
         # Piped output gets room for the whole table rather than rich's default 80 columns.
         console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
+        group = _group()
         err = Console(stderr=True, highlight=False)
-        spec = _load(model, drafter, dtype, fresh_policy)
+        spec = _load(model, drafter, dtype, fresh_policy, group)
         env = B.environment(spec, blas_hint())
         for line in B.environment_lines(env):
             if not line.startswith("warning"):  # _load printed the BLAS hint already
@@ -499,7 +535,7 @@ def bench(
         for path, write in ((json_path, lambda p: p.write_text(json.dumps(result.as_dict(), indent=2) + "\n")),
                             (markdown_path, lambda p: p.write_text(B.to_markdown(result))),
                             (chart_path, lambda p: B.chart(result, p))):
-            if path is not None:
+            if path is not None and spec.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write(path)
                 console.print(f"wrote {path}", style="dim", soft_wrap=True)

@@ -18,9 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Plan
-from ..errors import ConfigError, DrafterMismatchError
+from ..errors import ConfigError, DrafterMismatchError, ShardError
 from .gemma4 import (
     FULL, GEMMA4_TEXT, SLIDING, UNIFIED_TEXT, DecoderLayer, TextConfig, config_bool, config_dict, config_int,
+    split_heads,
 )
 
 # A drafter's model_type -> its text_config's model_type, with transformers'
@@ -210,6 +211,24 @@ class Drafter(nn.Module):
         else:
             logits, candidates = self.lm_head.as_linear(last), None
         return Draft(logits=logits, candidates=candidates, hidden=projected)
+
+    def shard(self, group, target: TextConfig, sources: dict[str, int]) -> None:
+        """Split each layer's query heads so that every rank's queries read exactly the K/V heads
+        its shard of the target's cache holds (``sources``: the target layer read per attention
+        type); MLP columns split, one all-reduce after each attention output and each MLP. The
+        projections and the heads (small) stay whole on every rank."""
+        size, text = group.size(), self.config.text
+        for i, layer in enumerate(self.layers):
+            kv_heads = target.kv_heads[sources[text.layer_types[i]]]
+            for r in range(size):
+                mine = split_heads(text.num_attention_heads, kv_heads, size, r)
+                held = split_heads(target.num_attention_heads, kv_heads, size, r)
+                if (mine.kv0, mine.kv1) != (held.kv0, held.kv1):
+                    raise ShardError(
+                        f"drafter layer {i}: {text.num_attention_heads} query heads over {size} processes read "
+                        f"K/V heads {mine.kv0}..{mine.kv1 - 1} on rank {r}, where the target's cache holds "
+                        f"{held.kv0}..{held.kv1 - 1}")
+            layer.shard(group, kv_heads)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         out = {}

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
+from mlx.utils import tree_map
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..cache import Cache, LayerKV, Plan, PositionTable, Step
-from ..errors import ConfigError
+from ..errors import ConfigError, ShardError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -281,6 +283,56 @@ def attend(queries, keys, values, mask):
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
 
 
+@dataclass(frozen=True)
+class HeadSplit:
+    """One rank's share of an attention layer: query heads [q0, q1) and the K/V heads [kv0, kv1) they read."""
+
+    q0: int
+    q1: int
+    kv0: int
+    kv1: int
+
+
+def split_heads(n_heads: int, n_kv_heads: int, size: int, rank: int) -> HeadSplit:
+    """Query heads split evenly over ``size`` ranks; each rank keeps the K/V heads its queries read.
+
+    With at least one K/V head per rank that is an even split of the K/V heads too. With fewer
+    (the one global K/V head of k=v attention) a rank's queries all read one K/V head, which every
+    rank needing it keeps: that part is replicated. Only a rank whose queries would straddle K/V
+    heads unevenly has no split; every rank checks every rank, so all of them refuse together.
+    """
+    if n_heads % size:
+        raise ShardError(f"{n_heads} attention heads do not split over {size} processes")
+    per_rank, group = n_heads // size, n_heads // n_kv_heads
+    splits = []
+    for r in range(size):
+        q0, q1 = r * per_rank, (r + 1) * per_rank
+        kv0, kv1 = q0 // group, (q1 - 1) // group + 1
+        if per_rank % group and kv1 - kv0 != 1:
+            raise ShardError(f"{n_heads} query heads over {n_kv_heads} K/V heads do not split over {size} "
+                             f"processes (rank {r}'s queries would read parts of {kv1 - kv0} K/V heads)")
+        splits.append(HeadSplit(q0, q1, kv0, kv1))
+    return splits[rank]
+
+
+def _divides(n: int, size: int, what: str) -> None:
+    if n % size:
+        raise ShardError(f"{what} of {n} does not split over {size} processes")
+
+
+def _keep_rows(linear: nn.Module, start: int, stop: int) -> None:
+    """Keep output features [start, stop) of a (possibly quantized) linear layer, copied out so
+    the full weight is never kept."""
+    linear.update(tree_map(lambda w: mx.contiguous(w[start:stop]), linear.parameters()))
+
+
+def _shard_linear(linear: nn.Module, sharding: str, group) -> nn.Module:
+    try:
+        return shard_linear(linear, sharding, group=group)
+    except ValueError as e:  # a quantization group that a slice would cut
+        raise ShardError(f"cannot shard a layer over {group.size()} processes: {e}") from None
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig, i: int):
         super().__init__()
@@ -319,6 +371,21 @@ class Attention(nn.Module):
         out = attend(q, keys, values, plan.mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
 
+    def shard(self, group, kv_heads: int | None = None) -> None:
+        """Keep this rank's query heads and the K/V heads they read; o_proj sums the ranks' outputs.
+
+        ``kv_heads``: the K/V heads this layer reads when they are another model's (a drafter's
+        layers read the target's)."""
+        split = split_heads(self.n_heads, kv_heads or self.n_kv_heads, group.size(), group.rank())
+        self.q_proj = _shard_linear(self.q_proj, "all-to-sharded", group)
+        self.o_proj = _shard_linear(self.o_proj, "sharded-to-all", group)
+        self.n_heads = split.q1 - split.q0
+        if not self.shares_kv:
+            _keep_rows(self.k_proj, split.kv0 * self.head_dim, split.kv1 * self.head_dim)
+            if not self.k_eq_v:
+                _keep_rows(self.v_proj, split.kv0 * self.head_dim, split.kv1 * self.head_dim)
+        self.n_kv_heads = split.kv1 - split.kv0
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -329,6 +396,13 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+    def shard(self, group) -> None:
+        """Each rank keeps a slice of the hidden columns; down_proj sums the ranks' outputs."""
+        _divides(self.gate_proj.weight.shape[0], group.size(), "an MLP's intermediate size")
+        self.gate_proj = _shard_linear(self.gate_proj, "all-to-sharded", group)
+        self.up_proj = _shard_linear(self.up_proj, "all-to-sharded", group)
+        self.down_proj = _shard_linear(self.down_proj, "sharded-to-all", group)
 
 
 class Router(nn.Module):
@@ -361,9 +435,23 @@ class Experts(nn.Module):
         self.switch_glu = SwitchGLU(
             config.hidden_size, config.moe_intermediate_size, config.num_experts, activation=GeGLU()
         )
+        self.intermediate = config.moe_intermediate_size
+        self.group = None  # set by shard(): the ranks whose partial sums make the output
 
     def __call__(self, x, top, weights):
-        return (self.switch_glu(x, top) * weights[..., None]).sum(-2)
+        out = (self.switch_glu(x, top) * weights[..., None]).sum(-2)
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
+
+    def shard(self, group) -> None:
+        """Each rank keeps a slice of every expert's hidden columns (as mlx-lm shards its MoE
+        models), not whole experts: with top-k routing of a few tokens, whole experts per rank
+        would leave the ranks whose experts were not chosen idle, where slices give every rank
+        1/N of every chosen expert's work."""
+        _divides(self.intermediate, group.size(), "the experts' intermediate size")
+        shard_inplace(self.switch_glu.gate_proj, "all-to-sharded", group=group)
+        shard_inplace(self.switch_glu.up_proj, "all-to-sharded", group=group)
+        shard_inplace(self.switch_glu.down_proj, "sharded-to-all", group=group)
+        self.group = group
 
 
 class DecoderLayer(nn.Module):
@@ -404,6 +492,14 @@ class DecoderLayer(nn.Module):
             gate = nn.gelu_approx(self.per_layer_input_gate(h)) * per_layer_input
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
         return h * self.layer_scalar, kv
+
+    def shard(self, group, kv_heads: int | None = None) -> None:
+        """Attention heads, MLP columns and experts split over the group; norms, the router and
+        the per-layer-input projections (small) are replicated."""
+        self.self_attn.shard(group, kv_heads)
+        self.mlp.shard(group)
+        if self.moe:
+            self.experts.shard(group)
 
 
 class TextModel(nn.Module):
@@ -495,6 +591,16 @@ class Model(nn.Module):
         # one entry per layer keeps the indexing plain.
         layers = [LayerKV(tables[kind]) for kind in c.layer_types]
         return Cache(tables, layers, max_step)
+
+    def shard(self, group) -> None:
+        """Tensor parallelism over ``group`` (run on every rank, before the weights are evaluated,
+        so that each rank reads only its slice): attention heads, MLP columns and expert columns
+        split, one all-reduce after each attention output and each MLP (two in a MoE layer: its
+        dense MLP and its experts). The embedding (the tied head, shared with the drafter) and
+        the per-layer-input tables stay whole on every rank. Each rank's cache then holds the
+        K/V heads of its own queries."""
+        for layer in self.model.layers:
+            layer.shard(group)
 
     def drafter_sources(self) -> dict[str, int]:
         """Which layer's K/V the drafter reads for each attention type."""
