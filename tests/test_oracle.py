@@ -245,6 +245,7 @@ def test_our_rounds_follow_transformers_round_by_round(checkpoints, geometry, ce
         def __init__(self, inner):
             self.inner, self.drafts = inner, []
             self.sliding_window = inner.sliding_window
+            self.masks = inner.masks  # a round builds them once for its draft steps
 
         def __call__(self, *args):
             draft = self.inner(*args)
