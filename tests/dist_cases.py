@@ -15,7 +15,7 @@ from mlx_specdec import generate, generate_batch
 from mlx_specdec.cache import Step
 from mlx_specdec.decode import target_kv
 from mlx_specdec.loading import SpecModel
-from mlx_specdec.oracle_drafter import StandInDrafter
+from tests.stand_in import StandInDrafter
 from tests.helpers import prompt
 
 MAX_TOKENS = 10
