@@ -244,7 +244,7 @@ def test_our_rounds_follow_transformers_round_by_round(checkpoints, geometry, ce
     class Recording:  # the drafter, its greedy drafts recorded call by call
         def __init__(self, inner):
             self.inner, self.drafts = inner, []
-            self.sliding_window = inner.sliding_window
+            self.sliding_window, self.masks = inner.sliding_window, inner.masks
 
         def __call__(self, *args):
             draft = self.inner(*args)
