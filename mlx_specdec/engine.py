@@ -355,8 +355,9 @@ class Engine:
             self._drop_cancelled(events)
             if self._ahead is not None and (self._admitting is not None or self._waiting):
                 self._read(self._ahead)  # so that the prefill is not timed as part of that round
-            self._admit(events)
-            if self._live:
+            joined = self._admit(events)
+            # A batch that only just joined returns its first tokens (the prefill's) at once.
+            if self._live and len(joined) < len(self._live):
                 self._round(events)
         except Exception as error:  # noqa: BLE001 - the requests it hit end with it; the engine goes on
             self._fail(events, error)
@@ -439,7 +440,7 @@ class Engine:
 
     # -- admission
 
-    def _admit(self, events: dict[int, Event]) -> None:
+    def _admit(self, events: dict[int, Event]) -> list[int]:
         """Prefill waiting requests, a chunk at a time, and add them to the batch once prefilled.
 
         With rows live, prefill passes stop once prefill_step_size prompt tokens ran this step;
@@ -474,6 +475,7 @@ class Engine:
             for group in joining:
                 self._live.update((r.id, r) for r in group.requests)
         self._joining = []
+        return [r.id for g in joining for r in g.requests]
 
     def _take(self, joining: list[_Request], room: int, budget: int | None) -> "_Admission | None":
         """The next waiting request, with the cache it starts from, and the waiting requests just
