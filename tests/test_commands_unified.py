@@ -86,3 +86,21 @@ def test_distill_writes_a_unified_assistant_that_transformers_loads(model, tmp_p
     reference = oracle.reference_draft(model, out, ids, 3)
     assert [int(d.greedy_tokens().item()) for d in first_drafts(load(model, drafter=out), ids, 3)] == \
         reference["tokens"]
+
+
+def test_the_server_answers_like_generate(model, tmp_path):
+    """`mlx-specdec serve --model <12B pair>`: a completion over HTTP is generate()'s greedy answer."""
+    from tests.test_server import MODEL, Served
+
+    expected = generate(load(model, policy_cache=False), PROMPT, max_tokens=8, draft_tokens=2)
+    server = Served(tmp_path, "--model", str(model))
+    try:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "draft_tokens": 2}
+        response = server.post("/v1/completions", body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["choices"][0]["text"] == expected.text
+        assert answer["usage"]["completion_tokens"] == len(expected.tokens)
+        assert answer["speculative"]["drafted"] > 0
+    finally:
+        server.stop()

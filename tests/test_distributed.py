@@ -2,7 +2,8 @@
 
 One launch runs every case on tiny checkpoints of the three geometries beyond plain attention
 (per-layer inputs with KV sharing and a centroid drafter; k=v with one global K/V head, which
-every rank keeps whole; MoE) and on a MoE target quantized to 4 bits by mlx-lm: greedy output of the sharded
+every rank keeps whole; MoE), on the 12B's unified decoder (KV-shared layers with a double-wide
+MLP, a centroid drafter) and on a MoE target quantized to 4 bits by mlx-lm: greedy output of the sharded
 models equals the single-process output, plain and speculative, k = 1..8 and auto, batches
 included; both ranks agree on every token, on every k and, bit for bit, on the logits; a sampled
 generation is the same on both ranks with a seed and without one; each rank holds its slices of
@@ -61,7 +62,7 @@ QUANTIZABLE = {"hidden_size": 64, "head_dim": 32, "global_head_dim": 64, "interm
 @pytest.fixture(scope="module")
 def pairs(checkpoints, tmp_path_factory):
     out = {}
-    for geometry, centroids in (("e2b", True), ("31b", False), ("26b", False)):
+    for geometry, centroids in (("e2b", True), ("31b", False), ("26b", False), ("unified-shared", True)):
         target = checkpoints.target(geometry)
         out[geometry] = {"name": geometry, "target": str(target),
                          "drafter": str(checkpoints.assistant(target, centroids=centroids))}
@@ -99,7 +100,7 @@ def ranks(pairs, memory_pair, tmp_path_factory):
     return [json.loads((work / f"rank{r}.json").read_text()) for r in range(RANKS)]
 
 
-@pytest.mark.parametrize("geometry", ["e2b", "31b", "26b", "26b-q4"])
+@pytest.mark.parametrize("geometry", ["e2b", "31b", "26b", "unified-shared", "26b-q4"])
 def test_two_ranks_give_the_single_process_output(pairs, ranks, geometry):
     pair = pairs[geometry]
     light = pair.get("light", False)
