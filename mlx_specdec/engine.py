@@ -128,9 +128,7 @@ def reusable(spec: SpecModel, cache: Cache, held: list[int], prompt: list[int]) 
     n = min(_common_prefix(held, prompt), len(prompt) - 1)
     if n <= 0:
         return 0
-    window = spec.target.config.sliding_window
-    if spec.drafter is not None:
-        window = max(window, spec.drafter.sliding_window + 1)  # as the target's make_cache sizes the ring
+    window = spec.target.lookback(spec.drafter.sliding_window if spec.drafter is not None else 0)
     needed = np.arange(max(0, n - window), n)
     for table in cache.tables.values():
         if table.ring and not np.isin(needed, np.array(table.positions[0])).all():

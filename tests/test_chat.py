@@ -121,7 +121,7 @@ def test_chat_in_a_terminal(model, tmp_path):
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child = pexpect.spawn(CLI[0], CLI[1:] + ["chat", "--model", str(model), "--max-tokens", "12", "--draft-tokens",
                                             "2", "--history", str(tmp_path / "history")],
-                          encoding="utf-8", timeout=30, dimensions=(40, 250),
+                          encoding="utf-8", timeout=90, dimensions=(40, 250),
                           env={**os.environ, "COLUMNS": "250"})  # pytest exports COLUMNS=80, which rich obeys
     prompt = ">>> "
 

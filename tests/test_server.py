@@ -360,7 +360,7 @@ def test_a_full_server_answers_429_with_retry_after(small_server):
 
 
 def test_the_readme_client_example_streams_an_answer(server):
-    """README's openai example, run as written except for the port this test's server listens on."""
+    """README's openai example, run as written except for this test server's port and model name."""
     import contextlib
     import io
     import re
@@ -369,8 +369,8 @@ def test_the_readme_client_example_streams_an_answer(server):
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from openai import" in b]
     assert blocks
     for block in blocks:
-        assert "http://127.0.0.1:8080/v1" in block
+        assert "http://127.0.0.1:8080/v1" in block and '"mlx-specdec-demo"' in block
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            exec(compile(block.replace("http://127.0.0.1:8080", server.url), "README.md", "exec"), {})
+            exec(compile(block.replace("http://127.0.0.1:8080", server.url).replace('"mlx-specdec-demo"', f'"{MODEL}"'), "README.md", "exec"), {})
         assert out.getvalue().strip(), block

@@ -574,6 +574,11 @@ class Model(nn.Module):
     def embed(self, tokens: mx.array) -> mx.array:
         return self.model.embed(tokens)
 
+    def lookback(self, drafter_window: int = 0) -> int:
+        """How many latest positions a sliding ring must hold: the target's window, or the
+        drafter's if it reads further back (it sees ``drafter_window + 1`` keys before its position)."""
+        return max(self.config.sliding_window, drafter_window + 1)
+
     def make_cache(self, batch_size: int = 1, max_step: int = 16, drafter_window: int = 0) -> Cache:
         """Empty caches for ``batch_size`` rows.
 
@@ -582,9 +587,8 @@ class Model(nn.Module):
         ``drafter_window`` is the sliding window the drafter reads through.
         """
         c = self.config
-        window = max(c.sliding_window, drafter_window + 1)
         tables = {
-            SLIDING: PositionTable(batch_size, c.sliding_window, window + max_step),
+            SLIDING: PositionTable(batch_size, c.sliding_window, self.lookback(drafter_window) + max_step),
             FULL: PositionTable(batch_size, None, 0),
         }
         # KV-shared layers never write theirs (their LayerKV stays empty);
