@@ -380,18 +380,24 @@ def convert(plan: Plan, progress: Progress | None = None) -> Report:
     return report
 
 
+def _prepare(model, dtype, bits, group_size, role: str, progress) -> tuple[dict, dict | None]:
+    """Cast and (re-)quantize one model as the plan says; its weights, evaluated, and its
+    quantization config."""
+    progress(f"preparing the {role}", 0, 1)
+    if bits is not None and quantization_config(model):
+        dequantize(model)  # re-quantizing starts from the dequantized weights
+    cast(model, dtype)
+    if bits is not None:
+        quantize(model, bits, group_size)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(list(weights.values()))
+    progress(f"preparing the {role}", 1, 1)
+    return weights, quantization_config(model)
+
+
 def _write(spec, cfg, dcfg, target_path, work, dtype, ddtype, plan, progress) -> Report:
     target = spec.target
-    progress("preparing the target", 0, 1)
-    if plan.bits is not None and quantization_config(target):
-        dequantize(target)  # re-quantizing starts from the dequantized weights
-    cast(target, dtype)
-    if plan.bits is not None:
-        quantize(target, plan.bits, plan.group_size)
-    quant = quantization_config(target)
-    weights = dict(tree_flatten(target.parameters()))
-    mx.eval(list(weights.values()))
-    progress("preparing the target", 1, 1)
+    weights, quant = _prepare(target, dtype, plan.bits, plan.group_size, "target", progress)
     files = write_weights(work, weights, progress, "writing the target")
     (work / "config.json").write_text(json.dumps(_config_out(_target_config(cfg), dtype, quant), indent=2) + "\n")
     for name in TOKENIZER_FILES:
@@ -407,18 +413,8 @@ def _write(spec, cfg, dcfg, target_path, work, dtype, ddtype, plan, progress) ->
     if spec.drafter is None:
         return report
 
-    drafter = spec.drafter
-    progress("preparing the drafter", 0, 1)
-    if plan.drafter_bits is not None and quantization_config(drafter):
-        dequantize(drafter)
-    cast(drafter, ddtype)
-    if plan.drafter_bits is not None:
-        quantize(drafter, plan.drafter_bits, plan.drafter_group_size)
-    dquant = quantization_config(drafter)
     # The drafter's parameters leave out the target's table it reads through: stored once, above.
-    dweights = dict(tree_flatten(drafter.parameters()))
-    mx.eval(list(dweights.values()))
-    progress("preparing the drafter", 1, 1)
+    dweights, dquant = _prepare(spec.drafter, ddtype, plan.drafter_bits, plan.drafter_group_size, "drafter", progress)
     (work / "drafter").mkdir()
     dfiles = write_weights(work / "drafter", dweights, progress, "writing the drafter")
     (work / "drafter" / "config.json").write_text(json.dumps(_config_out(dcfg, ddtype, dquant), indent=2) + "\n")
