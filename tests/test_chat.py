@@ -19,6 +19,8 @@ CLI = [sys.executable, "-m", "mlx_specdec.commands.cli"]
 STATUS = re.compile(r"(\d+) tokens · [\d.]+ tok/s · acceptance \S+ · [\d.]+ tokens/round · (draft [^·]+?) · "
                     r"prefill (\d+) of (\d+) tokens \((\d+) reused\)")
 QUESTIONS = ["Hello there", "And what else?", "Tell me more"]
+# Prompts whose greedy answers from the test pair run long (hundreds of tokens) on the first.
+STORIES = ["Once upon a time", "Write a very long poem about the sea", "Tell me a long story", "Go on", "More"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,29 @@ def test_an_interrupted_answer_stays_in_the_conversation_and_the_cache_stays_tru
     assert reused.reports[-1].prefill_tokens < reused.reports[-1].prompt_tokens
 
 
+def test_a_late_ctrl_c_returns_to_the_prompt(spec, monkeypatch):
+    """Ctrl-C that lands after an answer ended (status line, cache bookkeeping) or during a slash
+    command is not a crash: the REPL goes back to the prompt and the turn stays committed."""
+    from rich.console import Console
+
+    from mlx_specdec.commands import chat
+
+    lines = iter(["Hello there", "/stats", "/quit"])
+    monkeypatch.setattr(chat, "_read_line", lambda group: next(lines))
+    real_command = chat.command
+
+    def late(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "status_line", late)
+    monkeypatch.setattr(chat, "command", lambda s, line, c: late() if line == "/stats" else real_command(s, line, c))
+    session = ChatSession(spec, Settings(max_tokens=4))
+    console = Console(record=True, width=200)
+    chat.run(session, console)
+    assert console.export_text().rstrip().endswith("bye")
+    assert len(session.reports) == 1 and [m["role"] for m in session.messages] == ["user", "assistant"]
+
+
 def _status(child):
     child.expect(STATUS)
     m = child.match
@@ -154,14 +179,25 @@ def test_chat_in_a_terminal(model, tmp_path):
         send("/frobnicate", error="unknown command /frobnicate (try /help)")
         send("/max 100000", "max tokens: 100000")
 
-        # Ctrl-C stops a long answer; the conversation keeps what was said.
-        child.sendline("Tell me a long story")
-        child.expect_exact("Tell me a long story")
-        child.expect(r"[a-z<>]{3}")  # the answer is streaming (escape sequences have no 3 such in a row)
-        child.sendintr()
-        child.expect_exact("stopped")
-        story = _status(child)
-        child.expect_exact(prompt)
+        # Ctrl-C stops a long answer; the conversation keeps what was said. The tiny model answers
+        # hundreds of tokens a second and its answers end at a random EOS, so an answer can finish
+        # before the signal lands: then the signal meets the prompt (a fresh prompt, nothing else)
+        # and the next story is asked. Ctrl-C that never stops an answer fails after 5 stories.
+        finished = 0
+        for story_prompt in STORIES:
+            child.sendline(story_prompt)
+            child.expect_exact(story_prompt)
+            child.expect(r"[a-z<>]{3}")  # the answer is streaming (escape sequences have no 3 such in a row)
+            child.sendintr()
+            if child.expect_exact(["stopped", "reused)"]) == 0:
+                story = _status(child)
+                child.expect_exact(prompt)
+                break
+            finished += 1
+            child.expect_exact(prompt)
+            child.expect_exact(prompt)  # the late Ctrl-C's fresh prompt
+        else:
+            pytest.fail(f"Ctrl-C stopped none of {len(STORIES)} answers")
         assert 0 < story["tokens"] < 100000
         child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, nothing else
         child.expect_exact(prompt)
@@ -173,8 +209,8 @@ def test_chat_in_a_terminal(model, tmp_path):
         child.expect_exact(prompt)
         # The cut answer stays in the cache: all of it but its last token (never in the cache).
         assert after["reused"] >= story["prompt"] + story["tokens"] - 1 and after["draft"].startswith("draft auto")
-        send("/stats", "session: 4 turns")
-        send(f"/save {tmp_path / 'chat.json'}", "saved 8 messages")
+        send("/stats", f"session: {4 + finished} turns")
+        send(f"/save {tmp_path / 'chat.json'}", f"saved {8 + 2 * finished} messages")
         send("/system Be brief.", "system prompt set")
         send("/reset", "conversation cleared")
         child.sendline("/quit")
@@ -185,8 +221,8 @@ def test_chat_in_a_terminal(model, tmp_path):
     assert child.exitstatus == 0
 
     saved = json.loads((tmp_path / "chat.json").read_text())
-    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 4
-    assert [t["interrupted"] for t in saved["turns"]] == [False, False, True, False]
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * (4 + finished)
+    assert [t["interrupted"] for t in saved["turns"]] == [False, False] + [False] * finished + [True, False]
     assert saved["turns"][1]["prefill_tokens"] == second["prefill"]
 
     stdout, stderr = piped.communicate("Hello there\n/stats\n", timeout=60)

@@ -417,15 +417,20 @@ def run(session: ChatSession, console, history: Path | None = None) -> None:
             line = line.strip()
             if not line:
                 continue
-            if line.startswith("/"):
+            try:
+                if not line.startswith("/"):
+                    answer(session, line, console)
+                    continue
                 try:
                     command(session, line, console)
                 except Quit:
                     break
                 except SpecDecError as e:
                     console.print(f"[red]error:[/red] {e}", highlight=False)
-                continue
-            answer(session, line, console)
+            except KeyboardInterrupt:
+                # Ctrl-C during a command, or after an answer ended but before the prompt (the
+                # turn is committed by then): back to the prompt, as at the prompt itself.
+                console.print()
     finally:
         if rl and rl[1] is not None:
             try:
