@@ -456,11 +456,11 @@ class Engine:
             # Chunks start at the same positions whatever else runs, so a prompt's prefill
             # passes are the same alone or not; a step may overrun its budget by under a chunk.
             n = min(group.length - group.prefilled, self.prefill_step_size)
+            self._admitting = group  # taken from the queue: a failing pass must end its requests too
             hidden = self._prefill(group, n)
             if budget is not None:
                 budget -= n * len(group.requests)
             if group.prefilled < group.length:
-                self._admitting = group
                 continue
             self._admitting = None
             self._first_tokens(events, group, hidden)
@@ -520,11 +520,24 @@ class Engine:
         with self._lock:
             self._waiting.popleft()
 
-    def _prefill(self, group: "_Admission", n: int) -> mx.array:
-        start = group.prefilled
-        tokens = mx.array([r.prompt[start : start + n] for r in group.requests])
-        hidden = self.spec.target(tokens, Step((start,) * len(group.requests), n), group.cache)[:, -1:]
-        mx.eval(hidden, *group.cache.arrays())
+    def _prefill(self, group: "_Admission", n: int) -> mx.array | None:
+        """Run the next ``n`` prompt tokens into the group's cache; the hidden state of the
+        prompt's last token once the chunk ends the prompt (None before).
+
+        Only the K/V of a chunk is evaluated, as mlx-lm's prefill does: MLX then never computes
+        what nothing reads (the last layer past its K/V projections, and every KV-shared layer).
+        The prompt's last token runs alone for the one hidden state the first token needs."""
+        start, rows = group.prefilled, len(group.requests)
+        last = start + n == group.length
+        ahead = n - 1 if last else n
+        if ahead:
+            tokens = mx.array([r.prompt[start : start + ahead] for r in group.requests])
+            self.spec.target(tokens, Step((start,) * rows, ahead), group.cache)
+        hidden = None
+        if last:
+            tokens = mx.array([r.prompt[start + ahead : start + n] for r in group.requests])
+            hidden = self.spec.target(tokens, Step((start + ahead,) * rows, 1), group.cache)
+        mx.eval(*([] if hidden is None else [hidden]), *group.cache.arrays())
         group.prefilled += n
         if self._kv is None:
             self._kv = _KVSize.of(group.cache)

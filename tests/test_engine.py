@@ -182,10 +182,11 @@ def test_a_long_prompt_stalls_the_live_batch_for_about_one_chunk(checkpoints):
     live = prompt(4, seed=1)
     long = prompt(70, seed=2)
     got = run(engine, [(0, live, _options(30, 0)), (2, long, _options(3, 0))])
-    # The long prompt ran in ceil(70 / 16) chunks of at most 16 tokens, one per step, and the
-    # live row received tokens in each of those steps.
-    chunks = [n for rows, n in calls if n > 1 and rows == 1 and n != 4]
-    assert chunks == [16, 16, 16, 16, 6]
+    # The long prompt ran in ceil(70 / 16) chunks of at most 16 tokens, one per step (the last
+    # chunk's final token in a pass of its own), and the live row received tokens in each of
+    # those steps. (The live prompt's passes: 3 tokens, then 1.)
+    chunks = [n for rows, n in calls if n > 3 and rows == 1]
+    assert chunks == [16, 16, 16, 16, 5]
     first_long = got[1]["steps"][0]
     assert set(range(2, first_long + 1)) <= set(got[0]["steps"])
     assert got[1]["tokens"] == _alone(spec, long, 3, draft_tokens=0)[0]
@@ -274,17 +275,25 @@ class _FailingTarget(_CountingTarget):
         return super().__call__(tokens, step, cache)
 
 
-def test_a_failed_pass_ends_the_requests_it_hit_and_the_engine_serves_on(checkpoints):
+# Failing pass: the first prompt's prefill (the second prompt, still queued, is then served),
+# the second's (the first, prefilled in the same step, fails with it), the first round.
+@pytest.mark.parametrize("at,hit", [(1, [0]), (3, [0, 1]), (5, [0, 1])])
+def test_a_failed_pass_ends_the_requests_it_hit_and_the_engine_serves_on(checkpoints, at, hit):
     spec = _real(checkpoints, "dense")
-    failing = SpecModel(**{**vars(spec), "target": _FailingTarget(spec.target, at=4)})
+    failing = SpecModel(**{**vars(spec), "target": _FailingTarget(spec.target, at=at)})
     engine = Engine(failing, max_batch=2)
-    first = [engine.submit(prompt(n, seed=n), _options(10, 2)) for n in (5, 8)]
+    prompts = [prompt(n, seed=n) for n in (5, 8)]
+    first = [engine.submit(p, _options(10, 2)) for p in prompts]
     events = []
     while engine.has_work:
         events += engine.step()
     ended = {e.request_id: e for e in events if e.finish_reason}
-    assert {ended[i].finish_reason for i in first} == {"error"}
-    assert all(isinstance(ended[i].error, RuntimeError) for i in first)
+    for b, (i, p) in enumerate(zip(first, prompts)):
+        if b in hit:
+            assert ended[i].finish_reason == "error" and isinstance(ended[i].error, RuntimeError)
+        else:
+            tokens = sum((e.tokens for e in events if e.request_id == i), [])
+            assert tokens == _alone(spec, p, 10, draft_tokens=0)[0]
     [after] = run(engine, [(0, prompt(6, seed=3), _options(10, 2))])
     assert after["tokens"] == _alone(spec, prompt(6, seed=3), 10, draft_tokens=0)[0]
 
@@ -295,14 +304,14 @@ def test_plain_rounds_are_launched_before_the_last_one_is_read(checkpoints):
     spec = SpecModel(**{**vars(spec), "target": _CountingTarget(spec.target, calls)})
     engine = Engine(spec, max_batch=2)
     engine.submit(prompt(5), _options(6, 0))
-    [first] = engine.step()  # the prefill and its token
-    assert calls == [(1, 5)] and len(first.tokens) == 1
+    [first] = engine.step()  # the prefill (the prompt's last token alone) and its token
+    assert calls == [(1, 4), (1, 1)] and len(first.tokens) == 1
     [event] = engine.step()
     # The round this step read, and the next one already running.
-    assert calls == [(1, 5), (1, 1), (1, 1)]
+    assert calls == [(1, 4), (1, 1), (1, 1), (1, 1)]
     tokens = first.tokens + event.tokens
     while engine.has_work:
         tokens += sum((e.tokens for e in engine.step()), [])
-    # No round runs past the last token's: 1 prefill + 5 rounds, the last one not ahead.
-    assert len(calls) == 6
+    # No round runs past the last token's: 2 prefill passes + 5 rounds, the last one not ahead.
+    assert len(calls) == 7
     assert tokens == _alone(spec, prompt(5), 6, draft_tokens=0)[0]
