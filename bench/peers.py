@@ -164,7 +164,7 @@ def bench_target(name, spec, lm_model, vlm_model, prompt_lengths, n, repeats, mo
         for mode in modes:
             label = {0: "ours plain", "auto": "ours auto"}.get(mode, f"ours k={mode}")
             systems[label] = lambda mode=mode: ours(spec, prompt, n, mode)
-        for run in systems.values():  # warm-up: shapes, allocations, auto's calibration
+        for run in systems.values():  # warm-up: shapes, allocations, auto's first measurements
             run()
         runs = {s: [] for s in systems}
         for _ in range(repeats):

@@ -141,7 +141,7 @@ def main():
         for B in [int(b) for b in args.batch_sizes.split(",")]:
             prompts = [[int(t) for t in rng.integers(3, 8192, size=24 + 8 * i)] for i in range(B)]
             plain, named = cases(kind, target, drafter, prompts, args.max_tokens)
-            # One warm-up each (it also calibrates "auto"), then the cases take turns with plain
+            # One warm-up each ("auto" measures its costs there), then the cases take turns with plain
             # decoding in every repeat, so a load that drifts hits them alike; the speedup is the
             # median of per-repeat ratios to the plain run just before.
             for _, spec, mode in [("plain", plain, 0)] + named:

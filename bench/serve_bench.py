@@ -302,7 +302,7 @@ def main() -> None:
         ours.wait_ready("/health")
         if not args.no_mlx_lm:
             theirs.wait_ready("/v1/models")
-        # Warm up every system (and the draft policy's calibration) and check the answers agree.
+        # Warm up every system (the draft policy measures its costs there) and check the answers agree.
         reference = None
         agree = {}
         for system in systems:

@@ -23,11 +23,6 @@ from .models.assistant import Draft, TargetKV
 from .policy import K_MAX, Decision, fixed_decision
 from .sampling import SamplingParams, greedy_accept, is_integer, make_key, probabilities, sample, speculative_accept
 
-# Calibration times each verify length twice and keeps the second: the first
-# pass at a new shape pays one-off allocation (and kernel compilation on Metal).
-CALIBRATION_PASSES = 2
-
-
 @dataclass
 class Stats:
     """What one row's generation did, and where its time went."""
@@ -372,30 +367,6 @@ def new_cache(spec: SpecModel, batch_size: int, max_step: int = K_MAX + 1) -> Ca
     k + 1), and sliding rings wide enough for the drafter's window too."""
     window = spec.drafter.sliding_window if spec.drafter else 0
     return spec.target.make_cache(batch_size, max_step=max_step, drafter_window=window)
-
-
-def _calibrate(spec: SpecModel, lengths, rows: "Rows") -> None:
-    """Time verify passes of the given lengths, and a drafter step, at this batch size.
-
-    They run on the live cache: what they write lies past each row's position,
-    exactly like rejected drafts, so generation is unaffected.
-    """
-    target, policy, B = spec.target, spec.policy, len(rows.pos)
-    cache, pos, last, hidden = rows.cache, rows.pos, rows.last, rows.hidden
-    for length in lengths:
-        tokens = mx.repeat(last[:, None], length, axis=1)
-        for _ in range(CALIBRATION_PASSES):
-            start = time.perf_counter()
-            mx.eval(mx.argmax(target.logits(target(tokens, Step(tuple(pos), length), cache)), axis=-1))
-            seconds = time.perf_counter() - start
-        policy.record_verify_time(B, length, seconds)
-    if spec.drafter is not None:
-        kv, position = target_kv(spec, cache), mx.array(pos, dtype=mx.int32)
-        for _ in range(CALIBRATION_PASSES):
-            start = time.perf_counter()
-            mx.eval(spec.drafter(last, hidden, position, kv).greedy_tokens())
-            seconds = time.perf_counter() - start
-        policy.record_draft_time(B, seconds)
 
 
 def row_seed(seed: int | None, row: int) -> int | None:

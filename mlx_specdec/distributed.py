@@ -22,10 +22,6 @@ from mlx.utils import tree_flatten
 
 from .policy import Decision
 
-# Room for the verify lengths a decision may ask to calibrate (calibration_lengths is far shorter).
-_MAX_CALIBRATE = 32
-
-
 def world() -> mx.distributed.Group | None:
     """The group this process was started in by ``mlx.launch``, or None when it runs alone."""
     group = mx.distributed.init()
@@ -49,18 +45,13 @@ def from_rank0(group: mx.distributed.Group | None, x: mx.array) -> mx.array:
 
 
 def agree(group: mx.distributed.Group | None, decision: Decision) -> Decision:
-    """Rank 0's decision on every rank: k, whether it probes, and which verify lengths to time
-    (calibration runs the target, so all ranks must run it together)."""
+    """Rank 0's decision on every rank: k and whether it probes."""
     if group is None:
         return decision
-    lengths = list(decision.calibrate)
-    if len(lengths) > _MAX_CALIBRATE:
-        raise ValueError(f"a decision calibrates at most {_MAX_CALIBRATE} lengths, got {len(lengths)}")
-    packed = [decision.k, int(decision.probe), len(lengths)] + lengths + [0] * (_MAX_CALIBRATE - len(lengths))
-    k, probe, n, *rest = from_rank0(group, mx.array(packed, dtype=mx.int32)).tolist()
+    k, probe = from_rank0(group, mx.array([decision.k, int(decision.probe)], dtype=mx.int32)).tolist()
     if group.rank() == 0:
         return decision
-    return Decision(k, f"k={k} decided by rank 0", bool(probe), tuple(rest[:n]))
+    return Decision(k, f"k={k} decided by rank 0", bool(probe))
 
 
 def share_text(group: mx.distributed.Group | None, text: str | None) -> str | None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
-from . import decode, distributed
+from . import distributed
 from .cache import GROW_STEP, Cache, Step
 from .decode import Options, Round, Rows, Sampler, Stats, check_prompt, new_cache, speculative_round
 from .errors import InputError
@@ -573,8 +573,7 @@ class Engine:
         """The round's draft length k, each row's own (at most k), and the decision behind it.
 
         The one place a round's k is decided (every rank of a sharded run must take the same):
-        rows asking for "auto" share the policy's k for this batch size, calibrated in the first
-        round of a request that meets an unmeasured batch size; fixed rows draft their own k;
+        rows asking for "auto" share the policy's k for this batch size; fixed rows draft their own k;
         no row drafts past its max_tokens (less the ``pending`` token of a plain round in flight)."""
         spec, B = self.spec, len(requests)
         if spec.drafter is None:
@@ -584,9 +583,6 @@ class Engine:
             if any(r.options.draft_tokens == "auto" for r in requests):
                 # Over a group, rank 0's policy decides for all (each rank measures its own times).
                 auto = distributed.agree(spec.group, spec.policy.decide(B))
-                if auto.calibrate and any(r.stats.rounds == 0 for r in requests):
-                    decode._calibrate(spec, auto.calibrate, rows)
-                    auto = distributed.agree(spec.group, spec.policy.decide(B))
             decisions = [auto if r.options.draft_tokens == "auto" else fixed_decision(r.options.draft_tokens)
                          for r in requests]
         # The cache's rings bound k whatever the policy says.

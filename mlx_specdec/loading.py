@@ -154,7 +154,7 @@ def _write_policy(path: Path, policy: DraftPolicy) -> None:
         partial.write_text(policy.to_json())
         partial.replace(path)
     except OSError:
-        pass  # a read-only cache costs the next process a calibration, never this request
+        pass  # a read-only cache costs the next process a few exploring rounds, never this request
 
 
 def resolve(path_or_repo: str | Path, *, what: str = "model") -> Path:
@@ -533,7 +533,7 @@ def load(
     Before reading any weights it checks, from the safetensors headers, that they are whole
     and fit in memory (`available_memory`), and says what they need and what there is.
     ``policy_cache``: the folder where what the draft policy measures is kept per model
-    and machine, so a new process need not calibrate again; False keeps nothing; by
+    and machine, so a new process need not measure again; False keeps nothing; by
     default $MLX_SPECDEC_CACHE (``off`` for nothing) or ~/.cache/mlx-specdec.
     ``group``: an ``mx.distributed`` group (e.g. ``mx.distributed.init()`` under ``mlx.launch``)
     to shard both models over, each rank reading only its slices; every rank must then run the

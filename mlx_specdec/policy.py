@@ -14,6 +14,14 @@ measured in this process, for this batch size; unmeasured ones are estimated fro
 neighbours, never taken as free (see CostModel). A costly target then switches drafting off on
 its own, with no model-name special case.
 
+Nothing is timed on the side: every measurement is a real round's. The first round at a batch size
+with no plain timing decodes plainly (which times it). A draft length whose verify cost is not yet
+measured at this batch size is explored (run once or twice for real) when it could beat the best
+measured choice even if verifying its k + 1 tokens cost no more than the longest measured shorter
+pass: an optimistic bound, so a length that might pay gets measured, while one that could not pay
+even then (a drafter that never agrees) is never tried. Exploration ends once each length that could
+pay has EXPLORE_SAMPLES timings; it replaces up-front calibration passes, whose output was thrown away.
+
 While drafting is off the policy probes with PROBE_K drafts now and then so it can come back:
 at most 1 probe round per PROBE_MIN_INTERVAL (16) plain rounds, and the interval is stretched
 so that, by the measured costs, probes add at most PROBE_OVERHEAD_BUDGET (3%) to plain
@@ -74,6 +82,11 @@ dozens, so this overstates them: not free, yet not so dear that drafting is neve
 MIN_GAIN = 0.02
 """Drafting must beat plain decoding's expected throughput by this fraction: timings jitter by a few
 percent, and a round that drafts adds work the cost model does not see (acceptance, sampling)."""
+
+EXPLORE_SAMPLES = 2
+"""Timings of a verify length at a batch size before it stops being explored: the low quantile of
+two is their minimum, so one slow first pass (a page fault, a kernel built on first use) does not
+rule a length out."""
 
 PROBE_K = 1
 """Drafts per probe: one is the cheapest round that measures a_1, and a_1 bounds every E(k)."""
@@ -145,18 +158,6 @@ def position_counts(k: int, accepted: Sequence[int],
                              f"and within each row's limit {list(limits)}")
     reached = [sum(n >= i and i < limit for n, limit in zip(accepted, limits)) for i in range(k)]
     return reached, [sum(n > i for n in accepted) for i in range(k)]
-
-
-def calibration_lengths(k_max: int) -> list[int]:
-    """Verify lengths to time at load: 1, 2, 3, then 2^j + 1 up to k_max + 1, and k_max + 1.
-    Dense where choices are decided, sparse beyond; the rest is interpolated, then measured
-    online as rounds use it."""
-    lengths = {1, 2, 3, k_max + 1}
-    j = 2
-    while 2**j + 1 <= k_max + 1:
-        lengths.add(2**j + 1)
-        j += 1
-    return sorted(n for n in lengths if n <= k_max + 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,6 +325,11 @@ class CostModel:
         cells, cell = self._cells(key)
         return cells[cell]
 
+    def explored(self, batch_size: int, length: int) -> bool:
+        """Whether this cell needs no exploring: EXPLORE_SAMPLES timings in this process, or a kept prior."""
+        key = ("verify", batch_size, length)
+        return len(self._samples.get(key, ())) >= EXPLORE_SAMPLES or key in self._priors
+
     def lengths(self, batch_size: int) -> dict[int, float]:
         """Measured verify times at this batch size, by length."""
         return {n: t for (b, n), t in self.verify.items() if b == batch_size}
@@ -359,14 +365,11 @@ def _check_positive(**values: float) -> None:
 
 @dataclass(frozen=True)
 class Decision:
-    """k drafts for the next round (0 = plain decoding), why, whether it is a probe, and verify
-    lengths still unmeasured at this batch size (time them, e.g. with `record_verify_time`, to
-    replace estimates by measurements; empty once calibrated)."""
+    """k drafts for the next round (0 = plain decoding), why, and whether it is a probe."""
 
     k: int
     reason: str
     probe: bool = False
-    calibrate: tuple[int, ...] = ()
 
 
 def fixed_decision(k: int) -> Decision:
@@ -384,8 +387,7 @@ def _rates_text(acceptance: Sequence[float]) -> str:
 class DraftPolicy:
     """Picks k for each round from acceptance and costs measured in this process.
 
-    Use: `decide(B)` before a round, `record(B, k, accepted, t_draft, t_verify, t_other)` after
-    it; at load time time the lengths `needs_calibration(B)` lists with `record_verify_time`.
+    Use: `decide(B)` before a round, `record(B, k, accepted, t_draft, t_verify, t_other)` after it.
     """
 
     expected_tokens = staticmethod(expected_tokens)
@@ -406,26 +408,16 @@ class DraftPolicy:
         self.kept = False
         self.recheck = False
         self._cached: tuple | None = None  # what _estimates last derived, and from what
-        self._calibrated: set[int] = set()  # batch sizes with every calibration length measured
+        self._explored: set[int] = set()  # batch sizes with no length left to explore
 
     # -- measurements
 
-    def needs_calibration(self, batch_size: int) -> list[int]:
-        """Verify lengths from `calibration_lengths(k_max)` not yet measured at this batch size."""
-        if batch_size in self._calibrated:  # cells are never forgotten: checked once
-            return []
-        measured = self.costs.lengths(batch_size)
-        missing = [n for n in calibration_lengths(self.k_max) if n not in measured]
-        if not missing:
-            self._calibrated.add(batch_size)
-        return missing
-
     def record_verify_time(self, batch_size: int, length: int, seconds: float) -> None:
-        """One timed target pass over `length` tokens per row (calibration, or any pass)."""
+        """One timed target pass over `length` tokens per row (`record` does this for every round)."""
         self.costs.record_verify(batch_size, length, seconds)
 
     def record_draft_time(self, batch_size: int, seconds_per_step: float) -> None:
-        """One timed drafter step (calibration; `record` does this for drafting rounds)."""
+        """One timed drafter step (`record` does this for drafting rounds)."""
         self.costs.record_draft(batch_size, seconds_per_step)
 
     def record(self, batch_size: int, k: int, accepted: Sequence[int], t_draft: float, t_verify: float,
@@ -477,32 +469,53 @@ class DraftPolicy:
         return max(PROBE_MIN_INTERVAL, math.ceil(extra / (PROBE_OVERHEAD_BUDGET * t_verify[0])))
 
     def decide(self, batch_size: int) -> Decision:
-        """The k with the highest expected throughput at this batch size, or a probe while off."""
+        """The k with the highest expected throughput at this batch size, an exploration of a
+        length that might beat it, or a probe while off."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        calibrate = tuple(self.needs_calibration(batch_size))
-        estimates = self._estimates(batch_size)
-        if estimates is None:
-            return Decision(0, f"k=0: no verify time measured yet; calibrate L={list(calibrate)} at "
-                               f"B={batch_size}", calibrate=calibrate)
         if self.k_max == 0:
-            return Decision(0, "k=0: k_max is 0", calibrate=calibrate)
-        acceptance, t_draft, t_verify = estimates
+            return Decision(0, "k=0: k_max is 0")
+        if 1 not in self.costs.lengths(batch_size):
+            # A plain round times plain decoding at this batch size, losing nothing.
+            return Decision(0, f"k=0: timing plain decoding at B={batch_size} first")
+        acceptance, t_draft, t_verify = self._estimates(batch_size)
         rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
         best = max(range(1, len(rates)), key=lambda k: (rates[k], -k))
         compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "
                     f"acceptance {_rates_text(acceptance[:best])})")
-        suffix = f" (B={batch_size})" + (f"; not yet timed: L={list(calibrate)}" if calibrate else "")
+        suffix = f" (B={batch_size})"
+        explore = self._exploration(batch_size, acceptance, t_draft, t_verify, max(rates))
+        if explore is not None:
+            k, bound = explore
+            return Decision(k, f"explore k={k}: {bound:.1f} tok/s if verifying {k + 1} tokens costs no more than "
+                               f"the longest pass timed, against {max(rates):.1f}{suffix}")
         if rates[best] > rates[0] * (1 + MIN_GAIN):
-            return Decision(best, f"{compared} beats plain {rates[0]:.1f} tok/s{suffix}", calibrate=calibrate)
+            return Decision(best, f"{compared} beats plain {rates[0]:.1f} tok/s{suffix}")
         reason = f"k=0: plain {rates[0]:.1f} tok/s beats {compared}{suffix}"
         if self.recheck:
             k = min(PROBE_K, self.k_max)
-            return Decision(k, f"probe k={k}: re-checking the kept policy; {reason}", True, calibrate)
+            return Decision(k, f"probe k={k}: re-checking the kept policy; {reason}", True)
         if self.plain_rounds >= self.probe_interval(batch_size):
             k = min(PROBE_K, self.k_max)
-            return Decision(k, f"probe k={k} after {self.plain_rounds} plain rounds; {reason}", True, calibrate)
-        return Decision(0, reason, calibrate=calibrate)
+            return Decision(k, f"probe k={k} after {self.plain_rounds} plain rounds; {reason}", True)
+        return Decision(0, reason)
+
+    def _exploration(self, batch_size: int, acceptance: list[float], t_draft: float, t_verify: list[float],
+                     best: float) -> tuple[int, float] | None:
+        """(k, its optimistic tokens/s) for the most promising unexplored verify length at this
+        batch size whose optimistic rate beats ``best`` (the best estimated rate), or None.
+        Optimistic: verifying k + 1 tokens costs what the longest explored shorter length costs
+        (a pass never costs less than a shorter one), so only a length that could pay is tried."""
+        if batch_size in self._explored:
+            return None
+        explored = [self.costs.explored(batch_size, n) for n in range(1, self.k_max + 2)]
+        if all(explored[1:]):
+            self._explored.add(batch_size)  # cells are never forgotten: checked once
+            return None
+        floor = [max([t_verify[0]] + [t_verify[j] for j in range(n) if explored[j]]) for n in range(self.k_max + 1)]
+        bounds = tokens_per_second(acceptance, t_draft, floor, batch_size)
+        k = max((k for k in range(1, self.k_max + 1) if not explored[k]), key=lambda k: (bounds[k], -k))
+        return (k, bounds[k]) if bounds[k] > best * (1 + MIN_GAIN) else None
 
     # -- persistence
 

@@ -112,7 +112,7 @@ def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
         busy.record_verify_time(1, n, T1 * (1 + 0.05 * (n - 1)) * (1 if n == 1 else 5))
     busy.record_draft_time(1, 0.5 * T1)
     kept = DraftPolicy.from_json(busy.to_json())
-    assert kept.needs_calibration(1) == []
+    assert all(kept.costs.explored(1, n) for n in range(1, K_MAX + 2))  # kept cells need no exploring
     first = kept.decide(1)
     assert first.k == 1 and first.probe and "re-checking the kept policy" in first.reason
     # The probe measures this process: its cells replace the kept ones, the others are rescaled.
