@@ -251,7 +251,8 @@ class TextConfig:
         for i in reversed(range(self.first_shared_layer)):
             if self.layer_types[i] == kind:
                 return i
-        raise ConfigError(f"no non-shared {kind} layer to read K/V from")
+        raise ConfigError(f"num_kv_shared_layers {self.num_kv_shared_layers} of {self.num_hidden_layers} leaves "
+                          f"no {kind} layer that computes K/V for the KV-shared ones to read")
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
