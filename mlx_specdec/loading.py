@@ -441,8 +441,8 @@ def _load_target(path: Path, dtype: str | None, group) -> tuple[gemma4.Model, in
     with _config_file(path, "target"):
         if cfg.get("model_type") in DRAFTER_TYPES:
             raise ConfigError(f"{path} holds a {cfg['model_type']} drafter, not a target model")
-        config = gemma4.TextConfig.from_dict(_text_config(cfg))
-    model = gemma4.Model(config)
+        # Building the model checks what the config alone cannot (a KV-shared layer's source).
+        model = gemma4.Model(gemma4.TextConfig.from_dict(_text_config(cfg)))
     weights = model.sanitize(_text_weights(_load_weights(path, "target")))
     _quantize(model, cfg, weights)
     shard = None if group is None else (lambda m: m.shard(group))

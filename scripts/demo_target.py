@@ -20,7 +20,6 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_specdec.cache import Plan
 from mlx_specdec.models import gemma4
 
 SLIDING, FULL = gemma4.SLIDING, gemma4.FULL
@@ -86,7 +85,7 @@ def forward(model: gemma4.Model, tokens: mx.array) -> mx.array:
     masks = {FULL: causal, SLIDING: causal & (pos[None, :] > pos[:, None] - text.config.sliding_window)}
     offsets = mx.zeros((B,), dtype=mx.int32)
     for kind, layer in zip(text.config.layer_types, text.layers):
-        h, _ = layer(h, offsets, Plan(None, 0, False, masks[kind]), _NoCache())
+        h, _ = layer(h, offsets, masks[kind], _NoCache())
     return model.logits(text.norm(h))
 
 

@@ -332,6 +332,7 @@ def test_wrong_load_arguments_are_refused(kwargs):
     ("config.json", {"rope_parameters": [1, 2]}, ["rope_parameters"]),
     ("config.json", {"eos_token_id": "1"}, ["eos_token_id"]),
     ("config.json", {"num_kv_shared_layers": 9}, ["num_kv_shared_layers"]),
+    ("config.json", {"num_kv_shared_layers": 6}, ["num_kv_shared_layers 6", "K/V"]),  # none left to share
     ("drafter/config.json", {"sliding_window": 0}, ["sliding_window", "drafter"]),
     ("drafter/config.json", {"num_attention_heads": None}, ["num_attention_heads", "drafter"]),
 ])

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import Plan
 from ..errors import ConfigError, DrafterMismatchError, ShardError
 from .gemma4 import (
     FULL, GEMMA4_TEXT, SLIDING, UNIFIED_TEXT, DecoderLayer, TextConfig, config_bool, config_dict, config_int,
@@ -188,8 +187,7 @@ class Drafter(nn.Module):
         h = self.pre_projection(x)
         masks = self.masks(position, kv, tokens.shape[1]) if masks is None else masks
         for kind, layer in zip(self.config.text.layer_types, self.layers):
-            plan = Plan(slots=None, written=0, concat=False, mask=masks[kind])
-            h, _ = layer(h, position, plan, (kv[kind].keys, kv[kind].values))
+            h, _ = layer(h, position, masks[kind], shared_kv=(kv[kind].keys, kv[kind].values))
         h = self.norm(h)
         return h, self.post_projection(h)
 

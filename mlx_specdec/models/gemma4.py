@@ -251,7 +251,8 @@ class TextConfig:
         for i in reversed(range(self.first_shared_layer)):
             if self.layer_types[i] == kind:
                 return i
-        raise ConfigError(f"no non-shared {kind} layer to read K/V from")
+        raise ConfigError(f"num_kv_shared_layers {self.num_kv_shared_layers} of {self.num_hidden_layers} leaves "
+                          f"no {kind} layer that computes K/V for the KV-shared ones to read")
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
@@ -354,21 +355,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.rope = make_rope(config, self.kind, self.head_dim)
 
-    def __call__(self, x, offsets: mx.array | int, plan: Plan, kv):
-        """``kv`` is this layer's LayerKV, or for a KV-shared layer the
-        (keys, values) its source layer attended to in this same pass."""
+    def __call__(self, x, offsets: mx.array | int, mask: mx.array | str | None,
+                 cache: LayerKV | None = None, plan: Plan | None = None,
+                 shared_kv: tuple[mx.array, mx.array] | None = None):
+        """Attend with ``mask`` to this layer's keys: a layer that computes K/V writes them to
+        ``cache`` where ``plan`` says and reads back what the cache returns; a KV-shared layer
+        computes none and reads ``shared_kv``, the (keys, values) its source layer attended to
+        in this same pass. Returns the output and the (keys, values) attended to."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         q = self.rope(q, offset=offsets)
         if self.shares_kv:
-            keys, values = kv
+            keys, values = shared_kv
         else:
             raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
             v = raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
             k = self.rope(self.k_norm(raw).transpose(0, 2, 1, 3), offset=offsets)
             v = self.v_norm(v).transpose(0, 2, 1, 3)
-            keys, values = kv.update_and_fetch(k, v, plan)
-        out = attend(q, keys, values, plan.mask)
+            keys, values = cache.update_and_fetch(k, v, plan)
+        out = attend(q, keys, values, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
 
     def shard(self, group, kv_heads: int | None = None) -> None:
@@ -479,8 +484,9 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(self.per_layer, dim, bias=False)
             self.post_per_layer_input_norm = nn.RMSNorm(dim, eps=eps)
 
-    def __call__(self, x, offsets, plan, kv, per_layer_input=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), offsets, plan, kv)
+    def __call__(self, x, offsets, mask, cache=None, plan=None, shared_kv=None, per_layer_input=None):
+        """``mask``, ``cache``, ``plan`` and ``shared_kv`` as `Attention` takes them."""
+        attn, kv = self.self_attn(self.input_layernorm(x), offsets, mask, cache, plan, shared_kv)
         h = x + self.post_attention_layernorm(attn)
         ff = self.mlp(self.pre_feedforward_layernorm(h))
         if self.moe:
@@ -508,6 +514,8 @@ class TextModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        for i in range(config.first_shared_layer, config.num_hidden_layers):
+            config.kv_source(i)  # a KV-shared layer with no source fails here, not mid-forward
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         P = config.hidden_size_per_layer_input
         if P:
@@ -537,12 +545,18 @@ class TextModel(nn.Module):
         plans = cache.plan(step)
         # One start for all rows (always at B = 1) rotates by a plain offset.
         offsets = step.starts[0] if step.uniform else mx.array(step.starts, dtype=mx.int32)
-        attended = {}  # layer -> the (keys, values) it attended to, for KV-shared layers
+        # A KV-shared layer reads what the last layer of its type that computes K/V attended to
+        # in this pass (`TextConfig.kv_source`). Those layers all come first, so the latest pair
+        # per type is all there is to hold, and nothing holds it past this call.
+        first_shared, latest = self.config.first_shared_layer, {}
         for i, layer in enumerate(self.layers):
-            source = self.config.kv_source(i)
-            kv = cache.layers[i] if source == i else attended[source]
-            plan = plans[self.config.layer_types[i]]
-            h, attended[i] = layer(h, offsets, plan, kv, None if per_layer is None else per_layer[:, :, i])
+            kind = self.config.layer_types[i]
+            plan = plans[kind]
+            extra = None if per_layer is None else per_layer[:, :, i]
+            if i < first_shared:
+                h, latest[kind] = layer(h, offsets, plan.mask, cache.layers[i], plan, per_layer_input=extra)
+            else:
+                h, _ = layer(h, offsets, plan.mask, shared_kv=latest[kind], per_layer_input=extra)
         return self.norm(h)
 
 
