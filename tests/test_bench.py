@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,70 @@ def test_cells_whose_runs_spread_widely_are_named():
     assert "1 cell(s)" in warning and "code B=1 k=3 1.7x" in warning and "qa" not in warning
     assert bench.spread_warning(cells[1:]) is None
     assert "median of run-by-run ratios" in bench.FOOTNOTE and "need not equal" in bench.FOOTNOTE
+
+
+# bench/peers.py is a script, not part of the package: run it as one, with the smallest settings.
+PEERS = Path(__file__).resolve().parent.parent / "bench" / "peers.py"
+PEERS_TINY = ["--targets", "demo", "--prompts", "8", "--max-tokens", "4", "--repeats", "1", "--memory-prompt", "0",
+              "--demo-modes", "0,2,auto", "--demo-batch-sizes", "1,2"]
+
+
+def run_peers(tmp_path, *flags):
+    run = subprocess.run([sys.executable, str(PEERS), *PEERS_TINY, *flags, "--out", str(tmp_path / "peers")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads((tmp_path / "peers.json").read_text()), (tmp_path / "peers.md").read_text()
+
+
+def test_peers_without_mlx_vlm_says_so_and_compares_batches_with_ours_plain(tmp_path):
+    result, markdown = run_peers(tmp_path, "--no-mlx-vlm")
+    assert "mlx-vlm left out (--no-mlx-vlm): no mlx-vlm rows" in result["header"]
+    systems = {(r["batch"], r["system"]): r["base"] for r in result["rows"]}
+    # mlx-lm's generate_step decodes one sequence: at B=2 the base is ours plain.
+    assert systems == {(1, "mlx-lm plain"): "mlx-lm plain", (1, "ours plain"): "mlx-lm plain",
+                       (1, "ours k=2"): "mlx-lm plain", (1, "ours auto"): "mlx-lm plain",
+                       (2, "ours plain"): "ours plain", (2, "ours k=2"): "ours plain", (2, "ours auto"): "ours plain"}
+    assert all(r["identical"] for r in result["rows"]) and result["versus_mlx_vlm_mtp"] == []
+    assert "Against mlx-vlm's MTP path" not in markdown
+
+
+def test_peers_runs_mlx_vlm_mtp_on_the_multimodal_demo_exactly(tmp_path):
+    # mlx-vlm is not in the test extra (it comes with the `peers` extra): without it this test
+    # is reported as skipped, with this reason, and the test above still runs the script.
+    pytest.importorskip("mlx_vlm", reason="mlx-vlm not installed (the peers extra): its MTP path is not exercised")
+    result, markdown = run_peers(tmp_path, "--mlx-vlm-blocks", "2,3")
+    assert result["header"][-1].startswith("mlx-vlm ") and "MTP default block size" in result["header"][-1]
+    systems = {(r["batch"], r["system"]) for r in result["rows"]}
+    vlm_mtp = {"mlx-vlm MTP default", "mlx-vlm MTP block=2", "mlx-vlm MTP block=3"}
+    assert systems == ({(1, s) for s in {"mlx-lm plain", "mlx-vlm plain", "ours plain", "ours k=2", "ours auto"} | vlm_mtp}
+                       | {(2, s) for s in {"ours plain", "ours k=2", "ours auto"} | vlm_mtp})
+    # Every system, mlx-vlm's MTP path at B=1 and B=2 included, matches ours plain token for token.
+    assert all(r["identical"] for r in result["rows"])
+    versus = {(v["batch"], v["comparison"]): v for v in result["versus_mlx_vlm_mtp"]}
+    assert set(versus) == {(b, c) for b in (1, 2) for c in ("ours best fixed k vs mlx-vlm MTP best block",
+                                                             "ours auto vs mlx-vlm MTP default")}
+    for (_, comparison), v in versus.items():
+        assert v["identical"] and v["decode_ratio"] > 0
+        if comparison.startswith("ours best"):  # one fixed k measured; the best of the two blocks
+            assert v["ours"] == "ours k=2" and v["mlx_vlm"] in ("mlx-vlm MTP block=2", "mlx-vlm MTP block=3")
+    assert "| demo | 8 | 2 | ours auto vs mlx-vlm MTP default | ours auto | mlx-vlm MTP default |" in markdown
+
+
+def test_multimodal_demo_holds_the_same_weights_for_ours(tmp_path, monkeypatch):
+    pytest.importorskip("mlx_vlm", reason="mlx-vlm not installed (the peers extra): write_multimodal needs it")
+    import importlib.util
+
+    from mlx.utils import tree_flatten
+
+    from mlx_specdec import load
+    from mlx_specdec.demo import demo_path
+
+    module_spec = importlib.util.spec_from_file_location("peers", PEERS)
+    peers = importlib.util.module_from_spec(module_spec)
+    monkeypatch.setitem(sys.modules, "peers", peers)  # its dataclass resolves annotations through it
+    module_spec.loader.exec_module(peers)
+    folder = peers.write_multimodal(Path(demo_path()), tmp_path / "multimodal")
+    text, multimodal = load(demo_path(), dtype="float32"), load(folder, dtype="float32")
+    for a, b in ((text.target, multimodal.target), (text.drafter, multimodal.drafter)):
+        left, right = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+        assert left.keys() == right.keys() and all((left[k] == right[k]).all().item() for k in left)
