@@ -14,6 +14,10 @@ up to the K/V memory they could need and keeps the rest waiting. A request whose
 away (or whose text hit a stop string) is cancelled in the engine, which drops its row by the
 next round.
 
+Under mlx.launch (`serve(..., group=)`) every rank loads its shard; rank 0 runs all of the
+above and shares each step's new requests and cancellations with the other ranks, which run
+the same engine steps with no HTTP (`follow`); see `EngineThread`.
+
 Reading order: `Parser` (bodies -> `Job`), `TextStream`, `EngineThread`, `Server.pieces` (one
 request's life), then the routes in `make_app`.
 """
@@ -387,9 +391,9 @@ class EngineThread:
     Errors over a group. A pass that raises on one rank leaves the others waiting in a
     collective it never enters, and no rank can tell whether the others raised too. So a failed
     pass is not survived as it is alone (where the requests it hit end with an error and the
-    engine goes on): its requests get their error, then the server stops on every rank with one
-    line (a rank that exits with an error makes mlx.launch end the others, which may be waiting
-    in a collective forever). Errors that are rank 0's alone (a bad body, a chat template, a
+    engine goes on): on a rank where a pass failed, the requests get their error and the rank
+    exits with one line; mlx.launch ends the ranks still running when one exits with an error,
+    which frees those waiting in a collective for good. Errors that are rank 0's alone (a bad body, a chat template, a
     request past the K/V bound) are answered before anything is shared.
     """
 
