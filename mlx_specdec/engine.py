@@ -551,14 +551,15 @@ class Engine:
         mx.eval(*([] if hidden is None else [hidden]), *group.cache.arrays())
         group.prefilled += n
         if self._kv is None:
-            self._kv = _KVSize.of(group.cache)
+            kv = _KVSize.of(group.cache)
             if self.spec.group is not None:
                 # Each rank's cache holds its own K/V heads, so its sizes are its own; admission
                 # must be the same on every rank: rank 0's sizes (as its memory bound above).
-                shared = distributed.from_rank0(
-                    self.spec.group, mx.array([self._kv.per_position, self._kv.per_row], dtype=mx.float32))
+                shared = distributed.from_rank0(self.spec.group,
+                                                mx.array([kv.per_position, kv.per_row], dtype=mx.float32))
                 per_position, per_row = shared.tolist()
-                self._kv = _KVSize(per_position, int(per_row))
+                kv = _KVSize(per_position, int(per_row))
+            self._kv = kv  # once, whole: `check` reads it from other threads
         return hidden
 
     def _first_tokens(self, events: dict[int, Event], group: "_Admission", hidden: mx.array) -> None:
