@@ -217,9 +217,13 @@ class _KVSize:
         return cls(per_position, per_row)
 
     @staticmethod
+    def reach(prompt_tokens: int, max_tokens: int) -> int:
+        """Positions a row could reach: prompt, max_tokens and a last round's drafts."""
+        return prompt_tokens + max_tokens + K_MAX + 1
+
+    @staticmethod
     def longest(request: _Request) -> int:
-        """Positions a request's row could reach: prompt, max_tokens and a last round's drafts."""
-        return len(request.prompt) + request.options.max_tokens + K_MAX + 1
+        return _KVSize.reach(len(request.prompt), request.options.max_tokens)
 
     def rows(self, count: int, longest: int) -> float:
         """What ``count`` rows could grow to when the longest could reach ``longest`` positions:
@@ -290,25 +294,32 @@ class Engine:
         """Queue a request; returns its id. With ``cache`` (single-row, from ``decode.new_cache``)
         it continues that cache, which holds the prompt's first ``cached`` tokens, and writes
         into it in place as long as it is the only live row (how a caller keeps its own cache)."""
-        if not isinstance(options, Options):
-            raise InputError(f"options must be decode.Options, got {type(options).__name__}")
-        positions = self.spec.target.config.max_position_embeddings
-        prompt = check_prompt(list(prompt), self.spec.target.config.vocab_size, positions)
+        prompt = self.check(prompt, options)
         if cache is not None and not (cache.batch_size == 1 and 0 <= cached < len(prompt)):
             raise ValueError("a kept cache holds one row and must end before the prompt does")
         auto = options.draft_tokens == "auto" and self.spec.drafter is not None
         stats = Stats(prompt_tokens=len(prompt), policy_kept=self.spec.policy.kept if auto else None)
         request = _Request(-1, prompt, options, stats, time.perf_counter(),
                            cache=cache, prefilled=cached if cache is not None else 0, seq=list(prompt))
-        if self._kv is not None and self._kv.batch([request]) > self.kv_memory_bytes:
-            raise InputError(f"this request could need {self._kv.batch([request]) / 2**30:.2f} GiB of K/V "
-                             f"(prompt {len(prompt)} + max_tokens {options.max_tokens}), more than the "
-                             f"engine's bound of {self.kv_memory_bytes / 2**30:.2f} GiB")
         with self._lock:
             request.id = next(self._ids)
             self._open.add(request.id)
             self._waiting.append(request)
         return request.id
+
+    def check(self, prompt: list[int], options: Options) -> list[int]:
+        """The prompt as `submit` takes it, or the InputError `submit` would raise (a caller that
+        submits later, such as the server's engine thread, refuses bad requests up front)."""
+        if not isinstance(options, Options):
+            raise InputError(f"options must be decode.Options, got {type(options).__name__}")
+        positions = self.spec.target.config.max_position_embeddings
+        prompt = check_prompt(list(prompt), self.spec.target.config.vocab_size, positions)
+        kv, longest = self._kv, _KVSize.reach(len(prompt), options.max_tokens)
+        if kv is not None and kv.rows(1, longest) > self.kv_memory_bytes:
+            raise InputError(f"this request could need {kv.rows(1, longest) / 2**30:.2f} GiB of K/V "
+                             f"(prompt {len(prompt)} + max_tokens {options.max_tokens}), more than the "
+                             f"engine's bound of {self.kv_memory_bytes / 2**30:.2f} GiB")
+        return prompt
 
     def cancel(self, request_id: int) -> None:
         """Stop a request: it leaves by the next round with finish_reason "cancelled"."""
@@ -540,7 +551,15 @@ class Engine:
         mx.eval(*([] if hidden is None else [hidden]), *group.cache.arrays())
         group.prefilled += n
         if self._kv is None:
-            self._kv = _KVSize.of(group.cache)
+            kv = _KVSize.of(group.cache)
+            if self.spec.group is not None:
+                # Each rank's cache holds its own K/V heads, so its sizes are its own; admission
+                # must be the same on every rank: rank 0's sizes (as its memory bound above).
+                shared = distributed.from_rank0(self.spec.group,
+                                                mx.array([kv.per_position, kv.per_row], dtype=mx.float32))
+                per_position, per_row = shared.tolist()
+                kv = _KVSize(per_position, int(per_row))
+            self._kv = kv  # once, whole: `check` reads it from other threads
         return hidden
 
     def _first_tokens(self, events: dict[int, Event], group: "_Admission", hidden: mx.array) -> None:

@@ -14,6 +14,10 @@ up to the K/V memory they could need and keeps the rest waiting. A request whose
 away (or whose text hit a stop string) is cancelled in the engine, which drops its row by the
 next round.
 
+Under mlx.launch (`serve(..., group=)`) every rank loads its shard; rank 0 runs all of the
+above and shares each step's new requests and cancellations with the other ranks, which run
+the same engine steps with no HTTP (`follow`); see `EngineThread`.
+
 Reading order: `Parser` (bodies -> `Job`), `TextStream`, `EngineThread`, `Server.pieces` (one
 request's life), then the routes in `make_app`.
 """
@@ -31,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+import mlx.core as mx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -38,8 +43,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import distributed
 from .decode import Options, Stats
-from .errors import InputError
+from .errors import InputError, SpecDecError
 from .loading import SpecModel
 from .policy import K_MAX
 from .sampling import SamplingParams
@@ -314,23 +320,98 @@ class Piece:
     stats: Stats | None
 
 
+IDLE_TICK_S = 0.05
+"""While no request is live, rank 0 shares news at least this often and the other ranks sleep
+this long before each wait for it. A rank waiting in a collective spins (MLX's ring backend
+polls), so the others must not wait there for a request that may come in an hour; a new
+request waits at most one tick for the others to join it, a small part of its prefill."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request handed to the engine thread: what to submit, where its events go, and its
+    engine id once the engine thread submitted it."""
+
+    prompt: list[int]
+    options: Options
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    rid: int | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class News:
+    """What changed since the last step, applied on every rank before the step: requests to
+    submit (in order, so that every rank's engine numbers them alike), engine ids to cancel,
+    and whether the server stops. Over a group rank 0 shares it, as JSON, once per step."""
+
+    submit: list[tuple[list[int], Options]] = field(default_factory=list)
+    cancel: list[int] = field(default_factory=list)
+    stop: bool = False
+
+    def encode(self) -> str:
+        if not (self.submit or self.cancel or self.stop):
+            return ""  # the usual case, every step: one integer crosses, no text
+        return json.dumps({"submit": [[prompt, {"max_tokens": o.max_tokens, "sampling": vars(o.sampling),
+                                                "draft_tokens": o.draft_tokens}] for prompt, o in self.submit],
+                           "cancel": self.cancel, "stop": self.stop})
+
+    @staticmethod
+    def decode(text: str) -> "News":
+        if not text:
+            return News()
+        data = json.loads(text)
+        submit = [(prompt, Options(max_tokens=o["max_tokens"], sampling=SamplingParams(**o["sampling"]),
+                                   draft_tokens=o["draft_tokens"])) for prompt, o in data["submit"]]
+        return News(submit, data["cancel"], data["stop"])
+
+
+class RanksOutOfStep(SpecDecError):
+    """A pass failed in a sharded run: the server stops on every rank (see `EngineThread`)."""
+
+
+def _out_of_step(error: BaseException) -> RanksOutOfStep:
+    return RanksOutOfStep(f"a pass failed in the sharded model ({type(error).__name__}: {error}); the ranks may "
+                          "be out of step, so the server stops on every rank")
+
+
 class EngineThread:
     """Runs the engine on its own thread; requests talk to it through asyncio queues.
 
     The thread also loads the model: MLX binds arrays to the stream of the thread that made
     them (0.32 streams are per thread), so the thread that decodes must be the one that loads.
+
+    Requests and cancellations reach the engine only on this thread, between steps, as `News`:
+    over a group (`mlx-specdec serve` under mlx.launch) rank 0 shares each step's news before
+    the step and the other ranks (`follow`) apply the same news and run the same step, so every
+    rank's engine holds the same queue and live batch and takes the same decisions. Requests
+    are validated before they are shared, so one that rank 0 refuses never reaches the others.
+
+    Errors over a group. A pass that raises on one rank leaves the others waiting in a
+    collective it never enters, and no rank can tell whether the others raised too. So a failed
+    pass is not survived as it is alone (where the requests it hit end with an error and the
+    engine goes on): on a rank where a pass failed, the requests get their error and the rank
+    exits with one line; mlx.launch ends the ranks still running when one exits with an error,
+    which frees those waiting in a collective for good. Errors that are rank 0's alone (a bad body, a chat template, a
+    request past the K/V bound) are answered before anything is shared.
     """
 
     def __init__(self, build: Callable[[], tuple[SpecModel, Any]]):
         self._build = build
         self.spec: SpecModel | None = None
         self.engine = None
+        self.group = None  # the spec's group, once loaded
         self._ready = threading.Event()
         self._failure: BaseException | None = None
+        self.fatal: RanksOutOfStep | None = None  # why a sharded server stopped itself
+        self.on_fatal: Callable[[], None] = lambda: None  # stops the HTTP side
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._incoming: list[Ticket] = []  # submitted by the event loop, not yet in the engine
+        self._cancels: list[int] = []  # engine ids to cancel at the next step
+        self._queues: dict[int, Ticket] = {}  # by engine id: requests whose events someone reads
         self._generated: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self.generated_total = 0
         self.errors = 0
@@ -348,22 +429,26 @@ class EngineThread:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    def submit(self, prompt: list[int], options: Options) -> tuple[int, asyncio.Queue]:
-        """Hand a request to the engine (from the event loop); its events arrive on the queue."""
-        queue: asyncio.Queue = asyncio.Queue()
+    def submit(self, prompt: list[int], options: Options) -> Ticket:
+        """Hand a request to the engine (from the event loop); its events arrive on the ticket's queue."""
+        try:
+            prompt = self.engine.check(prompt, options)
+        except InputError as e:  # e.g. more K/V than the engine may ever hold
+            raise _bad(str(e)) from None
+        ticket = Ticket(prompt, options, asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            try:
-                rid = self.engine.submit(prompt, options)
-            except InputError as e:  # e.g. more K/V than the engine may ever hold
-                raise _bad(str(e)) from None
-            self._queues[rid] = (asyncio.get_running_loop(), queue)
+            self._incoming.append(ticket)
         self._wake.set()
-        return rid, queue
+        return ticket
 
-    def cancel(self, rid: int) -> None:
+    def cancel(self, ticket: Ticket) -> None:
         with self._lock:
-            self._queues.pop(rid, None)
-        self.engine.cancel(rid)
+            if ticket.cancelled:
+                return
+            ticket.cancelled = True  # not yet submitted: it never will be (or is cancelled once it is)
+            if ticket.rid is not None:
+                self._queues.pop(ticket.rid, None)
+                self._cancels.append(ticket.rid)
         self._wake.set()
 
     def tokens_per_second(self) -> float:
@@ -376,20 +461,60 @@ class EngineThread:
     def _run(self) -> None:
         try:
             self.spec, self.engine = self._build()
+            self.group = self.spec.group
         except BaseException as e:  # noqa: BLE001 - handed to start(), on the caller's thread
             self._failure = e
             return
         finally:
             self._ready.set()
-        while not self._stopping:
-            self._wake.wait()
+        while True:
+            if not self.engine.has_work:
+                # Alone: sleep until a request comes. Over a group: tick, so the others sleep too.
+                self._wake.wait(IDLE_TICK_S if self.group is not None else None)
             self._wake.clear()
-            while self.engine.has_work and not self._stopping:
-                try:
-                    self._deliver(self.engine.step())
-                except Exception as e:  # noqa: BLE001 - the server must outlive one bad step
-                    log.exception("engine step failed")
-                    self._fail_all(e)
+            tickets, news = self._news()
+            if self.group is not None:
+                news = News.decode(distributed.share_text(self.group, news.encode()))
+            self._apply(tickets, news)
+            if news.stop:
+                return
+            if not self.engine.has_work:
+                continue
+            try:
+                events = self.engine.step()
+                self._deliver(events)
+            except Exception as e:  # noqa: BLE001 - the server must outlive one bad step
+                if self.group is not None:
+                    return self._stop_all(_out_of_step(e), e)
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            failed = [e.error for e in events if e.error is not None]
+            if failed and self.group is not None:
+                return self._stop_all(_out_of_step(failed[0]), failed[0])
+
+    def _news(self) -> tuple[list[Ticket], News]:
+        """Take what the event loop handed in since the last step."""
+        with self._lock:
+            tickets = [t for t in self._incoming if not t.cancelled]
+            self._incoming, cancels, self._cancels = [], self._cancels, []
+        return tickets, News([(t.prompt, t.options) for t in tickets], cancels, self._stopping)
+
+    def _apply(self, tickets: list[Ticket], news: News) -> None:
+        for ticket in tickets:
+            try:
+                rid = self.engine.submit(ticket.prompt, ticket.options)
+            except InputError as e:  # the K/V bound, measured since the ticket was checked (so on every rank)
+                ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, _bad(str(e)))
+                continue
+            with self._lock:
+                ticket.rid = rid
+                if ticket.cancelled:  # while it was being shared: it leaves at the next step
+                    self._cancels.append(rid)
+                else:
+                    self._queues[rid] = ticket
+        for rid in news.cancel:
+            self.engine.cancel(rid)
 
     def _deliver(self, events) -> None:
         now, n = time.monotonic(), sum(len(e.tokens) for e in events)
@@ -400,20 +525,64 @@ class EngineThread:
             targets = []
             for event in events:
                 # A finished request's queue is done with; a cancelled one's is gone already.
-                entry = (self._queues.pop(event.request_id, None) if event.finish_reason else
-                         self._queues.get(event.request_id))
-                if entry is not None:
-                    targets.append((entry, event))
-        for (loop, queue), event in targets:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+                ticket = (self._queues.pop(event.request_id, None) if event.finish_reason else
+                          self._queues.get(event.request_id))
+                if ticket is not None:
+                    targets.append((ticket, event))
+        for ticket, event in targets:
+            ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, event)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
             self.errors += 1
             failed, self._queues = self._queues, {}
-        for rid, (loop, queue) in failed.items():
+        for rid, ticket in failed.items():
             self.engine.cancel(rid)
-            loop.call_soon_threadsafe(queue.put_nowait, error)
+            ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, error)
+
+    def _stop_all(self, fatal: RanksOutOfStep, error: Exception) -> None:
+        """A sharded server's engine thread ends: every request still held gets the error, and
+        the HTTP side stops (`serve` then exits with the one line)."""
+        self.fatal = fatal
+        with self._lock:
+            self.errors += 1
+            failed, self._queues = list(self._queues.values()) + self._incoming, {}
+            self._incoming = []
+        for ticket in failed:
+            ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, error)
+        self.on_fatal()
+
+
+def follow(build: Callable[[], tuple[SpecModel, Any]]) -> None:
+    """A rank other than 0 of a sharded server: no HTTP; apply the news rank 0 shares and run
+    the same engine steps, until rank 0 says stop. Raises `RanksOutOfStep` when a pass fails."""
+    import signal
+
+    # Ctrl-C in a terminal reaches every rank mlx.launch started; rank 0 decides when all stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    spec, engine = build()
+    while True:
+        if not engine.has_work:
+            time.sleep(IDLE_TICK_S)
+        news = News.decode(distributed.share_text(spec.group, ""))
+        for prompt, options in news.submit:
+            try:
+                engine.submit(prompt, options)
+            except InputError:  # rank 0's engine refused it too: the same check on the same sizes
+                continue
+        for rid in news.cancel:
+            engine.cancel(rid)
+        if news.stop:
+            return
+        if not engine.has_work:
+            continue
+        try:
+            events = engine.step()
+        except Exception as e:  # noqa: BLE001 - see EngineThread: a failed pass stops every rank
+            raise _out_of_step(e) from e
+        failed = [e.error for e in events if e.error is not None]
+        if failed:
+            raise _out_of_step(failed[0]) from failed[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,12 +647,15 @@ class Server:
     async def pieces(self, job: Job) -> AsyncIterator[Piece]:
         """Run one admitted job in the engine and yield its text as it comes. Ends the job in
         the engine when its text hits a stop string or its consumer stops listening."""
-        rid, queue = self.runner.submit(job.prompt, job.options)
+        ticket = self.runner.submit(job.prompt, job.options)
         text = TextStream(self.spec.tokenizer, job.stops) if self.spec.tokenizer is not None else None
         tokens, done = 0, False
         try:
             while True:
-                event = await queue.get()
+                event = await ticket.queue.get()
+                if isinstance(event, APIError):  # refused by the engine thread, before it ran
+                    done = True
+                    raise event
                 failure = event if isinstance(event, Exception) else event.error
                 if failure is not None or event.finish_reason == "error":
                     done = True
@@ -493,7 +665,7 @@ class Server:
                 final = event.finish_reason is not None
                 new = text.add(event.tokens, final) if text is not None else ""
                 if text is not None and text.stopped:
-                    self.runner.cancel(rid)
+                    self.runner.cancel(ticket)
                     done = True
                     yield Piece(new, tokens, "stop", event.stats)
                     return
@@ -505,7 +677,7 @@ class Server:
                     yield Piece(new, tokens, None, None)
         finally:
             if not done:  # the client left, or the consumer was cancelled
-                self.runner.cancel(rid)
+                self.runner.cancel(ticket)
 
     async def complete(self, job: Job, request: Request) -> dict:
         """A whole (non-streamed) answer; cancelled in the engine if the client disconnects first."""
@@ -781,9 +953,13 @@ def make_app(runner: EngineThread, *, model_id: str | None = None, max_batch: in
 
 def serve(load: Callable[[], SpecModel], *, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8,
           max_queue: int = 64, api_key: str | None = None, model_id: str | None = None,
-          default_max_tokens: int = 512, log_level: str = "info", on_ready: Callable[[SpecModel], None] | None = None
-          ) -> None:
-    """Load the model (on the engine thread, through ``load``) and serve until interrupted."""
+          default_max_tokens: int = 512, log_level: str = "info", on_ready: Callable[[SpecModel], None] | None = None,
+          group: mx.distributed.Group | None = None) -> None:
+    """Load the model (on the engine thread, through ``load``) and serve until interrupted.
+
+    With ``group`` (the processes mlx.launch started; ``load`` loads this rank's shard) rank 0
+    serves HTTP and the other ranks follow its engine's steps until it stops. Raises
+    `RanksOutOfStep` on every rank when a pass failed in the sharded model."""
     import uvicorn
 
     from .engine import Engine
@@ -792,10 +968,24 @@ def serve(load: Callable[[], SpecModel], *, host: str = "127.0.0.1", port: int =
         spec = load()
         return spec, Engine(spec, max_batch=max_batch)
 
+    if not distributed.is_main(group):
+        follow(build)
+        return
     runner = EngineThread(build)
     runner.start()
     app = make_app(runner, model_id=model_id, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                    default_max_tokens=default_max_tokens)
     if on_ready is not None:
         on_ready(runner.spec)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    http = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+
+    def stop_http() -> None:
+        http.should_exit = True  # uvicorn's own flag, as its signal handlers set it
+
+    runner.on_fatal = stop_http
+    try:
+        http.run()
+    finally:
+        runner.stop()  # also when uvicorn could not bind the port: the other ranks leave too
+    if runner.fatal is not None:
+        raise runner.fatal

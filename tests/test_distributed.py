@@ -18,13 +18,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from mlx_specdec import load
 from tests.dist_cases import STANDIN_KS, cases, run_plan
+from tests.test_server import MODEL, Served, _wait_idle, ask
 
 ROOT = Path(__file__).resolve().parent.parent
 RANKS = 2
@@ -142,3 +147,127 @@ def test_each_rank_holds_its_slices_and_the_replicated_parts(ranks):
         assert m["weight_bytes"] < m["unsharded_bytes"]
         assert m["unsharded_bytes"] == m["replicated_bytes"] + m["split_bytes"]
         assert m["active_bytes"] <= m["weight_bytes"] + ACTIVE_SLACK_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# `mlx-specdec serve` under mlx.launch: rank 0 serves HTTP, rank 1 follows its engine's steps.
+
+# Short answers: every round of two ranks on a busy 2-core machine waits for both to be scheduled.
+SERVE_REQUESTS = [
+    dict(kind="chat", via="openai", stream=False, content="What is the difflib module for?", max_tokens=12),
+    dict(kind="chat", via="http", stream=True, content="Describe statistics.median.", max_tokens=12, draft_tokens=3),
+    dict(kind="completion", via="openai", stream=True, prompt="def median(data):", max_tokens=16),
+    dict(kind="completion", via="http", stream=False, prompt="class Queue:\n    def put(self, item):", max_tokens=10,
+         draft_tokens="off"),
+    dict(kind="completion", via="http", stream=False, prompt="def mean(xs):", max_tokens=12, draft_tokens=2),
+]
+# Seeded sampling with a fixed draft length ("auto" may pick another k, and k decides how many
+# random numbers a round draws).
+SEEDED = dict(prompt="import os\nimport sys\n\nclass", max_tokens=12, temperature=1.0, seed=7, draft_tokens=2)
+SERVE_TIMEOUT_S = 300
+
+
+class LaunchedServer(Served):
+    """`mlx.launch -n 2 --backend ring` running `mlx-specdec serve`; `interrupt` is Ctrl-C in its terminal."""
+
+    def __init__(self, tmp: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "launch.log"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), MLX_SPECDEC_CACHE="off")
+        # --verbose: the launcher says how each rank ended ("completed" for exit code 0).
+        command = [str(Path(sys.executable).with_name("mlx.launch")), "--verbose",
+                   "-n", str(RANKS), "--backend", "ring", "--starting-port", str(_free_port()),
+                   sys.executable, "-m", "mlx_specdec.commands.cli", "serve", "--port", str(self.port),
+                   "--served-model-name", MODEL]
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + SERVE_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the sharded server did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def interrupt(self, timeout: float) -> str:
+        """Ctrl-C: SIGINT to the launcher and both ranks; the launcher's output once all ended."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the ranks did not stop within {timeout} s of Ctrl-C:\n{self.log.read_text()[-3000:]}")
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_under_mlx_launch_answers_as_one_process_and_stops_on_ctrl_c(tmp_path):
+    """Concurrent requests (greedy at fixed k, auto and off, one seeded sampled) get the answers
+    a one-process server gives; a client that leaves mid-stream and requests rank 0 refuses
+    leave both ranks in step; Ctrl-C ends both ranks."""
+    seeded = dict(model=MODEL) | SEEDED
+    alone = Served(tmp_path, "--max-batch", "8")
+    try:
+        expected = [ask(alone, r) for r in SERVE_REQUESTS]
+        expected_seeded = alone.post("/v1/completions", seeded).json()["choices"][0]["text"]
+    finally:
+        alone.stop()
+    for (text, n, finish), r in zip(expected, SERVE_REQUESTS):
+        assert text and finish in ("stop", "length") and (finish == "stop" or n == r["max_tokens"])
+
+    server = LaunchedServer(tmp_path)
+    try:
+        seen_batch, running = [], threading.Event()
+        running.set()
+
+        def watch():
+            while running.is_set():
+                seen_batch.append(server.metrics()["mlx_specdec_batch_size"])
+                time.sleep(0.1)
+
+        def staggered(i: int):
+            time.sleep(0.3 * i)  # later ones join a batch already decoding: news shared mid-run
+            if i == len(SERVE_REQUESTS):
+                return server.post("/v1/completions", seeded).json()["choices"][0]["text"]
+            return ask(server, SERVE_REQUESTS[i])
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            with ThreadPoolExecutor(len(SERVE_REQUESTS) + 1) as pool:
+                *together, together_seeded = pool.map(staggered, range(len(SERVE_REQUESTS) + 1))
+        finally:
+            running.clear()
+            watcher.join()
+        assert together == expected
+        assert together_seeded == expected_seeded
+        assert max(seen_batch) >= 2, "the requests never shared a batch"
+
+        # Refused on rank 0 before anything is shared.
+        assert server.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}).status_code == 400
+        assert server.post("/v1/completions", {"model": MODEL, "prompt": [5, 999999]}).status_code == 400
+        # A client that leaves mid-stream: its row leaves on both ranks (else the next round hangs).
+        body = dict(model=MODEL, prompt="def median(data):", max_tokens=3000, stream=True)
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=SERVE_TIMEOUT_S) as response:
+            assert response.status_code == 200
+            assert [line for line, _ in zip(response.iter_lines(), range(4)) if line.startswith("data: ")]
+        _wait_idle(server, SERVE_TIMEOUT_S)
+        assert ask(server, SERVE_REQUESTS[1]) == expected[1]
+
+        output = server.interrupt(timeout=60)
+    finally:
+        server.kill()
+    # Rank 1 leaves on rank 0's word (exit 0); rank 0 exits as Ctrl-C ends the command, 130.
+    assert "Node with rank 1 completed" in output, output[-3000:]
+    assert "Node with rank 0 exited with code 130" in output, output[-3000:]
+    assert "was killed" not in output, output[-3000:]

@@ -411,7 +411,9 @@ def serve(
 
         drafter_arg: str | bool | None = (False if drafter is not None and drafter.lower() in ("none", "off")
                                           else drafter)
-        _err(f"loading {model or 'the embedded demo model'}")
+        group = _group()  # under mlx.launch: every rank loads its shard, rank 0 alone serves HTTP
+        where = f", sharded over {group.size()} processes" if group is not None else ""
+        _err(f"loading {model or 'the embedded demo model'}{where}")
 
         def ready(spec) -> None:
             _err(f"serving {name} · drafter {spec.drafter_name or 'none'} · max batch {max_batch} · "
@@ -419,9 +421,10 @@ def serve(
 
         name = model_id or model or DEMO_MODEL_ID
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-        run_server(lambda: load(model, drafter_arg, dtype=dtype), host=host, port=port, max_batch=max_batch,
-                   max_queue=max_queue, api_key=api_key, model_id=name, default_max_tokens=max_tokens,
-                   log_level="info" if verbose else "warning", on_ready=ready)
+        run_server(lambda: load(model, drafter_arg, dtype=dtype, group=group), host=host, port=port,
+                   max_batch=max_batch, max_queue=max_queue, api_key=api_key, model_id=name,
+                   default_max_tokens=max_tokens, log_level="info" if verbose else "warning", on_ready=ready,
+                   group=group)
 
 
 # ---------------------------------------------------------------------------------------------
