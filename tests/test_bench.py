@@ -139,9 +139,6 @@ def test_peers_without_mlx_vlm_says_so_and_compares_batches_with_ours_plain(tmp_
 
 
 def test_peers_runs_mlx_vlm_mtp_on_the_multimodal_demo_exactly(tmp_path):
-    # mlx-vlm is not in the test extra (it comes with the `peers` extra): without it this test
-    # is reported as skipped, with this reason, and the test above still runs the script.
-    pytest.importorskip("mlx_vlm", reason="mlx-vlm not installed (the peers extra): its MTP path is not exercised")
     result, markdown = run_peers(tmp_path, "--mlx-vlm-blocks", "2,3")
     assert result["header"][-1].startswith("mlx-vlm ") and "MTP default block size" in result["header"][-1]
     systems = {(r["batch"], r["system"]) for r in result["rows"]}
@@ -161,7 +158,6 @@ def test_peers_runs_mlx_vlm_mtp_on_the_multimodal_demo_exactly(tmp_path):
 
 
 def test_multimodal_demo_holds_the_same_weights_for_ours(tmp_path, monkeypatch):
-    pytest.importorskip("mlx_vlm", reason="mlx-vlm not installed (the peers extra): write_multimodal needs it")
     import importlib.util
 
     from mlx.utils import tree_flatten
