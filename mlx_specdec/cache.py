@@ -21,6 +21,7 @@ never wraps.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import mlx.core as mx
 import numpy as np
@@ -148,6 +149,8 @@ class PositionTable:
             k = np.arange(lo, end)[None, :]
             mask = None if length == 1 else _host_mask((k <= q) & (k > q - W), length, W, end - lo)
             return Plan(None, written, False, mask, writes, (lo % C, lo % C + end - lo))
+        if length == 1 and start >= C:  # a decode step in a full ring: the mask repeats every C steps
+            return Plan(None, written, False, _ring_mask(C, W, start % C), writes, (0, C))
         slot = np.arange(C)[None, :]
         k = q - ((q - slot) % C)  # the position each slot holds in each query's view
         return Plan(None, written, False, mx.array((k >= 0) & (k > q - W)), writes, (0, C))
@@ -169,6 +172,14 @@ class PositionTable:
         if self.ring:
             mask = mask & (k > q - self.window)
         return mask
+
+
+@lru_cache(maxsize=4096)
+def _ring_mask(capacity: int, window: int, phase: int) -> mx.array:
+    """The mask of one query at a position ``phase`` (mod capacity) of a ring it has filled: which
+    slots hold one of its ``window`` newest positions. Built once per phase, not every step."""
+    slot = np.arange(capacity)
+    return mx.array(((phase - slot) % capacity) < window)[None, :]
 
 
 def _host_mask(mask: np.ndarray, length: int, window: int, keys: int | None = None):
