@@ -53,6 +53,12 @@ def test_bench_command_writes_table_json_markdown_and_chart(model, tmp_path):
         f"LD_PRELOAD={os.environ['LD_PRELOAD']} " if os.environ.get("LD_PRELOAD") else "").startswith("mlx-specdec bench")
     markdown = (out / "bench.md").read_text()
     assert "| workload | B | mode | tok/s | speedup |" in markdown and markdown.count("\n| qa |") == 6
+    # auto against plain (the floor) and the best fixed k (here the only one, k=2): the table's speedups.
+    for w in ("qa", "short"):
+        for b in (1, 2):
+            auto, k2 = cells[(w, b, "auto")]["speedup"], cells[(w, b, "k=2")]["speedup"]
+            assert (f"| {w}, B={b} | {auto:.2f}x | k=2 | {k2:.2f}x | {auto / k2:.2f}x |") in markdown
+    assert "auto against the floor and the ceiling" in run.stdout
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -397,6 +397,30 @@ def row(cell: Cell) -> list[str]:
             cell.auto_choice if cell.mode == "auto" else "-"]
 
 
+AUTO_COLUMNS = ("workload, B", "auto vs plain", "best fixed k", "its speedup", "auto vs best fixed k")
+AUTO_FOOTNOTE = ("auto vs plain: the floor (auto should never be slower than plain decoding); auto vs best fixed k: the "
+                 "ceiling, auto's speedup over the best fixed k's, where the best is picked after the fact from the "
+                 "same noisy runs (so it is flattered: with several k of equal worth the luckiest one is picked).")
+
+
+def auto_summary(cells: list[Cell]) -> list[list[str]]:
+    """Per workload and batch size with an auto cell: auto against plain (the floor) and against
+    the best fixed k (the ceiling), from the speedups of the table."""
+    rows = []
+    keys = list(dict.fromkeys((c.workload, c.batch_size) for c in cells))
+    for workload, batch in keys:
+        mine = [c for c in cells if (c.workload, c.batch_size) == (workload, batch) and c.speedup is not None]
+        auto = next((c for c in mine if c.mode == "auto"), None)
+        fixed = [c for c in mine if c.mode.startswith("k=")]
+        if auto is None:
+            continue
+        best = max(fixed, key=lambda c: c.speedup, default=None)
+        rows.append([f"{workload}, B={batch}", f"{auto.speedup:.2f}x",
+                     best.mode if best else "-", f"{best.speedup:.2f}x" if best else "-",
+                     f"{auto.speedup / best.speedup:.2f}x" if best else "-"])
+    return rows
+
+
 def to_markdown(result: BenchResult) -> str:
     lines = ["# mlx-specdec bench", ""]
     if result.command:
@@ -410,6 +434,12 @@ def to_markdown(result: BenchResult) -> str:
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(c)) + " |" for c in result.cells]
     lines += ["", FOOTNOTE, ""]
+    summary = auto_summary(result.cells)
+    if summary:
+        lines += ["## auto against the floor and the ceiling", ""]
+        lines += ["| " + " | ".join(AUTO_COLUMNS) + " |", "|" + "---|" * len(AUTO_COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in summary]
+        lines += ["", AUTO_FOOTNOTE, ""]
     warning = spread_warning(result.cells)
     if warning:
         lines += [f"Warning: {warning}.", ""]

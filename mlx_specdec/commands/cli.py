@@ -532,6 +532,13 @@ def bench(
         for cell in cells:
             table.add_row(*B.row(cell))
         console.print(table)
+        summary = B.auto_summary(cells)
+        if summary:
+            auto_table = Table(*B.AUTO_COLUMNS, title="auto against the floor and the ceiling",
+                               caption=B.AUTO_FOOTNOTE, caption_justify="left")
+            for r in summary:
+                auto_table.add_row(*r)
+            console.print(auto_table)
         warning = B.spread_warning(cells)
         if warning:
             err.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
