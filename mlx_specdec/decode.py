@@ -297,6 +297,7 @@ class Round:
     def read(self, since: float = 0.0) -> "Round":
         if self._lists is None:
             drafted, accepted, next = self._arrays
+            mx.eval(drafted, accepted, next)  # one wait, not one per array
             self._lists = (drafted.tolist(), accepted.tolist(), next.tolist())
             self._verify_seconds = time.perf_counter() - max(self._started, since)
         return self
