@@ -88,6 +88,9 @@ EXPLORE_SAMPLES = 2
 two is their minimum, so one slow first pass (a page fault, a kernel built on first use) does not
 rule a length out."""
 
+PLAIN_WINDOW = 4
+"""Plain rounds whose mean time makes one cost sample (see DraftPolicy._record_plain)."""
+
 PROBE_K = 1
 """Drafts per probe: one is the cheapest round that measures a_1, and a_1 bounds every E(k)."""
 
@@ -325,6 +328,10 @@ class CostModel:
         cells, cell = self._cells(key)
         return cells[cell]
 
+    def sampled(self, batch_size: int, length: int) -> bool:
+        """Whether this process has timed this verify cell."""
+        return ("verify", batch_size, length) in self._samples
+
     def explored(self, batch_size: int, length: int) -> bool:
         """Whether this cell needs no exploring: EXPLORE_SAMPLES timings in this process, or a kept prior."""
         key = ("verify", batch_size, length)
@@ -409,6 +416,7 @@ class DraftPolicy:
         self.recheck = False
         self._cached: tuple | None = None  # what _estimates last derived, and from what
         self._explored: set[int] = set()  # batch sizes with no length left to explore
+        self._plain: dict[int, tuple[float, int]] = {}  # plain rounds' seconds not yet a sample, by B
 
     # -- measurements
 
@@ -428,8 +436,10 @@ class DraftPolicy:
         length when it is below k (a fixed-k request, or one near its max_tokens)."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
-        if 0 < t_verify < math.inf:  # a clock glitch is not a measurement
+        if 0 < t_verify < math.inf and k > 0:  # a clock glitch is not a measurement
             self.costs.record_verify(batch_size, k + 1, t_verify)
+        elif 0 < t_verify < math.inf:
+            self._record_plain(batch_size, t_verify)
         if k > 0:
             if 0 < t_draft < math.inf:
                 self.costs.record_draft(batch_size, t_draft / k)
@@ -437,6 +447,19 @@ class DraftPolicy:
             self.recheck = False
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
+
+    def _record_plain(self, batch_size: int, seconds: float) -> None:
+        """Plain rounds run pipelined (each launched before the last is read), so one round's time
+        is the interval between two reads, which jitters around the true cost: some intervals are
+        near zero, and a low quantile of them would make plain decoding look cheaper than it is.
+        Their mean over PLAIN_WINDOW rounds is one sample (the first at a batch size goes in alone,
+        so that the policy has a plain cost of this process's at once)."""
+        total, count = self._plain.get(batch_size, (0.0, 0))
+        total, count = total + seconds, count + 1
+        if count == PLAIN_WINDOW or not self.costs.sampled(batch_size, 1):
+            self.costs.record_verify(batch_size, 1, total / count)
+            total, count = 0.0, 0
+        self._plain[batch_size] = (total, count)
 
     # -- decisions
 

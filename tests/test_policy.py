@@ -323,3 +323,12 @@ def test_fixed_k_rounds_still_teach_the_policy():
     for _ in range(50):
         policy.record(1, d.k, [2], 0.2 * T1, T1 * cheap(3))
     assert policy.acceptance.rates(policy.rounds)[:2] == pytest.approx([1.0, 1.0], abs=0.05)
+
+
+def test_pipelined_plain_rounds_are_costed_by_their_mean_not_their_luckiest_interval():
+    # Plain rounds are read one round late, so their times are intervals between reads that
+    # jitter around the true cost: here 0.1 and 1.9 T1 in turn, a mean of T1.
+    policy = DraftPolicy(8)
+    for i in range(4 * COST_SAMPLES + 1):
+        policy.record(1, 0, [0], 0.0, (0.1 if i % 2 else 1.9) * T1)
+    assert policy.costs.verify_time(1, 1) == pytest.approx(T1)
