@@ -43,3 +43,22 @@ def first_drafts(spec, ids: list[int], steps: int):
 
 def until_eos(tokens: list[int], eos: int = 1) -> list[int]:
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def wait_healthy(url: str, proc, timeout_s: float) -> bool:
+    """Poll ``url``/health until it answers 200 (True), or until ``proc`` exits or the time is
+    up (False): how the server tests wait for a server they started."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)

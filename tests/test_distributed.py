@@ -29,6 +29,7 @@ import pytest
 
 from mlx_specdec import load
 from tests.dist_cases import STANDIN_KS, cases, run_plan
+from tests.helpers import wait_healthy
 from tests.test_server import MODEL, Served, _wait_idle, ask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,17 +183,9 @@ class LaunchedServer(Served):
                    "--served-model-name", MODEL]
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + SERVE_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"the sharded server did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        if not wait_healthy(self.url, self.proc, SERVE_TIMEOUT_S):
+            self.kill()
+            raise RuntimeError(f"the sharded server did not start:\n{self.log.read_text()[-3000:]}")
 
     def interrupt(self, timeout: float) -> str:
         """Ctrl-C: SIGINT to the launcher and both ranks; the launcher's output once all ended."""

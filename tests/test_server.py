@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo"
 KEY = "sekrit"
@@ -42,17 +44,9 @@ class Served:
             [sys.executable, "-m", "mlx_specdec.commands.cli", "serve", "--port", str(self.port),
              "--served-model-name", MODEL, *args],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not start:\n{self.log.read_text()}")
-            time.sleep(0.2)
+        if not wait_healthy(self.url, self.proc, 120):
+            self.stop()
+            raise RuntimeError(f"the server did not start:\n{self.log.read_text()}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
