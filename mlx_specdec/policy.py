@@ -452,11 +452,11 @@ class DraftPolicy:
         """Plain rounds run pipelined (each launched before the last is read), so one round's time
         is the interval between two reads, which jitters around the true cost: some intervals are
         near zero, and a low quantile of them would make plain decoding look cheaper than it is.
-        Their mean over PLAIN_WINDOW rounds is one sample (the first at a batch size goes in alone,
-        so that the policy has a plain cost of this process's at once)."""
+        Their mean over PLAIN_WINDOW rounds is one sample (the very first goes in alone, so that
+        the policy has a plain cost at once; a new batch size meanwhile borrows its neighbours')."""
         total, count = self._plain.get(batch_size, (0.0, 0))
         total, count = total + seconds, count + 1
-        if count == PLAIN_WINDOW or not self.costs.sampled(batch_size, 1):
+        if count == PLAIN_WINDOW or self.costs.verify_time(batch_size, 1) is None:
             self.costs.record_verify(batch_size, 1, total / count)
             total, count = 0.0, 0
         self._plain[batch_size] = (total, count)
@@ -498,8 +498,8 @@ class DraftPolicy:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.k_max == 0:
             return Decision(0, "k=0: k_max is 0")
-        if 1 not in self.costs.lengths(batch_size):
-            # A plain round times plain decoding at this batch size, losing nothing.
+        if self.costs.verify_time(batch_size, 1) is None:
+            # Nothing timed yet: a plain round times plain decoding, losing nothing.
             return Decision(0, f"k=0: timing plain decoding at B={batch_size} first")
         acceptance, t_draft, t_verify = self._estimates(batch_size)
         rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_specdec import generate, load
 from mlx_specdec.loading import load_policy
-from mlx_specdec.policy import K_MAX, Decision, DraftPolicy, PolicyFileError
+from mlx_specdec.policy import K_MAX, PLAIN_WINDOW, Decision, DraftPolicy, PolicyFileError
 from tests.helpers import prompt
 from tests.test_exactness import _plain, _spec, standin
 
@@ -120,7 +120,8 @@ def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
     assert kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
     assert kept.costs.draft[1] == pytest.approx(0.1 * T1)
     assert kept.costs.verify[1, 3] < busy.costs.verify[1, 3] / 3
-    kept.record(1, 0, [0], 0.0, T1)  # and a plain round measures plain decoding
+    for _ in range(PLAIN_WINDOW):  # and plain rounds measure plain decoding (their mean: one sample)
+        kept.record(1, 0, [0], 0.0, T1)
     assert kept.decide(1).k > 1
     # Once it has drafted, a decision not to draft waits out the probe interval as usual.
     assert not kept.recheck
