@@ -14,8 +14,8 @@ measured in this process, for this batch size; unmeasured ones are estimated fro
 neighbours, never taken as free (see CostModel). A costly target then switches drafting off on
 its own, with no model-name special case.
 
-Nothing is timed on the side: every measurement is a real round's. The first round at a batch size
-with no plain timing decodes plainly (which times it). A draft length whose verify cost is not yet
+Nothing is timed on the side: every measurement is a real round's. The first round of all decodes
+plainly (which times it); a batch size not yet timed borrows its neighbours' costs. A draft length whose verify cost is not yet
 measured at this batch size is explored (run once or twice for real) when it could beat the best
 measured choice even if verifying its k + 1 tokens cost no more than the longest measured shorter
 pass: an optimistic bound, so a length that might pay gets measured, while one that could not pay
@@ -328,10 +328,6 @@ class CostModel:
         cells, cell = self._cells(key)
         return cells[cell]
 
-    def sampled(self, batch_size: int, length: int) -> bool:
-        """Whether this process has timed this verify cell."""
-        return ("verify", batch_size, length) in self._samples
-
     def explored(self, batch_size: int, length: int) -> bool:
         """Whether this cell needs no exploring: EXPLORE_SAMPLES timings in this process, or a kept prior."""
         key = ("verify", batch_size, length)
@@ -456,7 +452,7 @@ class DraftPolicy:
         the policy has a plain cost at once; a new batch size meanwhile borrows its neighbours')."""
         total, count = self._plain.get(batch_size, (0.0, 0))
         total, count = total + seconds, count + 1
-        if count == PLAIN_WINDOW or self.costs.verify_time(batch_size, 1) is None:
+        if count == PLAIN_WINDOW or not self.costs.verify:  # nothing timed yet, at any batch size
             self.costs.record_verify(batch_size, 1, total / count)
             total, count = 0.0, 0
         self._plain[batch_size] = (total, count)
@@ -498,10 +494,11 @@ class DraftPolicy:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.k_max == 0:
             return Decision(0, "k=0: k_max is 0")
-        if self.costs.verify_time(batch_size, 1) is None:
+        estimates = self._estimates(batch_size)  # cached: the hot path re-derives nothing
+        if estimates is None:
             # Nothing timed yet: a plain round times plain decoding, losing nothing.
             return Decision(0, f"k=0: timing plain decoding at B={batch_size} first")
-        acceptance, t_draft, t_verify = self._estimates(batch_size)
+        acceptance, t_draft, t_verify = estimates
         rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
         best = max(range(1, len(rates)), key=lambda k: (rates[k], -k))
         compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "
