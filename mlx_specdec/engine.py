@@ -640,10 +640,13 @@ class Engine:
         decoding; rows that finish meanwhile are dropped from the one in flight (its writes lie
         past their end, like rejected drafts). Sampled rows pipeline too: each draws from its
         own key."""
+        ahead = self._ahead is not None and self._ahead.seconds is None  # launched last step, not read
         current, self._ahead = self._ahead or self._launch(), None
         positions = self.spec.target.config.max_position_embeddings
         if current.k == 0 and any(r.budget(positions) - r.emitted > 1 for r in self._live.values()):
             self._ahead = self._launch(before=current)
+        # Only a plain round with plain rounds launched ahead on both sides times plain decoding.
+        steady = ahead and self._ahead is not None and self._ahead.k == 0
         self._read(current)
         result, seconds = current.result, current.seconds
         requests = [self._live.get(i) for i in current.ids]  # None: it left while the round ran
@@ -656,7 +659,7 @@ class Engine:
                                        result.verify_seconds, seconds)
         self.spec.policy.record(len(current.ids), current.k, result.accepted, result.draft_seconds,
                                 result.verify_seconds, seconds - result.draft_seconds - result.verify_seconds,
-                                current.limits)
+                                current.limits, steady)
         self._rounds += 1
         self._last_k = current.k
         auto = [d for d, r in zip(current.decisions, requests) if r and r.options.draft_tokens == "auto"]

@@ -14,8 +14,9 @@ measured in this process, for this batch size; unmeasured ones are estimated fro
 neighbours, never taken as free (see CostModel). A costly target then switches drafting off on
 its own, with no model-name special case.
 
-Nothing is timed on the side: every measurement is a real round's. The first round of all decodes
-plainly (which times it); a batch size not yet timed borrows its neighbours' costs. A draft length whose verify cost is not yet
+Nothing is timed on the side: every measurement is a real round's. A batch size first decodes
+plainly for a few rounds, which times plain decoding there (the yardstick of every choice); its
+draft lengths meanwhile borrow their neighbours' costs. A draft length whose verify cost is not yet
 measured at this batch size is explored (run once or twice for real) when it could beat the best
 measured choice even if verifying its k + 1 tokens cost no more than the longest measured shorter
 pass: an optimistic bound, so a length that might pay gets measured, while one that could not pay
@@ -328,6 +329,11 @@ class CostModel:
         cells, cell = self._cells(key)
         return cells[cell]
 
+    def measured(self, batch_size: int, length: int) -> bool:
+        """Whether this cell has a timing of its own: from this process, or a kept prior."""
+        key = ("verify", batch_size, length)
+        return key in self._samples or key in self._priors
+
     def explored(self, batch_size: int, length: int) -> bool:
         """Whether this cell needs no exploring: EXPLORE_SAMPLES timings in this process, or a kept prior."""
         key = ("verify", batch_size, length)
@@ -425,16 +431,18 @@ class DraftPolicy:
         self.costs.record_draft(batch_size, seconds_per_step)
 
     def record(self, batch_size: int, k: int, accepted: Sequence[int], t_draft: float, t_verify: float,
-               t_other: float = 0.0, limits: Sequence[int] | None = None) -> None:
+               t_other: float = 0.0, limits: Sequence[int] | None = None, steady: bool = True) -> None:
         """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
         seconds spent drafting (all k steps), verifying, and on everything else (t_other is kept by
         decode.Stats; the decision leaves it out, as in cost(k)). `limits[r]`: row r's own draft
-        length when it is below k (a fixed-k request, or one near its max_tokens)."""
+        length when it is below k (a fixed-k request, or one near its max_tokens). `steady`, for a
+        plain round: whether it ran inside a pipelined stretch of plain rounds; only those time
+        plain decoding (see _record_plain)."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
         if 0 < t_verify < math.inf and k > 0:  # a clock glitch is not a measurement
             self.costs.record_verify(batch_size, k + 1, t_verify)
-        elif 0 < t_verify < math.inf:
+        elif 0 < t_verify < math.inf and steady:
             self._record_plain(batch_size, t_verify)
         if k > 0:
             if 0 < t_draft < math.inf:
@@ -448,11 +456,14 @@ class DraftPolicy:
         """Plain rounds run pipelined (each launched before the last is read), so one round's time
         is the interval between two reads, which jitters around the true cost: some intervals are
         near zero, and a low quantile of them would make plain decoding look cheaper than it is.
-        Their mean over PLAIN_WINDOW rounds is one sample (the very first goes in alone, so that
-        the policy has a plain cost at once; a new batch size meanwhile borrows its neighbours')."""
+        Their mean over PLAIN_WINDOW rounds is one sample. Only steady rounds count: the first
+        round of a plain stretch (the first of all, one between drafting rounds, one forced by a
+        row's last token) also waits for its own graph to be built, twice a steady interval on a
+        small model, and taken as the cost of plain decoding it sent the policy drafting, and
+        drafting deep, where plain decoding was faster; the last round's interval is only a tail."""
         total, count = self._plain.get(batch_size, (0.0, 0))
         total, count = total + seconds, count + 1
-        if count == PLAIN_WINDOW or not self.costs.verify:  # nothing timed yet, at any batch size
+        if count == PLAIN_WINDOW:
             self.costs.record_verify(batch_size, 1, total / count)
             total, count = 0.0, 0
         self._plain[batch_size] = (total, count)
@@ -494,11 +505,11 @@ class DraftPolicy:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.k_max == 0:
             return Decision(0, "k=0: k_max is 0")
-        estimates = self._estimates(batch_size)  # cached: the hot path re-derives nothing
-        if estimates is None:
-            # Nothing timed yet: a plain round times plain decoding, losing nothing.
+        if not self.costs.measured(batch_size, 1):
+            # Plain rounds time plain decoding at this batch size first, losing nothing: every
+            # choice is weighed against it, and a neighbour's cost scaled to B rows overstates it.
             return Decision(0, f"k=0: timing plain decoding at B={batch_size} first")
-        acceptance, t_draft, t_verify = estimates
+        acceptance, t_draft, t_verify = self._estimates(batch_size)  # cached: the hot path re-derives nothing
         rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
         best = max(range(1, len(rates)), key=lambda k: (rates[k], -k))
         compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "

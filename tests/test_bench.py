@@ -104,7 +104,7 @@ def test_header_says_whether_auto_starts_from_a_kept_policy(model, tmp_path):
     spec = load(model, policy_cache=tmp_path)
     fresh = bench.environment_lines(bench.environment(spec, None))
     assert f"policy  {spec.policy_file}: auto starts from nothing measured yet" in "\n".join(fresh)
-    generate(spec, [5, 6, 7], max_tokens=4)
+    generate(spec, [5, 6, 7], max_tokens=12)  # enough steady plain rounds to time plain decoding
     kept = bench.environment_lines(bench.environment(load(model, policy_cache=tmp_path), None))
     assert f"policy  {spec.policy_file}: auto starts from what earlier runs measured" in "\n".join(kept)
     off = bench.environment_lines(bench.environment(load(model, policy_cache=False), None))

@@ -3,6 +3,7 @@ generating alone gives them; prefix reuse prefills only what is new; admission i
 bounded."""
 
 import functools
+import inspect
 
 import pytest
 
@@ -315,3 +316,22 @@ def test_plain_rounds_are_launched_before_the_last_one_is_read(checkpoints):
     # No round runs past the last token's: 2 prefill passes + 5 rounds, the last one not ahead.
     assert len(calls) == 7
     assert tokens == _alone(spec, prompt(5), 6, draft_tokens=0)[0]
+
+
+def test_only_plain_rounds_inside_a_pipelined_stretch_time_plain_decoding(checkpoints):
+    # The first round of a stretch waits for its own graph as well, the last one is only a tail:
+    # neither is what a plain round costs, so neither reaches the policy's plain cost.
+    spec = _real(checkpoints, "dense")
+    steady, record = [], spec.policy.record
+
+    def spy(*args, **kwargs):
+        steady.append(inspect.signature(record).bind(*args, **kwargs).arguments.get("steady", True))
+        record(*args, **kwargs)
+
+    spec.policy.record = spy
+    engine = Engine(spec, max_batch=2)
+    engine.submit(prompt(5), _options(8, 0))
+    while engine.has_work:
+        engine.step()
+    # 8 tokens: the prefill's, then 7 rounds; the first and the last are not steady.
+    assert steady == [False] + [True] * 5 + [False]

@@ -10,6 +10,7 @@ import pytest
 from mlx_specdec.policy import (
     COST_SAMPLES,
     EXPLORE_SAMPLES,
+    PLAIN_WINDOW,
     PROBE_MIN_INTERVAL,
     PROBE_OVERHEAD_BUDGET,
     CostModel,
@@ -200,11 +201,36 @@ def test_drafting_comes_back_within_three_probe_intervals_once_text_is_predictab
 
 def test_before_any_timing_the_policy_decodes_plainly_then_explores_with_real_rounds():
     policy = DraftPolicy(8)
-    assert policy.decide(1) == Decision(0, "k=0: timing plain decoding at B=1 first")
-    policy.record(1, 0, [0], 0.0, T1)
+    for _ in range(PLAIN_WINDOW):  # steady plain rounds: their mean is plain decoding's cost
+        assert policy.decide(1) == Decision(0, "k=0: timing plain decoding at B=1 first")
+        policy.record(1, 0, [0], 0.0, T1)
     # Nothing else timed: at the prior acceptance (0.5) one draft might pay, so a real round tries it.
     d = policy.decide(1)
     assert d.k == 1 and d.reason.startswith("explore k=1: ") and not d.probe
+
+
+def test_only_steady_plain_rounds_time_plain_decoding():
+    # The first plain round of a stretch also waits for its own graph (about 2 T1 on a small
+    # model); taken as plain decoding's cost, it sent the policy drafting where plain was faster.
+    policy = DraftPolicy(8)
+    policy.record(1, 0, [0], 0.0, 2 * T1, steady=False)
+    assert policy.decide(1) == Decision(0, "k=0: timing plain decoding at B=1 first")
+    for _ in range(PLAIN_WINDOW):
+        policy.record(1, 0, [0], 0.0, T1)
+    policy.record(1, 0, [0], 0.0, 0.01 * T1, steady=False)  # a tail: the last round of a stretch
+    assert policy.costs.verify_time(1, 1) == pytest.approx(T1)
+
+
+def test_a_new_batch_size_times_plain_decoding_before_it_drafts():
+    # A neighbour's plain cost scaled by rows (2 T1 at B=2 from T1 at B=1) would overstate plain
+    # decoding where batching is nearly free, and every draft length would look cheap beside it.
+    policy = calibrated(cheap)
+    feed(policy, rate=1.0, rounds=10, k=3)
+    assert policy.decide(1).k > 0
+    for _ in range(PLAIN_WINDOW):
+        assert policy.decide(2) == Decision(0, "k=0: timing plain decoding at B=2 first")
+        policy.record(2, 0, [0, 0], 0.0, 1.1 * T1)
+    assert policy.decide(2).k > 0
 
 
 def test_a_drafter_that_never_agrees_is_explored_for_a_round_or_two_only():
