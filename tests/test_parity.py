@@ -51,3 +51,43 @@ def test_drafter_first_steps_match_transformers(checkpoints, geometry, centroids
             np.testing.assert_allclose(logits, ref["logits"][i][selected], atol=TOL, rtol=0)
         else:
             np.testing.assert_allclose(logits, ref["logits"][i], atol=TOL, rtol=0)
+
+
+# The two unified geometries above take k=v and KV sharing one at a time, and double-wide MLPs
+# only together with KV sharing. These variants cover the other combinations: k=v with KV-shared
+# (double-wide) layers, and KV-shared layers whose MLP is not widened.
+UNIFIED_VARIANTS = {
+    "k=v+kv-shared+double-wide": ("unified", {"num_kv_shared_layers": 2, "use_double_wide_mlp": True}),
+    "kv-shared-single-wide": ("unified-shared", {"use_double_wide_mlp": False}),
+}
+
+
+@pytest.mark.parametrize("variant", list(UNIFIED_VARIANTS))
+@pytest.mark.parametrize("layout", ["text", "published-multimodal"])
+def test_unified_variants_match_transformers(checkpoints, variant, layout):
+    geometry, overrides = UNIFIED_VARIANTS[variant]
+    published = layout == "published-multimodal"
+    target = checkpoints.target(geometry, multimodal=published, published=published, **overrides)
+    spec = load(target, drafter=False)
+    shared = spec.target.config.num_kv_shared_layers
+    widths = [layer.mlp.gate_proj.weight.shape[0] for layer in spec.target.model.layers]
+    # The variant is what it says: shared layers, and their MLP widened only when asked.
+    assert shared == 2 and spec.target.config.attention_k_eq_v == (geometry == "unified")
+    assert widths[-1] == (2 if overrides["use_double_wide_mlp"] else 1) * widths[0]
+    ids = prompt(4 * WINDOW + 3, seed=2)
+    ref = oracle.reference_forward(target, ids)
+    for steps in ([len(ids)], [5, 9, 1, 9, 3, 8]):
+        logits, _ = forward_in_steps(spec.target, ids, steps)
+        np.testing.assert_allclose(logits, ref["logits"], atol=TOL, rtol=0)
+    for centroids in (False, True):
+        drafter = checkpoints.assistant(target, centroids=centroids, published=published)
+        pair = load(target, drafter=drafter)
+        ids = prompt(3 * WINDOW + 1, seed=5)
+        ref = oracle.reference_draft(target, drafter, ids, steps=3)
+        drafts = first_drafts(pair, ids, 3)
+        assert [int(d.greedy_tokens().item()) for d in drafts] == ref["tokens"]
+        for i, d in enumerate(drafts):
+            np.testing.assert_allclose(np.array(d.hidden[0, 0]), ref["hidden"][i], atol=TOL, rtol=0)
+            logits = np.array(d.logits[0])
+            expected = ref["logits"][i][np.array(d.candidates[0])] if centroids else ref["logits"][i]
+            np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
