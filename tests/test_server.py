@@ -188,6 +188,27 @@ def test_concurrent_requests_each_equal_their_answer_alone(server):
     assert max(seen_batch) >= 2, "the requests never shared a batch"
 
 
+def test_a_continued_conversation_and_a_shared_system_prompt_prefill_only_what_is_new(server):
+    system = {"role": "system", "content": "You are a careful Python tutor who answers briefly. " * 25}
+
+    def chat(*messages: dict) -> tuple[dict, float]:
+        before = server.metrics()["mlx_specdec_prefix_reused_tokens"]
+        out = server.post("/v1/chat/completions", {"model": MODEL, "messages": list(messages), "max_tokens": 32})
+        assert out.status_code == 200, out.text
+        return out.json(), server.metrics()["mlx_specdec_prefix_reused_tokens"] - before
+
+    question = {"role": "user", "content": "What is the difflib module for?"}
+    first, _ = chat(system, question)
+    answer = {"role": "assistant", "content": first["choices"][0]["message"]["content"]}
+    _, reused = chat(system, question, answer, {"role": "user", "content": "And textwrap?"})
+    assert reused >= first["usage"]["prompt_tokens"]  # the whole first turn, and more
+    # Other questions under the same system prompt: the second branches off it, the rest reuse it.
+    others = [chat(system, {"role": "user", "content": q}) for q in
+              ("Describe statistics.median.", "What does shutil.copy do?", "Explain fractions.Fraction.")]
+    for out, reused in others[1:]:  # all but the question and the template's few tokens around it
+        assert reused >= out["usage"]["prompt_tokens"] - 24 >= 200, [(o["usage"], r) for o, r in others]
+
+
 def test_the_same_seed_samples_the_same_answer(server):
     # A fixed draft length: "auto" may pick another k the second time, and k decides how many
     # random numbers a round draws.
