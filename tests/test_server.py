@@ -258,9 +258,11 @@ def test_a_continued_conversation_and_a_shared_system_prompt_prefill_only_what_i
 def test_the_same_seed_samples_the_same_answer(server):
     # A fixed draft length: "auto" may pick another k the second time, and k decides how many
     # random numbers a round draws.
-    body = dict(model=MODEL, prompt=ENDLESS, max_tokens=24, temperature=1.0, seed=7, draft_tokens=2)
-    first, second = (server.post("/v1/completions", body).json() for _ in range(2))
+    body = dict(model=MODEL, prompt=ENDLESS, max_tokens=24, temperature=1.0, top_p=0.95, top_k=40, min_p=0.01,
+                seed=7, draft_tokens=2)
+    first, second, other = (server.post("/v1/completions", b).json() for b in (body, body, body | {"seed": 8}))
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    assert first["choices"][0]["text"] != other["choices"][0]["text"]  # the seed is the request's own
 
 
 def test_stop_strings_cut_the_text_and_end_the_request(server):
@@ -333,6 +335,8 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "temperature": "hot"}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 2}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": -1}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "min_p": "low"}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, 400),
