@@ -17,7 +17,11 @@ Prefix reuse. When a row leaves, its cache goes into a bounded LRU store of sing
 (a continued conversation, a shared system prompt) starts from a copy of that cache and prefills
 only what is new. Caches are addressed by position (cache.py), so a kept prefix is valid as far
 as it goes; sliding-window layers hold a ring of recent positions only, so `reusable` checks the
-ring still holds the window the first new token looks back to.
+ring still holds the window the first new token looks back to. A finished row's ring has moved
+past the point where the next prompt branches off (a shared system prompt ends well before the
+first answer does), so a prompt that shares at least `BRANCH_MIN_TOKENS` more tokens with an
+entry than it can reuse splits its prefill there and stores a copy of its cache at that point:
+from the next request on, the shared part is reused.
 
 Exactness. A row's tokens do not depend on its batch: greedy rows are token-identical to
 generating alone; sampled rows draw from their own PRNG key (`decode.Sampler`), so a seeded
@@ -54,6 +58,11 @@ PREFIX_CACHE_TOKENS = 32_768
 tables hold, rings included): a few long conversations or many shared system prompts, at a
 memory cost of this many tokens of K/V."""
 
+BRANCH_MIN_TOKENS = 64
+"""Shortest shared prefix worth a branch-point entry in the prefix store (see the module
+docstring): long enough for a system prompt, far longer than the chat template's few header
+tokens that every conversation shares."""
+
 KV_MEMORY_FRACTION = 0.5
 """Share of the memory the loaded weights leave that live rows' K/V may claim by default: the
 rest is for activations, the prefix store and everything else in the process."""
@@ -80,6 +89,7 @@ class _Admission:
     prefilled: int  # prompt tokens the cache holds, every row alike
     rows: Rows | None = None  # once prefilled: the rows that join the batch
     sampler: Sampler | None = None
+    branch: int = 0  # a prefill boundary where the first row's cache is kept in the prefix store (0: none)
 
     def __post_init__(self):
         self.reused = self.prefilled
@@ -183,6 +193,12 @@ class PrefixStore:
                 best, best_key = n, key
         return best, best_key
 
+    def shared(self, prompt: list[int]) -> int:
+        """The longest prefix of ``prompt`` (less its last token) that any entry's tokens share,
+        whether or not its cache can still continue from there."""
+        return max((min(_common_prefix(held, prompt), len(prompt) - 1) for held, _, _ in self._entries.values()),
+                   default=0)
+
     def take(self, spec: SpecModel, prompt: list[int]) -> tuple[int, Cache | None]:
         """The longest reusable prefix of ``prompt`` and a copy of the cache holding it (0, None: none)."""
         n, key = self.longest(spec, prompt)
@@ -250,9 +266,11 @@ class Engine:
     that runs the model (the engine thread)."""
 
     def __init__(self, spec: SpecModel, *, max_batch: int = 8, prefill_step_size: int = 512,
-                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, kv_memory_bytes: int | None = None):
+                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, kv_memory_bytes: int | None = None,
+                 branch_min_tokens: int = BRANCH_MIN_TOKENS):
         for name, value, least in (("max_batch", max_batch, 1), ("prefill_step_size", prefill_step_size, 1),
-                                   ("prefix_cache_tokens", prefix_cache_tokens, 0)):
+                                   ("prefix_cache_tokens", prefix_cache_tokens, 0),
+                                   ("branch_min_tokens", branch_min_tokens, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
         self.spec = spec
@@ -264,6 +282,7 @@ class Engine:
             mib = distributed.from_rank0(spec.group, mx.array([self.kv_memory_bytes >> 20], dtype=mx.int32))
             self.kv_memory_bytes = mib.item() << 20
         self.prefixes = PrefixStore(prefix_cache_tokens)
+        self.branch_min_tokens = branch_min_tokens
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._waiting: deque[_Request] = deque()
@@ -467,8 +486,12 @@ class Engine:
             # Chunks start at the same positions whatever else runs, so a prompt's prefill
             # passes are the same alone or not; a step may overrun its budget by under a chunk.
             n = min(group.length - group.prefilled, self.prefill_step_size)
+            if group.prefilled < group.branch:
+                n = min(n, group.branch - group.prefilled)
             self._admitting = group  # taken from the queue: a failing pass must end its requests too
             hidden = self._prefill(group, n)
+            if group.prefilled == group.branch:  # a copy: the group's cache goes on filling
+                self.prefixes.put(group.requests[0].prompt[: group.branch], group.cache.select([0]))
             if budget is not None:
                 budget -= n * len(group.requests)
             if group.prefilled < group.length:
@@ -522,10 +545,19 @@ class Engine:
             if len(group) == 1:
                 reused, cache = self.prefixes.take(self.spec, request.prompt)
                 if cache is not None:
-                    return _Admission(group, cache, reused)
+                    return self._branching(_Admission(group, cache, reused))
         if not group:
             return None
-        return _Admission(group, new_cache(self.spec, len(group)), 0)
+        return self._branching(_Admission(group, new_cache(self.spec, len(group)), 0))
+
+    def _branching(self, group: "_Admission") -> "_Admission":
+        """Mark where the group's first prompt branches off a stored entry further than it could
+        reuse, when that is worth an entry of its own (see the module docstring)."""
+        if self.prefixes.max_tokens:
+            shared = self.prefixes.shared(group.requests[0].prompt)
+            if shared - group.prefilled >= self.branch_min_tokens:
+                group.branch = shared
+        return group
 
     def _pop(self) -> None:
         with self._lock:

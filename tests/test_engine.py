@@ -174,6 +174,24 @@ def test_the_prefix_store_is_bounded_least_recently_used_first(checkpoints):
     assert oldest["stats"].reused_tokens == 0
 
 
+def test_a_shared_system_prompt_is_reused_once_a_second_request_branches_off_it(checkpoints):
+    # Long answers: a finished row's ring has moved well past where the next prompt branches off.
+    spec = _real(checkpoints, "e2b")
+    engine = Engine(spec, max_batch=1, branch_min_tokens=2 * WINDOW)
+    system = prompt(5 * WINDOW, seed=21)
+    asks = [system + prompt(4 + i, seed=30 + i) for i in range(3)]
+    got = [run(engine, [(0, p, _options(3 * WINDOW, 2))])[0] for p in asks]
+    # The first has nothing to reuse; the second can no longer continue the first's cache but
+    # keeps its own at the branch point; the third reuses the system prompt from there.
+    assert [g["stats"].reused_tokens for g in got] == [0, 0, len(system)]
+    assert [g["tokens"] for g in got] == [_alone(spec, p, 3 * WINDOW, draft_tokens=0)[0] for p in asks]
+    # Below the threshold nothing is kept: the chat header every conversation shares is not worth an entry.
+    engine = Engine(spec, max_batch=1, branch_min_tokens=len(system) + 1)
+    got = [run(engine, [(0, p, _options(3 * WINDOW, 2))])[0] for p in asks]
+    assert [g["stats"].reused_tokens for g in got] == [0, 0, 0]
+    assert len(engine.prefixes) == 3
+
+
 def test_a_long_prompt_stalls_the_live_batch_for_about_one_chunk(checkpoints):
     spec = _real(checkpoints, "dense")
     calls = []

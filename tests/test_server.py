@@ -87,6 +87,52 @@ def small_server(tmp_path_factory):
     s.stop()
 
 
+class InProcess(Served):
+    """The server's app on uvicorn in a thread of this process, over an engine whose K/V bound
+    the test sets (the command takes the bound from the device's memory)."""
+
+    def __init__(self, kv_memory_bytes: int, max_batch: int):
+        import uvicorn
+
+        from mlx_specdec import load
+        from mlx_specdec.engine import Engine
+        from mlx_specdec.server import EngineThread, make_app
+
+        def build():
+            spec = load(None, None)  # the embedded demo pair, as `serve` with no --model
+            return spec, Engine(spec, max_batch=max_batch, kv_memory_bytes=kv_memory_bytes)
+
+        runner = EngineThread(build)
+        runner.start()
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = uvicorn.Server(uvicorn.Config(make_app(runner, model_id=MODEL, max_batch=max_batch),
+                                                  host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.http.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.http.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.http.should_exit = True  # the app's shutdown stops the engine thread
+        self.thread.join(timeout=30)
+
+
+# The demo pair's K/V is 276 KiB per row plus 2 KiB per position of full attention, reserved
+# 256 positions at a time: one row that could reach 256 positions fits (788 KiB), two do not,
+# nor one that could reach more.
+KV_BOUND = 1_200_000
+
+
+@pytest.fixture(scope="module")
+def tight_server():
+    s = InProcess(KV_BOUND, max_batch=4)
+    yield s
+    s.stop()
+
+
 # Requests of different prompt and answer lengths, chat and text, streamed and not, through
 # the openai client and raw HTTP.
 REQUESTS = [
@@ -188,12 +234,35 @@ def test_concurrent_requests_each_equal_their_answer_alone(server):
     assert max(seen_batch) >= 2, "the requests never shared a batch"
 
 
+def test_a_continued_conversation_and_a_shared_system_prompt_prefill_only_what_is_new(server):
+    system = {"role": "system", "content": "You are a careful Python tutor who answers briefly. " * 25}
+
+    def chat(*messages: dict) -> tuple[dict, float]:
+        before = server.metrics()["mlx_specdec_prefix_reused_tokens"]
+        out = server.post("/v1/chat/completions", {"model": MODEL, "messages": list(messages), "max_tokens": 32})
+        assert out.status_code == 200, out.text
+        return out.json(), server.metrics()["mlx_specdec_prefix_reused_tokens"] - before
+
+    question = {"role": "user", "content": "What is the difflib module for?"}
+    first, _ = chat(system, question)
+    answer = {"role": "assistant", "content": first["choices"][0]["message"]["content"]}
+    _, reused = chat(system, question, answer, {"role": "user", "content": "And textwrap?"})
+    assert reused >= first["usage"]["prompt_tokens"]  # the whole first turn, and more
+    # Other questions under the same system prompt: the second branches off it, the rest reuse it.
+    others = [chat(system, {"role": "user", "content": q}) for q in
+              ("Describe statistics.median.", "What does shutil.copy do?", "Explain fractions.Fraction.")]
+    for out, reused in others[1:]:  # all but the question and the template's few tokens around it
+        assert reused >= out["usage"]["prompt_tokens"] - 24 >= 200, [(o["usage"], r) for o, r in others]
+
+
 def test_the_same_seed_samples_the_same_answer(server):
     # A fixed draft length: "auto" may pick another k the second time, and k decides how many
     # random numbers a round draws.
-    body = dict(model=MODEL, prompt=ENDLESS, max_tokens=24, temperature=1.0, seed=7, draft_tokens=2)
-    first, second = (server.post("/v1/completions", body).json() for _ in range(2))
+    body = dict(model=MODEL, prompt=ENDLESS, max_tokens=24, temperature=1.0, top_p=0.95, top_k=40, min_p=0.01,
+                seed=7, draft_tokens=2)
+    first, second, other = (server.post("/v1/completions", b).json() for b in (body, body, body | {"seed": 8}))
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    assert first["choices"][0]["text"] != other["choices"][0]["text"]  # the seed is the request's own
 
 
 def test_stop_strings_cut_the_text_and_end_the_request(server):
@@ -266,6 +335,8 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "temperature": "hot"}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 2}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": -1}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "min_p": "low"}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, 400),
@@ -300,6 +371,37 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server):
         server.client().chat.completions.create(model=MODEL, messages=[])
     text, n, _ = ask(server, REQUESTS[4])
     assert n >= 1 and text
+
+
+def test_admission_is_bounded_by_kv_memory(tight_server):
+    s = tight_server
+    alone = [ask(s, r) for r in REQUESTS[:4]]  # the first also measures the K/V sizes
+    # A request that could never fit the bound is refused before it runs.
+    big = s.post("/v1/completions", {"model": MODEL, "prompt": ENDLESS, "max_tokens": 600})
+    assert big.status_code == 400, big.text
+    assert "K/V" in big.json()["error"]["message"]
+    # Requests that fit alone but not together wait for each other's rows, and get the same answers.
+    seen, running = [], threading.Event()
+    running.set()
+
+    def watch():
+        while running.is_set():
+            m = s.metrics()
+            seen.append((m["mlx_specdec_batch_size"], m["mlx_specdec_queue_depth"]))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda r: ask(s, r), REQUESTS[:4]))
+    finally:
+        running.clear()
+        watcher.join()
+    assert together == alone
+    assert max(b for b, _ in seen) == 1 and max(q for _, q in seen) >= 1, seen
+    assert s.metrics()["mlx_specdec_kv_memory_bytes"] == KV_BOUND
+    assert ask(s, REQUESTS[4])[1] >= 1
 
 
 def test_models_health_and_metrics(server):
