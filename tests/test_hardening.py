@@ -522,3 +522,27 @@ def test_chat_answers_stop_at_the_limit_and_say_so(monkeypatch, short):
     output = _repl(monkeypatch, session, ["word " * 20, "more"])
     assert session.reports[0].prompt_tokens + session.reports[0].stats.generated_tokens <= 64
     assert "64" in output and "/reset" in output
+
+
+# ---------------------------------------------------------------------------------------------
+# What "identical" means: bench/near_ties.py, at its smallest settings
+
+
+def test_near_ties_measures_shape_noise_and_flips_only_at_near_ties(tmp_path, monkeypatch):
+    """README's contract: batch and verify shapes move float32 logits only in their last bits,
+    so a greedy token can flip only where the top two were closer than that move."""
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("near_ties", REPO / "bench" / "near_ties.py")
+    near_ties = importlib.util.module_from_spec(module_spec)
+    monkeypatch.setitem(sys.modules, "near_ties", near_ties)
+    module_spec.loader.exec_module(near_ties)
+    out = tmp_path / "near_ties.md"
+    results = near_ties.main(["--random-model", "--random-prompts", "3", "--new-tokens", "8", "--batch", "3",
+                              "--k", "2", "--out", str(out)])
+    assert set(results) == {"batch", "verify", "verify, batch"}
+    for shape, r in results.items():
+        assert r["max_diff"] < 1e-3, (shape, r)  # rounding, not a different computation
+        assert r["flips"] <= r["could_flip"], (shape, r)  # every flip at a gap the shape crossed
+    table = out.read_text()
+    assert "24 positions" in table and table.count("| verify") == 2 and "| batch (B=3" in table
