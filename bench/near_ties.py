@@ -106,7 +106,7 @@ def run(spec, rows: list[list[int]], feed: list[list[int]] | None, new_tokens: i
     return np.array(mx.concatenate(out, axis=1).astype(mx.float32))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded demo model")
     parser.add_argument("--random-model", action="store_true", help="an untrained random target instead")
@@ -180,6 +180,7 @@ def main(argv=None) -> None:
         command = "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python bench/near_ties.py " + \
             " ".join(argv if argv is not None else sys.argv[1:])
         args.out.write_text(f"Command: `{command}`\n\n" + text)
+    return results
 
 
 if __name__ == "__main__":

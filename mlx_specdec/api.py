@@ -9,7 +9,7 @@ import numpy as np
 
 from .decode import Options, Stats, check_prompt, decode
 from .errors import InputError
-from .loading import SpecModel, load
+from .loading import SpecModel, check_kv_memory, load
 from .prompt import Messages, TextStream, answer_text, check_messages, encode_messages, encode_text, is_messages
 from .sampling import SamplingParams
 
@@ -108,6 +108,7 @@ def stream_generate(
     """
     run = Settings.of(options).options()
     ids = encode(model, _prompt(prompt, messages), chat_template_config)
+    check_kv_memory(model, [len(ids)], run.max_tokens)
     stream = TextStream(model.tokenizer) if model.tokenizer is not None else None
     try:
         for update in decode(model, [ids], run):
@@ -149,6 +150,7 @@ def generate_batch(
         raise InputError("prompts is one conversation: pass a list of conversations, [messages, ...]")
     run = Settings.of(options).options()
     ids = [encode(model, p, chat_template_config) for p in prompts]
+    check_kv_memory(model, [len(i) for i in ids], run.max_tokens)
     tokens = [[] for _ in ids]
     finish = [None] * len(ids)
     stats = None

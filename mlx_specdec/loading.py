@@ -29,7 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .distributed import Footprint, parameter_bytes
-from .errors import ConfigError, LoadError
+from .errors import ConfigError, InputError, LoadError
 from .models import assistant, gemma4
 from .policy import DraftPolicy, PolicyFileError
 
@@ -289,18 +289,20 @@ def weight_bytes(path: Path, dtype=None, role: str = "model") -> int:
     return total
 
 
-def available_memory() -> tuple[int, str]:
+def available_memory(in_use: int = 0) -> tuple[int, str]:
     """Bytes this process can still fill, and where the number comes from: the memory the
     system reports available (or its total, where it reports no such figure), and MLX's
-    device limit when that is lower."""
-    found: list[tuple[int, str]] = []
+    device limit when that is lower. ``in_use``: what MLX already holds (the loaded weights),
+    taken off every figure but the system's available memory, which has it off already."""
+    found: list[tuple[int, str]] = []  # totals, from which in_use is still to come off
+    available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                found.append((int(line.split()[1]) * 1024, "available (MemAvailable in /proc/meminfo)"))
+                available = (int(line.split()[1]) * 1024, "available (MemAvailable in /proc/meminfo)")
     except (OSError, ValueError, IndexError):
         pass
-    if not found:
+    if available is None:
         try:
             found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of physical memory"))
         except (AttributeError, OSError, ValueError):
@@ -310,7 +312,10 @@ def available_memory() -> tuple[int, str]:
         found.append((int(info["max_recommended_working_set_size"]), "in the GPU's recommended working set"))
     if hasattr(mx, "get_memory_limit"):
         found.append((int(mx.get_memory_limit()), "under MLX's memory limit (mx.set_memory_limit)"))
-    found = [f for f in found if f[0] > 0]
+    # A figure of 0 is one the system did not give; what is left of a real one may be nothing.
+    found = [(max(0, n - in_use), where) for n, where in found if n > 0]
+    if available is not None and available[0] > 0:
+        found.append(available)
     return min(found) if found else (1 << 62, "unknown")
 
 
@@ -333,6 +338,45 @@ def check_memory(folders: list[tuple[Path, str]], dtype) -> None:
         raise LoadError(f"the weights do not fit in memory: loading needs {human_bytes(needed)} ({parts}{cast}), "
                         f"and there is {human_bytes(free)} {where}; free memory, or use a quantized "
                         "or smaller model")
+
+
+def kv_bytes(spec: "SpecModel", rows: int, longest: int) -> int:
+    """K/V memory a decode of ``rows`` rows takes when the longest holds ``longest`` tokens
+    (prompt and answer, at most the model's positions): each layer that keeps K/V holds a
+    ring of the sliding window plus a round's step per row, or full attention's capacity,
+    grown in steps of GROW_STEP to the furthest position a round writes."""
+    from .cache import GROW_STEP
+    from .policy import K_MAX
+
+    target = spec.target
+    step = K_MAX + 1
+    ring = target.lookback(spec.drafter.sliding_window if spec.drafter is not None else 0) + step
+    reach = min(longest, target.config.max_position_embeddings) + step
+    full = -(-reach // GROW_STEP) * GROW_STEP
+    embed = target.model.embed_tokens
+    itemsize = (embed.scales if hasattr(embed, "scales") else embed.weight).dtype.size  # the activations' dtype
+    total = 0
+    for layer in target.model.layers:
+        attn = layer.self_attn
+        if not attn.shares_kv:  # KV-shared layers read their source's
+            slots = ring if attn.kind == gemma4.SLIDING else full
+            total += 2 * rows * attn.n_kv_heads * slots * attn.head_dim * itemsize
+    return total
+
+
+def check_kv_memory(spec: "SpecModel", prompt_lengths: list[int], max_tokens: int) -> None:
+    """Refuse, before any of it runs, a request whose K/V cache cannot fit in the memory the
+    loaded model leaves: say what it needs and what there is. Not under a group, where every
+    rank must take the same decision and each sees its own memory."""
+    if spec.group is not None:
+        return
+    needed = kv_bytes(spec, len(prompt_lengths), max(prompt_lengths) + max_tokens)
+    free, where = available_memory(in_use=mx.get_active_memory())
+    if needed > free:
+        rows = f"{len(prompt_lengths)} rows, " if len(prompt_lengths) > 1 else ""
+        raise InputError(f"this request needs {human_bytes(needed)} of K/V cache ({rows}prompt {max(prompt_lengths)} "
+                         f"+ max_tokens {max_tokens} tokens), and there is {human_bytes(max(free, 0))} {where}; "
+                         "ask for fewer tokens or free memory")
 
 
 def _load_weights(path: Path, role: str = "model") -> dict[str, mx.array]:

@@ -21,6 +21,8 @@ from rich.console import Console
 from mlx_specdec import ConfigError, InputError, LoadError, generate, generate_batch, load, loading
 from mlx_specdec.commands import chat as chat_mod
 from mlx_specdec.commands.chat import ChatSession, Settings
+from mlx_specdec.decode import decode, new_cache
+from mlx_specdec.loading import human_bytes
 from mlx_specdec.demo import demo_path
 from mlx_specdec.sampling import SamplingParams, make_key
 
@@ -404,6 +406,60 @@ def test_the_memory_estimate_reads_the_headers():
     assert loading.available_memory()[0] > 0
 
 
+def _cache_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
+@pytest.mark.parametrize("geometry", ["demo", "e2b", "31b"])
+def test_the_kv_estimate_is_what_the_cache_takes(checkpoints, geometry):
+    """Rings per row, full attention grown to the furthest position, KV-shared layers none,
+    k=v layers (31b) both K and V: the estimate is the bytes the cache holds after a decode."""
+    if geometry == "demo":
+        spec = load()
+    else:
+        target = checkpoints.target(geometry)
+        spec = load(target, drafter=checkpoints.assistant(target))
+    for length, max_tokens in ((20, 10), (300, 40)):
+        cache = new_cache(spec, 1)
+        for _ in decode(spec, [[5] * length], Settings(max_tokens=max_tokens, draft_tokens=4).options(), cache=cache):
+            pass
+        assert loading.kv_bytes(spec, 1, length + max_tokens) == _cache_bytes(cache) > 0
+    assert loading.kv_bytes(spec, 3, 40) == 3 * loading.kv_bytes(spec, 1, 40)
+    # Past the position limit nothing more is held, whatever max_tokens says.
+    limit = spec.target.config.max_position_embeddings
+    assert loading.kv_bytes(spec, 1, 10**12) == loading.kv_bytes(spec, 1, limit)
+
+
+def _memory_for(spec, longest, rows=1):
+    """available_memory as it would read with room for ``rows`` rows of ``longest`` tokens' K/V, less a byte."""
+    room = loading.kv_bytes(spec, rows, longest) - 1
+    return lambda in_use=0: (room, "test memory")
+
+
+def test_a_request_whose_kv_does_not_fit_is_refused_before_it_runs(monkeypatch, spec):
+    monkeypatch.setattr(loading, "available_memory", _memory_for(spec, 3 + 2000))
+    with pytest.raises(InputError) as e:
+        generate(spec, [5, 6, 7], max_tokens=2000)
+    message = str(e.value)
+    assert "K/V" in message and "test memory" in message and "2000" in message
+    assert human_bytes(loading.kv_bytes(spec, 1, 2003)) in message
+    assert len(generate(spec, [5, 6, 7], max_tokens=2, draft_tokens=0).tokens) == 2  # a short one fits
+    with pytest.raises(InputError, match="2 rows"):
+        generate_batch(spec, [[5, 6, 7], [8, 9]], max_tokens=2000)
+    monkeypatch.setattr(loading, "available_memory", _memory_for(spec, 3 + 2000, rows=2))
+    with pytest.raises(InputError, match="K/V"):
+        generate_batch(spec, [[5, 6, 7], [8, 9]], max_tokens=2000)
+    assert len(generate_batch(spec, [[5, 6, 7]], max_tokens=2, draft_tokens=0)[0].tokens) == 2
+
+
+def test_the_memory_left_counts_what_mlx_holds(monkeypatch):
+    """MLX's limit counts the loaded weights; the system's available memory has them off already."""
+    monkeypatch.setattr(mx, "get_memory_limit", lambda: 300_000_000)
+    assert loading.available_memory() == (300_000_000, "under MLX's memory limit (mx.set_memory_limit)")
+    assert loading.available_memory(in_use=100_000_000) == (200_000_000, "under MLX's memory limit (mx.set_memory_limit)")
+    assert loading.available_memory(in_use=400_000_000) == (0, "under MLX's memory limit (mx.set_memory_limit)")
+
+
 # ---------------------------------------------------------------------------------------------
 # The chat REPL survives each bad input with its conversation and cache intact
 
@@ -447,8 +503,46 @@ def test_chat_survives_bad_input(monkeypatch, short):
     assert len(session.messages) == 4 and session.reports[-1].reused_tokens == len(cached)
 
 
+def test_chat_refuses_a_turn_whose_kv_does_not_fit_and_goes_on(monkeypatch, spec):
+    session = ChatSession(spec, Settings(max_tokens=3, draft_tokens=2))
+    _repl(monkeypatch, session, ["Hi"])
+    messages, cached, cache = list(session.messages), list(session._cached), session._cache
+    session.settings.max_tokens = 3000
+    monkeypatch.setattr(loading, "available_memory", _memory_for(spec, 1000))  # room for 1000 tokens, not 3000
+    output = _repl(monkeypatch, session, ["Tell me more"])
+    assert "Traceback" not in output and output.count("error:") == 1 and "K/V" in output, output
+    assert session.messages == messages and session._cached == cached and session._cache is cache
+    session.settings.max_tokens = 3
+    _repl(monkeypatch, session, ["Ok"])
+    assert len(session.messages) == 4 and session.reports[-1].reused_tokens == len(cached)
+
+
 def test_chat_answers_stop_at_the_limit_and_say_so(monkeypatch, short):
     session = ChatSession(short, Settings(max_tokens=200, draft_tokens=2))
     output = _repl(monkeypatch, session, ["word " * 20, "more"])
     assert session.reports[0].prompt_tokens + session.reports[0].stats.generated_tokens <= 64
     assert "64" in output and "/reset" in output
+
+
+# ---------------------------------------------------------------------------------------------
+# What "identical" means: bench/near_ties.py, at its smallest settings
+
+
+def test_near_ties_measures_shape_noise_and_flips_only_at_near_ties(tmp_path, monkeypatch):
+    """README's contract: batch and verify shapes move float32 logits only in their last bits,
+    so a greedy token can flip only where the top two were closer than that move."""
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("near_ties", REPO / "bench" / "near_ties.py")
+    near_ties = importlib.util.module_from_spec(module_spec)
+    monkeypatch.setitem(sys.modules, "near_ties", near_ties)
+    module_spec.loader.exec_module(near_ties)
+    out = tmp_path / "near_ties.md"
+    results = near_ties.main(["--random-model", "--random-prompts", "3", "--new-tokens", "8", "--batch", "3",
+                              "--k", "2", "--out", str(out)])
+    assert set(results) == {"batch", "verify", "verify, batch"}
+    for shape, r in results.items():
+        assert r["max_diff"] < 1e-3, (shape, r)  # rounding, not a different computation
+        assert r["flips"] <= r["could_flip"], (shape, r)  # every flip at a gap the shape crossed
+    table = out.read_text()
+    assert "24 positions" in table and table.count("| verify") == 2 and "| batch (B=3" in table

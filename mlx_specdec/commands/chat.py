@@ -33,7 +33,7 @@ from ..cache import Cache
 from ..decode import Stats, check_prompt, decode, new_cache
 from ..engine import reusable
 from ..errors import InputError, SpecDecError
-from ..loading import SpecModel
+from ..loading import SpecModel, check_kv_memory
 from ..policy import parse_draft_tokens
 from ..prompt import TextStream, answer_text, check_text, encode_rendered, render
 
@@ -147,6 +147,7 @@ class ChatSession:
         check_text(text)
         options = self.settings.options()
         rendered, ids = self.encode(self.conversation(text))
+        check_kv_memory(self.spec, [len(ids)], options.max_tokens)
         start = self.reusable(ids)
         if start == 0:
             self._cache = new_cache(self.spec, 1)
