@@ -357,7 +357,10 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
     # cache needs no edit: rejected entries lie past each row's new position and
     # stay masked until overwritten.
     hidden = mx.take_along_axis(hiddens, n[:, None, None], axis=1) if k else hiddens
-    mx.async_eval(n, last, hidden)
+    # Everything `read` waits for goes in now: an array left out would be computed only when
+    # read, behind the next round launched meanwhile, so reading a pipelined plain round would
+    # wait for the whole next one and leave the device idle while its successor is built.
+    mx.async_eval(drafted, n, last, hidden)
     result = Round(drafted, n, last, verify_start - start, verify_start)
     accepted = result.accepted if k else [0] * len(rows.pos)
     return Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache), result

@@ -353,3 +353,24 @@ def test_only_plain_rounds_inside_a_pipelined_stretch_time_plain_decoding(checkp
         engine.step()
     # 8 tokens: the prefill's, then 7 rounds; the first and the last are not steady.
     assert steady == [False] + [True] * 5 + [False]
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_round_launches_everything_its_read_waits_for(checkpoints, monkeypatch, k):
+    # On MLX's CPU stream an array left out of the launch is computed only when read, behind
+    # the round launched meanwhile: reading a pipelined plain round then waited for the whole
+    # next one, and the device sat idle while the round after it was built.
+    import mlx.core as mx
+
+    from mlx_specdec import decode as decode_module
+
+    spec = _real(checkpoints, "dense")
+    launched, real = [], mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *arrays: (launched.extend(arrays), real(*arrays)))
+    engine = Engine(spec, max_batch=1)
+    engine.submit(prompt(6), _options(3, k))
+    engine.step()  # the prefill
+    rows, sampler = engine._rows, engine._sampler
+    launched.clear()
+    _, result = decode_module.speculative_round(spec, rows, k, sampler)
+    assert all(any(a is b for b in launched) for a in result._arrays)
