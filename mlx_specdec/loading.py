@@ -353,8 +353,8 @@ def kv_bytes(spec: "SpecModel", rows: int, longest: int) -> int:
     ring = target.lookback(spec.drafter.sliding_window if spec.drafter is not None else 0) + step
     reach = min(longest, target.config.max_position_embeddings) + step
     full = -(-reach // GROW_STEP) * GROW_STEP
-    embed = target.model.embed_tokens
-    itemsize = (embed.scales if hasattr(embed, "scales") else embed.weight).dtype.size  # the activations' dtype
+    # K/V come in the activations' dtype: the final norm's, which is never quantized.
+    itemsize = target.model.norm.weight.dtype.size
     total = 0
     for layer in target.model.layers:
         attn = layer.self_attn
