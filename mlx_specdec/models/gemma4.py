@@ -279,6 +279,15 @@ def make_rope(config: TextConfig, kind: str, head_dim: int) -> nn.Module:
     )
 
 
+# Steps of at most this many tokens per row (decode, verify, draft) run each layer's two halves
+# around attention compiled. Such a step costs more per op than per FLOP: on MLX's CPU stream about
+# 7 us an op, and a small model's step is a thousand ops, most of them elementwise (norms, rope,
+# GeLU gating, residuals, and on the CPU the decompositions of mx.fast's kernels). Compiling fuses
+# those chains and halves the ops. Longer steps (prefill, distillation) come in many lengths, each
+# a fresh trace, and there the matmuls dominate anyway.
+FUSED_MAX_TOKENS = 16
+
+
 def attend(queries, keys, values, mask):
     # Gemma 4 normalises q and k per head, so attention runs unscaled.
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
@@ -355,26 +364,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.rope = make_rope(config, self.kind, self.head_dim)
 
-    def __call__(self, x, offsets: mx.array | int, mask: mx.array | str | None,
-                 cache: LayerKV | None = None, plan: Plan | None = None,
-                 shared_kv: tuple[mx.array, mx.array] | None = None):
-        """Attend with ``mask`` to this layer's keys: a layer that computes K/V writes them to
-        ``cache`` where ``plan`` says and reads back what the cache returns; a KV-shared layer
-        computes none and reads ``shared_kv``, the (keys, values) its source layer attended to
-        in this same pass. Returns the output and the (keys, values) attended to."""
+    def project(self, x, offsets: mx.array):
+        """(queries,) for a KV-shared layer, else (queries, keys, values): normed, rotated,
+        (B, heads, L, head_dim). The keys and values are the step's own, before the cache."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         q = self.rope(q, offset=offsets)
         if self.shares_kv:
-            keys, values = shared_kv
-        else:
-            raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-            v = raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
-            k = self.rope(self.k_norm(raw).transpose(0, 2, 1, 3), offset=offsets)
-            v = self.v_norm(v).transpose(0, 2, 1, 3)
-            keys, values = cache.update_and_fetch(k, v, plan)
-        out = attend(q, keys, values, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
+            return (q,)
+        raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        k = self.rope(self.k_norm(raw).transpose(0, 2, 1, 3), offset=offsets)
+        v = self.v_norm(v).transpose(0, 2, 1, 3)
+        return q, k, v
 
     def shard(self, group, kv_heads: int | None = None) -> None:
         """Keep this rank's query heads and the K/V heads they read; o_proj sums the ranks' outputs.
@@ -483,10 +485,34 @@ class DecoderLayer(nn.Module):
             self.per_layer_input_gate = nn.Linear(dim, self.per_layer, bias=False)
             self.per_layer_projection = nn.Linear(self.per_layer, dim, bias=False)
             self.post_per_layer_input_norm = nn.RMSNorm(dim, eps=eps)
+        # Both halves around attention, compiled: see FUSED_MAX_TOKENS. ``inputs=self`` makes the
+        # layer's weights inputs read at every call, so loading, quantizing or training them later
+        # is seen (they are not frozen into the compiled graph).
+        self._fused_project = mx.compile(self.project, inputs=self)
+        self._fused_finish = mx.compile(self.finish, inputs=self)
+        self.fuse = True
 
     def __call__(self, x, offsets, mask, cache=None, plan=None, shared_kv=None, per_layer_input=None):
-        """``mask``, ``cache``, ``plan`` and ``shared_kv`` as `Attention` takes them."""
-        attn, kv = self.self_attn(self.input_layernorm(x), offsets, mask, cache, plan, shared_kv)
+        """Attend with ``mask`` (broadcastable to (B, 1, L, keys), "causal" or None) to this layer's
+        keys: a layer that computes K/V writes them to ``cache`` where ``plan`` says and reads back
+        what the cache returns; a KV-shared layer computes none and reads ``shared_kv``, the
+        (keys, values) its source layer attended to in this same pass. ``offsets``: the rows'
+        first positions, an int32 array, () or (B,). Returns the output and the (keys, values)
+        attended to."""
+        fused = self.fuse and x.shape[1] <= FUSED_MAX_TOKENS
+        project, finish = (self._fused_project, self._fused_finish) if fused else (self.project, self.finish)
+        q, *new_kv = project(x, offsets)
+        keys, values = cache.update_and_fetch(*new_kv, plan) if new_kv else shared_kv
+        return finish(x, attend(q, keys, values, mask), per_layer_input), (keys, values)
+
+    def project(self, x, offsets):
+        return self.self_attn.project(self.input_layernorm(x), offsets)
+
+    def finish(self, x, attended, per_layer_input=None):
+        """Everything after attention: output projection, the feed-forward block(s), the
+        per-layer input, each with its norms and residual."""
+        B, _, L, _ = attended.shape
+        attn = self.self_attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
         h = x + self.post_attention_layernorm(attn)
         ff = self.mlp(self.pre_feedforward_layernorm(h))
         if self.moe:
@@ -497,13 +523,16 @@ class DecoderLayer(nn.Module):
         if self.per_layer:
             gate = nn.gelu_approx(self.per_layer_input_gate(h)) * per_layer_input
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
-        return h * self.layer_scalar, kv
+        return h * self.layer_scalar
 
     def shard(self, group, kv_heads: int | None = None) -> None:
         """Attention heads, MLP columns and experts split over the group; norms, the router and
         the per-layer-input projections (small) are replicated."""
         self.self_attn.shard(group, kv_heads)
         self.mlp.shard(group)
+        # A compiled graph would keep the group's collectives alive in MLX's compile cache until
+        # the interpreter's last teardown, after the group: MLX then aborts the process on exit.
+        self.fuse = False
         if self.moe:
             self.experts.shard(group)
 
@@ -543,8 +572,8 @@ class TextModel(nn.Module):
         h = self.embed(tokens)
         per_layer = self.per_layer_inputs(tokens, h) if self.config.hidden_size_per_layer_input else None
         plans = cache.plan(step)
-        # One start for all rows (always at B = 1) rotates by a plain offset.
-        offsets = step.starts[0] if step.uniform else mx.array(step.starts, dtype=mx.int32)
+        # One start for all rows (always at B = 1) rotates by one scalar offset.
+        offsets = mx.array(step.starts[0] if step.uniform else step.starts, dtype=mx.int32)
         # A KV-shared layer reads what the last layer of its type that computes K/V attended to
         # in this pass (`TextConfig.kv_source`). Those layers all come first, so the latest pair
         # per type is all there is to hold, and nothing holds it past this call.
