@@ -106,7 +106,7 @@ class _Launch:
     limits: list[int]  # each row's own draft length
     decisions: list[Decision]
     start: float
-    seconds: float | None = None  # from its launch (or the read before) to its read
+    seconds: float | None = None  # from the last read (its launch, after a prefill pass) to its read
 
 
 @dataclass
@@ -291,7 +291,9 @@ class Engine:
         self._admitting: _Admission | None = None  # a prefill that continues next step
         self._joining: list[_Admission] = []  # prefilled this step, not yet in the batch
         self._ahead: _Launch | None = None  # a plain round launched, to be read next step
-        self._read_done = 0.0  # when the last round was read
+        # When the last round was read; 0 after a prefill pass. Rounds are timed from it, so each
+        # round is charged with the engine's (and its caller's) work between two rounds.
+        self._read_done = 0.0
         self._live: dict[int, _Request] = {}
         self._rows: Rows | None = None
         self._sampler: Sampler | None = None
@@ -582,6 +584,7 @@ class Engine:
             hidden = self.spec.target(tokens, Step((start + ahead,) * rows, 1), group.cache)
         mx.eval(*([] if hidden is None else [hidden]), *group.cache.arrays())
         group.prefilled += n
+        self._read_done = 0.0  # the next round is timed from its own launch, not across this pass
         if self._kv is None:
             kv = _KVSize.of(group.cache)
             if self.spec.group is not None:
@@ -657,11 +660,13 @@ class Engine:
         return _Launch(list(rows.ids), result, k, limits, decisions, start)
 
     def _read(self, launch: "_Launch") -> None:
-        """Wait for a launched round's results (once), timing it from its launch or the last read."""
+        """Wait for a launched round's results (once), timing it from the last read, or from its
+        launch when a prefill pass ran since: read to read, whether the round was launched ahead
+        (plain) or after that read (drafting), so both pay the work between rounds alike."""
         if launch.seconds is None:
             launch.result.read(since=self._read_done)
             now = time.perf_counter()
-            launch.seconds = now - max(launch.start, self._read_done)
+            launch.seconds = now - (self._read_done or launch.start)
             self._read_done = now
 
     def _round(self, events: dict[int, Event]) -> None:
@@ -689,9 +694,11 @@ class Engine:
             self._emit(events, request, result.drafted[b][:n] + [result.next[b]])
             request.stats.record_round(current.limits[b], n, current.decisions[b], result.draft_seconds,
                                        result.verify_seconds, seconds)
+        # A drafting round's verify cell is charged with all of it but the drafting: what a plain
+        # round's read-to-read time holds too (reading, emitting, deciding), so neither side of
+        # the comparison leaves out the work every round does.
         self.spec.policy.record(len(current.ids), current.k, result.accepted, result.draft_seconds,
-                                result.verify_seconds, seconds - result.draft_seconds - result.verify_seconds,
-                                current.limits, steady)
+                                seconds - result.draft_seconds, 0.0, current.limits, steady)
         self._rounds += 1
         self._last_k = current.k
         auto = [d for d, r in zip(current.decisions, requests) if r and r.options.draft_tokens == "auto"]

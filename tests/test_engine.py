@@ -4,6 +4,7 @@ bounded."""
 
 import functools
 import inspect
+import time
 
 import pytest
 
@@ -353,6 +354,31 @@ def test_only_plain_rounds_inside_a_pipelined_stretch_time_plain_decoding(checkp
         engine.step()
     # 8 tokens: the prefill's, then 7 rounds; the first and the last are not steady.
     assert steady == [False] + [True] * 5 + [False]
+
+
+def test_drafting_rounds_pay_the_work_between_rounds_as_plain_rounds_do(checkpoints, monkeypatch):
+    # Plain rounds are timed read to read, so they pay for whatever runs between two rounds (the
+    # engine's own work, its caller's); a drafting round timed only from its launch did not, and
+    # drafting looked cheaper than it was. The prefill is neither round's.
+    spec = _real(checkpoints, "dense")
+    between = 0.3
+    seen, record = [], spec.policy.record
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(record).bind(*args, **kwargs).arguments
+        seen.append((bound["k"], bound["t_verify"]))
+        record(*args, **kwargs)
+
+    monkeypatch.setattr(spec.policy, "record", spy)
+    engine = Engine(spec, max_batch=2)
+    engine.submit(prompt(5), _options(12, 2))
+    while engine.has_work:
+        engine.step()
+        time.sleep(between)
+    verify = [t for k, t in seen if k == 2]
+    assert len(verify) >= 2
+    assert verify[0] < between  # launched right after the prefill: timed from its launch
+    assert all(t >= between for t in verify[1:])
 
 
 @pytest.mark.parametrize("k", [0, 2])
