@@ -696,9 +696,15 @@ class Engine:
                                        result.verify_seconds, seconds)
         # A drafting round's verify cell is charged with all of it but the drafting: what a plain
         # round's read-to-read time holds too (reading, emitting, deciding), so neither side of
-        # the comparison leaves out the work every round does.
-        self.spec.policy.record(len(current.ids), current.k, result.accepted, result.draft_seconds,
-                                seconds - result.draft_seconds, 0.0, current.limits, steady)
+        # the comparison leaves out the work every round does. The first round of a shape (rows,
+        # k) in this process also traces the compiled layers for it, once, at the cost of
+        # several plain rounds on a small model: the policy gets its acceptance, not its times.
+        shape = (len(current.ids), current.k)
+        timed = shape in self.spec.shapes_run
+        self.spec.shapes_run.add(shape)
+        t_draft, t_verify = (result.draft_seconds, seconds - result.draft_seconds) if timed else (0.0, 0.0)
+        self.spec.policy.record(shape[0], current.k, result.accepted, t_draft, t_verify, 0.0, current.limits,
+                                steady)
         self._rounds += 1
         self._last_k = current.k
         auto = [d for d, r in zip(current.decisions, requests) if r and r.options.draft_tokens == "auto"]

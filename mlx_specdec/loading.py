@@ -83,6 +83,10 @@ class SpecModel:
     # The mx.distributed group the models are sharded over (None: one process holds them whole).
     group: mx.distributed.Group | None = None
     footprint: Footprint | None = None
+    # (rows, k) of the rounds run on these models in this process: the first of each also
+    # traces their compiled layers for its shapes, so the engine does not time it. Copies made
+    # with dataclasses.replace share the models, and this set with them.
+    shapes_run: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
     @property
     def is_main(self) -> bool:

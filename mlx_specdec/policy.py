@@ -412,8 +412,8 @@ class DraftPolicy:
         self.costs = costs or CostModel()
         self.rounds = rounds  # the clock acceptance ages by: rounds recorded
         self.plain_rounds = plain_rounds  # k=0 rounds since the last drafting round
-        # Read back from an earlier process (from_json): until this process drafts once, a
-        # decision not to draft probes at once instead of waiting out the probe interval.
+        # Read back from an earlier process (from_json): until this process times a drafting
+        # round, a decision not to draft probes at once instead of waiting out the probe interval.
         self.kept = False
         self.recheck = False
         self._cached: tuple | None = None  # what _estimates last derived, and from what
@@ -440,15 +440,17 @@ class DraftPolicy:
         plain decoding (see _record_plain)."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
-        if 0 < t_verify < math.inf and k > 0:  # a clock glitch is not a measurement
+        # A clock glitch is not a measurement, and 0 says the round's times are not what such a
+        # round costs (the engine's first round of a shape also traces it): acceptance only.
+        if 0 < t_verify < math.inf and k > 0:
             self.costs.record_verify(batch_size, k + 1, t_verify)
+            self.recheck = False
         elif 0 < t_verify < math.inf and steady:
             self._record_plain(batch_size, t_verify)
         if k > 0:
             if 0 < t_draft < math.inf:
                 self.costs.record_draft(batch_size, t_draft / k)
             self.acceptance.update(self.rounds, k, accepted, limits)
-            self.recheck = False
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
 

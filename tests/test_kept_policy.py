@@ -127,6 +127,23 @@ def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
     assert not kept.recheck
 
 
+def test_a_recheck_probe_that_could_not_be_timed_probes_again():
+    # The engine passes no times for a process's first round of a shape (it also traces the
+    # compiled layers): such a probe re-checks acceptance only, so the next plain decision probes
+    # again, and that one's times re-check the kept costs.
+    busy = DraftPolicy()
+    for n in range(1, K_MAX + 2):
+        busy.record_verify_time(1, n, T1 * (1 if n == 1 else 5))
+    kept = DraftPolicy.from_json(busy.to_json())
+    assert kept.decide(1).probe
+    kept.record(1, 1, [1], 0.0, 0.0)
+    assert kept.recheck and kept.costs.verify[1, 2] == pytest.approx(5 * T1)
+    again = kept.decide(1)
+    assert again.probe and "re-checking the kept policy" in again.reason
+    kept.record(1, 1, [1], 0.1 * T1, 1.05 * T1)
+    assert not kept.recheck and kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
+
+
 def test_kept_costs_are_priors_scaled_by_what_this_process_measures():
     policy = DraftPolicy()
     for n in (1, 2, 3):
