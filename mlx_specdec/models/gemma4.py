@@ -497,8 +497,7 @@ class DecoderLayer(nn.Module):
         keys: a layer that computes K/V writes them to ``cache`` where ``plan`` says and reads back
         what the cache returns; a KV-shared layer computes none and reads ``shared_kv``, the
         (keys, values) its source layer attended to in this same pass. ``offsets``: the rows'
-        first positions, an int32 array, () or (B,) (an int too, in steps longer than
-        FUSED_MAX_TOKENS). Returns the output and the (keys, values)
+        first positions, an int32 array, () or (B,). Returns the output and the (keys, values)
         attended to."""
         fused = self.fuse and x.shape[1] <= FUSED_MAX_TOKENS
         project, finish = (self._fused_project, self._fused_finish) if fused else (self.project, self.finish)
@@ -573,13 +572,9 @@ class TextModel(nn.Module):
         h = self.embed(tokens)
         per_layer = self.per_layer_inputs(tokens, h) if self.config.hidden_size_per_layer_input else None
         plans = cache.plan(step)
-        # One start for all rows (always at B = 1) rotates by one offset: an int where the layers
-        # run uncompiled (a little faster in rope's CPU fallback), an array where an int would be
-        # traced as a constant.
-        if step.uniform and step.length > FUSED_MAX_TOKENS:
-            offsets = step.starts[0]
-        else:
-            offsets = mx.array(step.starts[0] if step.uniform else step.starts, dtype=mx.int32)
+        # One start for all rows (always at B = 1) rotates by one offset. An array, not an int:
+        # a compiled layer would trace an int as a constant, once per position.
+        offsets = mx.array(step.starts[0] if step.uniform else step.starts, dtype=mx.int32)
         # A KV-shared layer reads what the last layer of its type that computes K/V attended to
         # in this pass (`TextConfig.kv_source`). Those layers all come first, so the latest pair
         # per type is all there is to hold, and nothing holds it past this call.
