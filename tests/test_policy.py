@@ -10,9 +10,11 @@ import pytest
 from mlx_specdec.policy import (
     COST_SAMPLES,
     EXPLORE_SAMPLES,
+    PLAIN_REFRESH_BUDGET,
     PLAIN_WINDOW,
     PROBE_MIN_INTERVAL,
     PROBE_OVERHEAD_BUDGET,
+    REFRESH_INTERVAL,
     CostModel,
     Decision,
     DraftPolicy,
@@ -171,7 +173,8 @@ def test_probing_costs_at_most_the_documented_bound_when_nothing_is_accepted():
     extra = len(drafting) * (0.2 + profile(2) - profile(1)) * T1
     plain = (1000 - first_off) * T1
     assert extra <= PROBE_OVERHEAD_BUDGET * plain
-    assert 30 <= policy.probe_interval(1) <= 31  # ceil(0.9 / 0.03), give or take float rounding
+    interval = 0.9 / PROBE_OVERHEAD_BUDGET  # a probe costs 0.9 T1 more than a plain round
+    assert math.ceil(interval) <= policy.probe_interval(1) <= math.ceil(interval) + 1  # float rounding
 
 
 def test_cheap_probes_are_at_most_one_per_min_interval():
@@ -309,6 +312,46 @@ def test_cost_cells_are_a_low_quantile_of_recent_samples():
     assert costs.verify_time(1, 1) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="seconds must be positive"):
         costs.record_verify(1, 1, 0.0)
+
+
+
+def test_a_length_timed_in_a_slow_moment_is_timed_again_and_chosen_once_it_pays():
+    # Only the chosen length gets new samples: a neighbour of it runs every REFRESH_INTERVAL
+    # rounds, or a length timed during a busy burst would never be chosen again.
+    profile = lambda n: 1 + 0.05 * (n - 1) ** 2  # with every draft accepted, k=3 is best
+    policy = calibrated(profile)
+    feed(policy, rate=1.0, rounds=10, k=8)
+    for _ in range(COST_SAMPLES):
+        policy.record_verify_time(1, 4, 3 * T1 * profile(4))  # k=3 timed while the machine was busy
+    decisions = run(policy, 6 * REFRESH_INTERVAL, accepts=lambda i: True, profile=profile)
+    assert decisions[0].k == 2  # a pass never costs less than a shorter one: k >= 3 all look slow
+    refreshes = [d for d in decisions if d.reason.startswith("refresh")]
+    assert 1 <= len(refreshes) <= len(decisions) // REFRESH_INTERVAL
+    settled = [d.k for d in decisions[-2 * REFRESH_INTERVAL:] if not d.reason.startswith("refresh")]
+    assert settled == [3] * len(settled) and len(settled) >= 2 * REFRESH_INTERVAL - 2
+
+
+
+def test_plain_decoding_timed_in_a_slow_moment_is_timed_again_while_drafting():
+    # Plain decoding is timed only while the policy decodes plainly. Timed once while the machine
+    # was busy (1.3 T1), it made k=1 look 14% faster than plain, where it is 12% slower.
+    profile = lambda n: 1 + 0.6 * (n - 1)
+    policy = DraftPolicy(8)
+    for _ in range(PLAIN_WINDOW):
+        policy.record(1, 0, [0], 0.0, 1.3 * T1)
+    for length in range(2, 10):
+        for _ in range(EXPLORE_SAMPLES):
+            policy.record_verify_time(1, length, T1 * profile(length))
+    policy.record_draft_time(1, 0.1 * T1)
+    decisions = run(policy, 120, accepts=lambda i: i % 2 == 0, profile=profile)
+    assert decisions[0].k == 1
+    stretch = [i for i, d in enumerate(decisions) if d.reason.startswith("k=0: re-timing plain decoding")]
+    # One stretch, consecutive rounds, ending as soon as plain decoding's new timing wins.
+    assert PLAIN_WINDOW <= len(stretch) <= PLAIN_WINDOW + 2
+    assert stretch == list(range(stretch[0], stretch[0] + len(stretch)))
+    # Spaced so that forgoing the expected gain (about 14%) costs at most PLAIN_REFRESH_BUDGET.
+    assert stretch[0] >= (PLAIN_WINDOW + 2) * 0.14 / PLAIN_REFRESH_BUDGET - 1
+    assert all(d.k == 0 or d.probe for d in decisions[stretch[-1] + 1:])
 
 
 # --- persistence, overrides and statistics
