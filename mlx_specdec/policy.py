@@ -269,7 +269,8 @@ class CostModel:
       3. else from the nearest measured length at this B, proportional to L: cost grows with tokens
          as if nothing amortised. Above the longest measured length that overstates the cost; below
          the shortest it understates plain decoding. Both err against drafting.
-    Finally a length never costs less than a shorter length measured at this B.
+    Measured lengths at a B are first fitted to grow with L (see `lengths`), and finally a
+    length never costs less than a shorter length measured at this B.
 
     ``verify`` and ``draft`` hold the current estimate of every cell; ``version`` changes whenever
     one does, so a caller can keep what it derived from them until then.
@@ -355,8 +356,26 @@ class CostModel:
         return len(self._samples.get(key, ())) >= EXPLORE_SAMPLES or key in self._priors
 
     def lengths(self, batch_size: int) -> dict[int, float]:
-        """Measured verify times at this batch size, by length."""
-        return {n: t for (b, n), t in self.verify.items() if b == batch_size}
+        """Measured verify times at this batch size, by length, made to grow with length.
+
+        A longer pass never costs less than a shorter one, but noisy cells can say so. Raising
+        each cell to the costliest shorter one would let one slow cell make every longer length
+        look as dear, and drafting deeper look as cheap as drafting less, a bias toward long drafts;
+        instead the drafting lengths (L >= 2) get their weighted least-squares non-decreasing fit
+        (pool adjacent violators, each cell weighted by its samples), and none is below plain
+        decoding (L = 1), which is timed its own way (pipelined rounds) and left as measured."""
+        row = sorted((n, t) for (b, n), t in self.verify.items() if b == batch_size)
+        plain = row[0][1] if row and row[0][0] == 1 else 0.0
+        blocks: list[list] = []  # [mean, weight, lengths] of pooled cells, means non-decreasing
+        for n, t in row:
+            if n == 1:
+                continue
+            blocks.append([t, max(1, len(self._samples.get(("verify", batch_size, n), ()))), [n]])
+            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                (m1, w1, n1), (m2, w2, n2) = blocks.pop(-2), blocks.pop()
+                blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+        fitted = {n: max(mean, plain) for mean, _, ns in blocks for n in ns}
+        return ({1: plain} if plain else {}) | fitted
 
     def verify_time(self, batch_size: int, length: int) -> float | None:
         """Estimated seconds to verify `length` tokens per row at `batch_size`; None if nothing is measured."""

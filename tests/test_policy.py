@@ -279,7 +279,15 @@ def test_unmeasured_lengths_interpolate_between_and_grow_beyond_measured_ones():
     assert costs.verify_time(1, 2) == pytest.approx(1.5)
     assert costs.verify_time(1, 9) == pytest.approx(6.0)  # 2.0 * 9 / 3
     costs.record_verify(1, 5, 1.5)  # noisy: less than L=3
-    assert costs.verify_time(1, 5) == pytest.approx(2.0)  # never below a shorter length
+    # Not raised to L=3's cost (one slow cell would price every longer length alike): the two are
+    # pooled, as the least-squares fit that grows with L has them, weighted by their samples.
+    assert costs.verify_time(1, 3) == costs.verify_time(1, 5) == pytest.approx(1.75)
+    assert costs.verify_time(1, 4) == pytest.approx(1.75)
+    for _ in range(2):
+        costs.record_verify(1, 5, 1.5)
+    assert costs.verify_time(1, 5) == pytest.approx((2.0 + 3 * 1.5) / 4)
+    costs.record_verify(1, 2, 0.5)  # below plain decoding: raised to it, which stays as timed
+    assert costs.verify_time(1, 2) == costs.verify_time(1, 1) == 1.0
     assert costs.verify_time(2, 1) == pytest.approx(2.0)  # other batch sizes: scaled by rows
     assert costs.verify_time(1, 1) == 1.0
 
