@@ -8,7 +8,7 @@ import pytest
 
 from mlx_specdec.cache import Cache, Step
 from mlx_specdec.loading import load
-from mlx_specdec.models.gemma4 import SLIDING
+from mlx_specdec.models.gemma4 import FULL, SLIDING
 
 MAX_STEP = 3
 
@@ -77,3 +77,37 @@ def test_select_keeps_rows_and_stack_joins_them(target):
     _write(joined, layer, (5, 2), 1)  # the joined batch decodes on: each row at its own position
     assert _visible(joined, 0, 5) == [p for p in range(2, 6) if p > 5 - W]
     assert _visible(joined, 1, 2) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("chunks", [(40,), (17, 23), (5, 30, 5)])
+def test_a_long_step_attends_by_blocks_of_queries_as_it_would_all_at_once(target, monkeypatch, chunks):
+    # Each block of queries reads only the keys it may see (the causal part, a sliding layer's
+    # window; a later chunk's also the ring before it): the same hidden states as one block.
+    import mlx_specdec.cache as cache_module
+
+    tokens = mx.array([[(7 * i) % 50 + 3 for i in range(sum(chunks))]])
+
+    plan = cache_module.PositionTable.plan
+
+    def prefill(block: int) -> tuple[np.ndarray, set[str]]:
+        monkeypatch.setattr(cache_module, "ATTENTION_BLOCK", block)
+        kinds = set()
+
+        def spy(table, step):
+            out = plan(table, step)
+            if isinstance(out.mask, cache_module.Blocks):
+                kinds.add(SLIDING if table.ring else FULL)
+            return out
+
+        monkeypatch.setattr(cache_module.PositionTable, "plan", spy)
+        cache, start, outs = target.make_cache(1, max_step=MAX_STEP), 0, []
+        for n in chunks:
+            outs.append(target(tokens[:, start : start + n], Step((start,), n), cache))
+            start += n
+        return np.array(mx.concatenate(outs, axis=1)), kinds
+
+    whole, none = prefill(10**6)
+    blocked, kinds = prefill(4)
+    assert not none and kinds == set(target.config.layer_types)
+    assert target.config.sliding_window < max(chunks)  # the window cuts inside a step
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)

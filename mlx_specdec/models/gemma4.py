@@ -24,7 +24,7 @@ from mlx.utils import tree_map
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from ..cache import Cache, LayerKV, Plan, PositionTable, Step
+from ..cache import Blocks, Cache, LayerKV, Plan, PositionTable, Step
 from ..errors import ConfigError, ShardError
 
 SLIDING = "sliding_attention"
@@ -289,6 +289,9 @@ FUSED_MAX_TOKENS = 16
 
 
 def attend(queries, keys, values, mask):
+    if isinstance(mask, Blocks):  # a long step: each block of queries over the keys it sees
+        return mx.concatenate([attend(queries[:, :, q0:q1], keys[:, :, k0:k1], values[:, :, k0:k1], part)
+                               for q0, q1, k0, k1, part in mask.parts], axis=2)
     # Gemma 4 normalises q and k per head, so attention runs unscaled.
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
 
@@ -493,7 +496,7 @@ class DecoderLayer(nn.Module):
         self.fuse = True
 
     def __call__(self, x, offsets, mask, cache=None, plan=None, shared_kv=None, per_layer_input=None):
-        """Attend with ``mask`` (broadcastable to (B, 1, L, keys), "causal" or None) to this layer's
+        """Attend with ``mask`` (broadcastable to (B, 1, L, keys), "causal", None or cache.Blocks) to this layer's
         keys: a layer that computes K/V writes them to ``cache`` where ``plan`` says and reads back
         what the cache returns; a KV-shared layer computes none and reads ``shared_kv``, the
         (keys, values) its source layer attended to in this same pass. ``offsets``: the rows'
