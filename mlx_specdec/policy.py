@@ -105,6 +105,10 @@ REFRESH_INTERVAL = 8
 near the best the throughput curve is flat, so one such round in eight costs well under 1%, and
 each neighbour gets a new sample every 16 rounds."""
 
+TAIL_ROUNDS = 16
+"""Rounds a batch size smaller than a timed one may run on costs held from it before it times
+plain decoding of its own (see DraftPolicy._tail)."""
+
 PROBE_K = 1
 """Drafts per probe: one is the cheapest round that measures a_1, and a_1 bounds every E(k)."""
 
@@ -456,6 +460,7 @@ class DraftPolicy:
         self._plain_timed: dict[int, int] = {}  # round of the last plain sample, by B
         self._started = rounds  # the clock when this process took the policy up
         self._plain_stretch: dict[int, int] = {}  # round the last stretch re-timing plain began, by B
+        self._rounds_at: dict[int, int] = {}  # rounds recorded in this process, by B
 
     # -- measurements
 
@@ -490,6 +495,7 @@ class DraftPolicy:
             self.acceptance.update(self.rounds, k, accepted, limits)
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
+        self._rounds_at[batch_size] = self._rounds_at.get(batch_size, 0) + 1
 
     def _record_plain(self, batch_size: int, seconds: float) -> None:
         """Plain rounds run pipelined (each launched before the last is read), so one round's time
@@ -545,7 +551,8 @@ class DraftPolicy:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.k_max == 0:
             return Decision(0, "k=0: k_max is 0")
-        if not self.costs.measured(batch_size, 1):
+        tail = self._tail(batch_size)
+        if not tail and not self.costs.measured(batch_size, 1):
             # Plain rounds time plain decoding at this batch size first, losing nothing: every
             # choice is weighed against it, and a neighbour's cost scaled to B rows overstates it.
             return Decision(0, f"k=0: timing plain decoding at B={batch_size} first")
@@ -555,14 +562,14 @@ class DraftPolicy:
         compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "
                     f"acceptance {_rates_text(acceptance[:best])})")
         suffix = f" (B={batch_size})"
-        explore = self._exploration(batch_size, acceptance, t_draft, t_verify, max(rates))
+        explore = None if tail else self._exploration(batch_size, acceptance, t_draft, t_verify, max(rates))
         if explore is not None:
             k, bound = explore
             return Decision(k, f"explore k={k}: {bound:.1f} tok/s if verifying {k + 1} tokens costs no more than "
                                f"the longest pass timed, against {max(rates):.1f}{suffix}")
         if rates[best] > rates[0] * (1 + MIN_GAIN):
             reason = f"{compared} beats plain {rates[0]:.1f} tok/s{suffix}"
-            if self._plain_due(batch_size, rates[best] / rates[0] - 1):
+            if not tail and self._plain_due(batch_size, rates[best] / rates[0] - 1):
                 return Decision(0, f"k=0: re-timing plain decoding; {reason}")
             neighbour = self._neighbour(batch_size, best)
             if neighbour is not None:
@@ -576,6 +583,16 @@ class DraftPolicy:
             k = min(PROBE_K, self.k_max)
             return Decision(k, f"probe k={k} after {self.plain_rounds} plain rounds; {reason}", True)
         return Decision(0, reason)
+
+    def _tail(self, batch_size: int) -> bool:
+        """Whether this batch size has no plain timing of its own but a larger one has, and has run
+        fewer than TAIL_ROUNDS rounds: rows that finished left a batch. It decides by costs held
+        from the batch sizes around it, neither timing plain decoding first nor exploring: a tail
+        of a few rounds would spend them all on that (and, never a steady plain stretch, would never
+        finish timing plain decoding), only to choose as the larger batch did. The lengths it runs
+        are timed as any round is, and a batch size that stays is a tail no more."""
+        return (self._rounds_at.get(batch_size, 0) < TAIL_ROUNDS and not self.costs.measured(batch_size, 1)
+                and any(n == 1 and b > batch_size for b, n in self.costs.verify))
 
     def _plain_due(self, batch_size: int, margin: float) -> bool:
         """Whether this round belongs to a stretch of plain rounds that times plain decoding again

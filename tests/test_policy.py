@@ -15,6 +15,7 @@ from mlx_specdec.policy import (
     PROBE_MIN_INTERVAL,
     PROBE_OVERHEAD_BUDGET,
     REFRESH_INTERVAL,
+    TAIL_ROUNDS,
     CostModel,
     Decision,
     DraftPolicy,
@@ -234,6 +235,24 @@ def test_a_new_batch_size_times_plain_decoding_before_it_drafts():
         assert policy.decide(2) == Decision(0, "k=0: timing plain decoding at B=2 first")
         policy.record(2, 0, [0, 0], 0.0, 1.1 * T1)
     assert policy.decide(2).k > 0
+
+
+def test_rows_leaving_a_batch_decide_as_it_did_until_their_batch_size_stays():
+    # A batch of 4 whose rows finish one by one runs a round or two at B=3, 2 and 1. Timing plain
+    # decoding there first, and exploring, would spend those rounds, and never finish timing
+    # (no steady plain stretch), only to choose what B=4 chose.
+    policy = calibrated(cheap, batch_size=4)
+    feed(policy, rate=1.0, rounds=10, batch_size=4, k=3)
+    chosen = policy.decide(4).k
+    assert chosen > 0
+    for b in (3, 2, 1):
+        d = policy.decide(b)
+        assert d.k == chosen and not d.reason.startswith(("k=0", "explore")), d.reason
+    # A batch size that stays is no tail: it times plain decoding of its own.
+    run(policy, TAIL_ROUNDS, accepts=lambda i: True, batch_size=3)
+    assert policy.decide(3) == Decision(0, "k=0: timing plain decoding at B=3 first")
+    # A larger batch (rows joining) is none either: it times plain decoding first.
+    assert policy.decide(8) == Decision(0, "k=0: timing plain decoding at B=8 first")
 
 
 def test_a_drafter_that_never_agrees_is_explored_for_a_round_or_two_only():
