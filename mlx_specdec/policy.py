@@ -100,6 +100,11 @@ PLAIN_REFRESH_BUDGET = 0.015
 """Most decoding time that stretches re-timing plain decoding while drafting is on may cost, by
 the measured costs (see DraftPolicy._plain_due)."""
 
+STRETCH_SWITCH_ROUNDS = 2.0
+"""Plain rounds' worth of time that entering and leaving a stretch of plain rounds costs beyond
+its rounds' forgone gain: its first round waits for its own graph (2-4 steady rounds' worth on
+the demo pair), and the drafting round after it first reads the plain round in flight."""
+
 REFRESH_INTERVAL = 8
 """Rounds between re-timings of a draft length next to the chosen one (see DraftPolicy._neighbour):
 near the best the throughput curve is flat, so one such round in eight costs well under 1%, and
@@ -600,8 +605,9 @@ class DraftPolicy:
         while the policy decodes plainly: one early sample from a busy moment would otherwise stand
         for good, and drafting that does not pay would look as if it did. A stretch is
         PLAIN_WINDOW + 2 rounds (its first and last are not steady) that each forgo ``margin``,
-        drafting's expected gain over plain; stretches are spaced to cost at most
-        PLAIN_REFRESH_BUDGET of decoding time: often where drafting only just pays and the
+        drafting's expected gain over plain, plus STRETCH_SWITCH_ROUNDS for leaving the drafting
+        rounds and coming back; stretches are spaced to cost at most PLAIN_REFRESH_BUDGET of
+        decoding time: often where drafting only just pays and the
         yardstick decides, rarely where it pays well. A plain cost kept from an earlier process counts
         as timed when this one began (and is rescaled with the cells this process times)."""
         stretch = PLAIN_WINDOW + 2
@@ -609,7 +615,7 @@ class DraftPolicy:
         if self.rounds - start < stretch:
             return True
         last = max(start, self._plain_timed.get(batch_size, self._started))
-        if self.rounds - last < stretch * margin / PLAIN_REFRESH_BUDGET:
+        if self.rounds - last < (stretch * margin + STRETCH_SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET:
             return False
         self._plain_stretch[batch_size] = self.rounds
         return True
