@@ -282,11 +282,12 @@ class Round:
     """What one round did: drafts (B, k), accepted drafts and the next token per row.
 
     The lists are read from the device on first use, the round's one host sync
-    after the verify pass (``read``); ``verify_seconds`` runs from the verify
-    pass's launch, or from ``since`` (the previous round's read, when the loop
-    launched this round before reading that one), to that read."""
+    after the verify pass (``read``); ``verify_seconds`` runs from ``started`` (the
+    verify pass's launch; the round's, when its drafts were not timed apart and
+    ``draft_seconds`` is None), or from ``since`` (the previous round's read, when
+    the loop launched this round before reading that one), to that read."""
 
-    def __init__(self, drafted: mx.array, accepted: mx.array, next: mx.array, draft_seconds: float,
+    def __init__(self, drafted: mx.array, accepted: mx.array, next: mx.array, draft_seconds: float | None,
                  started: float):
         self._arrays = (drafted, accepted, next)
         self.draft_seconds = draft_seconds
@@ -320,13 +321,15 @@ class Round:
 
 
 def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
-                      limits: list[int] | None = None) -> tuple[Rows, Round]:
+                      limits: list[int] | None = None, time_drafts: bool = False) -> tuple[Rows, Round]:
     """Draft k tokens, verify k + 1 in one target pass, accept: the rows after it, and what happened.
     Row r counts only its first limits[r] drafts (its own draft length; None: all k).
 
-    k must be at most ``rows.cache.max_step - 1`` (the loop clamps it). Host syncs: one
-    after drafting (it times the drafter for the policy, and costs nothing measurable here)
-    and one to read how many drafts each row accepted. A plain round (k = 0) is
+    k must be at most ``rows.cache.max_step - 1`` (the loop clamps it). One host sync, to read
+    how many drafts each row accepted: the verify pass is built while the drafts compute. With
+    ``time_drafts`` the drafts are waited for first, to time the drafter apart for the policy
+    (``Round.draft_seconds``; else None), at the cost of that overlap: the device idles while
+    the verify pass is built, 2-10% of a round at B=1 on the demo pair. A plain round (k = 0) is
     returned unread, its arrays computing in the background (``mx.async_eval``): each
     row's position just advances by one, so a loop can pipeline plain decoding as
     mlx-lm's ``generate_step`` does: launch the next round on the returned rows, then
@@ -346,7 +349,8 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
             drafts.append(token)
             qs += [q] if q is not None else []
             hidden = draft.hidden
-        mx.eval(drafts)
+        if time_drafts:
+            mx.eval(drafts)
     drafted = sampler.agreed(mx.stack(drafts, axis=1)) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
     verify_start = time.perf_counter()
 
@@ -361,7 +365,8 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
     # read, behind the next round launched meanwhile, so reading a pipelined plain round would
     # wait for the whole next one and leave the device idle while its successor is built.
     mx.async_eval(drafted, n, last, hidden)
-    result = Round(drafted, n, last, verify_start - start, verify_start)
+    result = (Round(drafted, n, last, verify_start - start, verify_start) if time_drafts or not k
+              else Round(drafted, n, last, None, start))
     accepted = result.accepted if k else [0] * len(rows.pos)
     return Rows(rows.ids, [p + a + 1 for p, a in zip(rows.pos, accepted)], last, hidden, rows.cache), result
 

@@ -654,9 +654,10 @@ class Engine:
         start = time.perf_counter()
         k, limits, decisions = self._decide(rows, requests, pending=before is not None)
         if k and before is not None:
-            self._read(before)  # drafting syncs anyway: time the plain round alone
+            self._read(before)  # time the plain round alone, and the drafting round from its launch
         self._rows, result = speculative_round(self.spec, rows, k, self._sampler,
-                                               None if all(n == k for n in limits) else limits)
+                                               None if all(n == k for n in limits) else limits,
+                                               time_drafts=self.spec.policy.draft_timing_due(len(requests)))
         return _Launch(list(rows.ids), result, k, limits, decisions, start)
 
     def _read(self, launch: "_Launch") -> None:
@@ -687,13 +688,19 @@ class Engine:
         self._read(current)
         result, seconds = current.result, current.seconds
         requests = [self._live.get(i) for i in current.ids]  # None: it left while the round ran
+        # A round that did not time its drafts apart (see DraftPolicy.draft_timing_due) is split
+        # for the stats at the drafter's measured cost; the policy takes that cost off itself.
+        drafting = result.draft_seconds
+        if drafting is None:
+            step = self.spec.policy.costs.draft_time(len(current.ids))
+            drafting = min(current.k * (step or 0.0), result.verify_seconds)
+        verifying = result.verify_seconds - (drafting if result.draft_seconds is None else 0.0)
         for b, request in enumerate(requests):
             if request is None or request.finish is not None:
                 continue
             n = result.accepted[b]
             self._emit(events, request, result.drafted[b][:n] + [result.next[b]])
-            request.stats.record_round(current.limits[b], n, current.decisions[b], result.draft_seconds,
-                                       result.verify_seconds, seconds)
+            request.stats.record_round(current.limits[b], n, current.decisions[b], drafting, verifying, seconds)
         # A drafting round's verify cell is charged with all of it but the drafting: what a plain
         # round's read-to-read time holds too (reading, emitting, deciding), so neither side of
         # the comparison leaves out the work every round does. The first round of a shape (rows,
@@ -702,7 +709,7 @@ class Engine:
         shape = (len(current.ids), current.k)
         timed = shape in self.spec.shapes_run
         self.spec.shapes_run.add(shape)
-        t_draft, t_verify = (result.draft_seconds, seconds - result.draft_seconds) if timed else (0.0, 0.0)
+        t_draft, t_verify = (result.draft_seconds, seconds - (result.draft_seconds or 0.0)) if timed else (0.0, 0.0)
         self.spec.policy.record(shape[0], current.k, result.accepted, t_draft, t_verify, 0.0, current.limits,
                                 steady)
         self._rounds += 1

@@ -110,6 +110,10 @@ REFRESH_INTERVAL = 8
 near the best the throughput curve is flat, so one such round in eight costs well under 1%, and
 each neighbour gets a new sample every 16 rounds."""
 
+DRAFT_TIMING_INTERVAL = 8
+"""Rounds between drafting rounds that time the drafter apart from the verify pass (see
+DraftPolicy.draft_timing_due); the others take its cost as measured and overlap the two."""
+
 TAIL_ROUNDS = 16
 """Rounds a batch size smaller than a timed one may run on costs held from it before it times
 plain decoding of its own (see DraftPolicy._tail)."""
@@ -330,6 +334,10 @@ class CostModel:
             if key in self._priors:
                 self._rescale_priors(key[1])
 
+    def samples(self, key: tuple) -> int:
+        """Timings this process has of a cell: ("verify", B, L) or ("draft", B)."""
+        return len(self._samples.get(key, ()))
+
     def _cells(self, key: tuple) -> tuple[dict, object]:
         return (self.verify, key[1:]) if key[0] == "verify" else (self.draft, key[1])
 
@@ -362,7 +370,7 @@ class CostModel:
     def explored(self, batch_size: int, length: int) -> bool:
         """Whether this cell needs no exploring: EXPLORE_SAMPLES timings in this process, or a kept prior."""
         key = ("verify", batch_size, length)
-        return len(self._samples.get(key, ())) >= EXPLORE_SAMPLES or key in self._priors
+        return self.samples(key) >= EXPLORE_SAMPLES or key in self._priors
 
     def lengths(self, batch_size: int) -> dict[int, float]:
         """Measured verify times at this batch size, by length, made to grow with length.
@@ -379,7 +387,7 @@ class CostModel:
         for n, t in row:
             if n == 1:
                 continue
-            blocks.append([t, max(1, len(self._samples.get(("verify", batch_size, n), ()))), [n]])
+            blocks.append([t, max(1, self.samples(("verify", batch_size, n))), [n]])
             while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
                 (m1, w1, n1), (m2, w2, n2) = blocks.pop(-2), blocks.pop()
                 blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
@@ -477,16 +485,22 @@ class DraftPolicy:
         """One timed drafter step (`record` does this for drafting rounds)."""
         self.costs.record_draft(batch_size, seconds_per_step)
 
-    def record(self, batch_size: int, k: int, accepted: Sequence[int], t_draft: float, t_verify: float,
+    def record(self, batch_size: int, k: int, accepted: Sequence[int], t_draft: float | None, t_verify: float,
                t_other: float = 0.0, limits: Sequence[int] | None = None, steady: bool = True) -> None:
         """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
-        seconds spent drafting (all k steps), verifying, and on everything else (t_other is kept by
+        seconds spent drafting (all k steps; None: not timed apart, t_verify holds them too),
+        verifying, and on everything else (t_other is kept by
         decode.Stats; the decision leaves it out, as in cost(k)). `limits[r]`: row r's own draft
         length when it is below k (a fixed-k request, or one near its max_tokens). `steady`, for a
         plain round: whether it ran inside a pipelined stretch of plain rounds; only those time
         plain decoding (see _record_plain)."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
+        if t_draft is None and k > 0:
+            # Drafting not timed apart (see draft_timing_due): the verify pass is what the round
+            # cost beyond k drafter steps at their measured cost. Unmeasured, nothing is learned.
+            step = self.costs.draft_time(batch_size)
+            t_verify = t_verify - k * step if step is not None else 0.0
         # A clock glitch is not a measurement, and 0 says the round's times are not what such a
         # round costs (the engine's first round of a shape also traces it): acceptance only.
         if 0 < t_verify < math.inf and k > 0:
@@ -495,12 +509,21 @@ class DraftPolicy:
         elif 0 < t_verify < math.inf and steady:
             self._record_plain(batch_size, t_verify)
         if k > 0:
-            if 0 < t_draft < math.inf:
+            if t_draft is not None and 0 < t_draft < math.inf:
                 self.costs.record_draft(batch_size, t_draft / k)
             self.acceptance.update(self.rounds, k, accepted, limits)
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
         self._rounds_at[batch_size] = self._rounds_at.get(batch_size, 0) + 1
+
+    def draft_timing_due(self, batch_size: int) -> bool:
+        """Whether a drafting round at this batch size should wait for its drafts before verifying,
+        to time the drafter apart. That wait idles the device while the verify pass is built, so
+        only the first EXPLORE_SAMPLES drafting rounds at a batch size in this process do it, and
+        then one round in DRAFT_TIMING_INTERVAL: the drafter's cost moves with the context and the
+        machine's load, as the verify costs do."""
+        return (self.costs.samples(("draft", batch_size)) < EXPLORE_SAMPLES
+                or self.rounds % DRAFT_TIMING_INTERVAL == DRAFT_TIMING_INTERVAL // 2)
 
     def _record_plain(self, batch_size: int, seconds: float) -> None:
         """Plain rounds run pipelined (each launched before the last is read), so one round's time

@@ -385,7 +385,11 @@ def test_drafting_rounds_pay_the_work_between_rounds_as_plain_rounds_do(checkpoi
     assert len(first) >= 2 and len(second) >= 2
     assert first[0] == (0.0, 0.0)  # the engine's first round at (1 row, k = 2)
     assert 0 < second[0][1] < between  # launched right after a prefill: timed from its launch
-    assert all(t_draft > 0 and t >= between for t_draft, t in first[1:] + second[1:])
+    assert all(t >= between for _, t in first[1:] + second[1:])
+    # The drafter is timed apart (t_draft) in the first rounds, then now and then (None: its
+    # drafts overlapped the verify pass being built, and t holds them too).
+    timed = [t_draft for t_draft, _ in first[1:] + second[1:] if t_draft is not None]
+    assert 1 <= len(timed) < len(first) + len(second) - 2 and all(t_draft > 0 for t_draft in timed)
 
 
 @pytest.mark.parametrize("k", [0, 2])

@@ -9,6 +9,7 @@ import pytest
 
 from mlx_specdec.policy import (
     COST_SAMPLES,
+    DRAFT_TIMING_INTERVAL,
     EXPLORE_SAMPLES,
     PLAIN_REFRESH_BUDGET,
     PLAIN_WINDOW,
@@ -430,3 +431,32 @@ def test_pipelined_plain_rounds_are_costed_by_their_mean_not_their_luckiest_inte
     for i in range(4 * COST_SAMPLES + 1):
         policy.record(1, 0, [0], 0.0, (0.1 if i % 2 else 1.9) * T1)
     assert policy.costs.verify_time(1, 1) == pytest.approx(T1)
+
+
+def test_a_round_whose_drafts_were_not_timed_apart_charges_its_verify_with_the_rest():
+    # Most drafting rounds overlap drafting with building the verify pass and time only the
+    # whole round: the verify cell gets the whole less k steps at the drafter's measured cost.
+    policy = calibrated(cheap, draft=0.1)
+    for _ in range(COST_SAMPLES):
+        policy.record(1, 3, [3], None, 3 * 0.1 * T1 + 1.5 * T1)
+    assert policy.costs.verify[1, 4] == pytest.approx(1.5 * T1)
+    assert policy.costs.draft_time(1) == pytest.approx(0.1 * T1)
+    # With no drafter cost measured there is nothing to take off: acceptance only.
+    fresh = DraftPolicy(4)
+    fresh.record(1, 2, [2], None, T1)
+    assert not fresh.costs.measured(1, 3)
+    assert fresh.acceptance.reached[:2] == [1, 1]
+
+
+def test_the_drafter_is_timed_apart_at_first_and_then_once_in_an_interval():
+    policy = DraftPolicy(4)
+    assert policy.draft_timing_due(1)
+    for _ in range(EXPLORE_SAMPLES):
+        policy.record(1, 2, [2], 0.2 * T1, T1)
+    assert policy.draft_timing_due(2)  # a batch size is timed apart at first on its own
+    due = []
+    for _ in range(4 * DRAFT_TIMING_INTERVAL):
+        due.append(policy.draft_timing_due(1))
+        policy.record(1, 2, [2], 0.2 * T1 if due[-1] else None, 1.2 * T1)
+    assert sum(due) == 4
+    assert policy.costs.samples(("draft", 1)) == EXPLORE_SAMPLES + 4
