@@ -29,8 +29,8 @@ spaced to cost at most PLAIN_REFRESH_BUDGET (1.5%) of decoding time by the measu
 
 While drafting is off the policy probes with PROBE_K drafts now and then so it can come back:
 at most 1 probe round per PROBE_MIN_INTERVAL (16) plain rounds, and the interval is stretched
-so that, by the measured costs, probes add at most PROBE_OVERHEAD_BUDGET (1.5%) to plain
-decoding time even when no draft is ever accepted.
+so that, by the measured costs and acceptance, probes add at most PROBE_OVERHEAD_BUDGET (1.5%)
+to plain decoding time, also when no draft is ever accepted.
 
 The policy object is meant to be owned by the loaded model and reused across requests, so what it
 has measured carries over; `to_json` / `from_json` save it per model and machine. What a new process
@@ -125,8 +125,8 @@ PROBE_MIN_INTERVAL = 16
 """Plain rounds between probes at the least, however cheap a probe is."""
 
 PROBE_OVERHEAD_BUDGET = 0.015
-"""Most time probes may add to plain decoding while no draft is accepted: the interval between
-probes is at least (probe cost - plain round cost) / (PROBE_OVERHEAD_BUDGET * plain round cost).
+"""Most time probes may add to plain decoding: the interval between probes is at least
+(probe cost - E(PROBE_K) plain rounds) / (PROBE_OVERHEAD_BUDGET * plain round cost).
 Half of what a user would notice, since a probe also costs what the costs leave out: it breaks the
 pipelined stretch of plain rounds, and the plain round after it waits for its own graph."""
 
@@ -474,6 +474,7 @@ class DraftPolicy:
         self._started = rounds  # the clock when this process took the policy up
         self._plain_stretch: dict[int, int] = {}  # round the last stretch re-timing plain began, by B
         self._rounds_at: dict[int, int] = {}  # rounds recorded in this process, by B
+        self._drafting: dict[int, bool] = {}  # whether the last choice by rates drafted, by B
 
     # -- measurements
 
@@ -562,14 +563,18 @@ class DraftPolicy:
         return self.acceptance.rates(self.rounds), cached[4], cached[5]
 
     def probe_interval(self, batch_size: int) -> int:
-        """Plain rounds before the next probe: PROBE_MIN_INTERVAL, stretched so that a probe that
-        accepts nothing adds at most PROBE_OVERHEAD_BUDGET to plain decoding time."""
+        """Plain rounds before the next probe: PROBE_MIN_INTERVAL, stretched so that probes add at
+        most PROBE_OVERHEAD_BUDGET to plain decoding time at the measured acceptance. A probe costs
+        what its round costs beyond the plain rounds its accepted tokens save: the most when it
+        accepts nothing (a drafter that never agrees drives the estimate there, and probes apart),
+        next to nothing where drafting only just loses, so there they come often enough to see
+        the day it pays again: the drafting costs get new samples only from probes while off."""
         estimates = self._estimates(batch_size)
         if estimates is None or self.k_max == 0:
             return PROBE_MIN_INTERVAL
-        _, t_draft, t_verify = estimates
+        acceptance, t_draft, t_verify = estimates
         k = min(PROBE_K, self.k_max)
-        extra = k * t_draft + t_verify[k] - t_verify[0]
+        extra = k * t_draft + t_verify[k] - expected_tokens(acceptance, k) * t_verify[0]
         return max(PROBE_MIN_INTERVAL, math.ceil(extra / (PROBE_OVERHEAD_BUDGET * t_verify[0])))
 
     def decide(self, batch_size: int) -> Decision:
@@ -595,15 +600,23 @@ class DraftPolicy:
             k, bound = explore
             return Decision(k, f"explore k={k}: {bound:.1f} tok/s if verifying {k + 1} tokens costs no more than "
                                f"the longest pass timed, against {max(rates):.1f}{suffix}")
-        if rates[best] > rates[0] * (1 + MIN_GAIN):
-            reason = f"{compared} beats plain {rates[0]:.1f} tok/s{suffix}"
+        # Within MIN_GAIN of plain either way, the last choice stands: switching costs what the
+        # rates leave out (the first plain round after drafting waits for its own graph), and
+        # near break-even the timings' jitter alone would flip it back and forth.
+        on = self._drafting.get(batch_size, False)
+        if rates[best] > rates[0] * (1 + MIN_GAIN) or (on and rates[best] * (1 + MIN_GAIN) > rates[0]):
+            self._drafting[batch_size] = True
+            verb = "beats" if rates[best] > rates[0] else f"is within {MIN_GAIN:.0%} of"
+            reason = f"{compared} {verb} plain {rates[0]:.1f} tok/s{suffix}"
             if not tail and self._plain_due(batch_size, rates[best] / rates[0] - 1):
                 return Decision(0, f"k=0: re-timing plain decoding; {reason}")
             neighbour = self._neighbour(batch_size, best)
             if neighbour is not None:
                 return Decision(neighbour, f"refresh k={neighbour}: re-timing a neighbour of the best; {reason}")
             return Decision(best, reason)
-        reason = f"k=0: plain {rates[0]:.1f} tok/s beats {compared}{suffix}"
+        self._drafting[batch_size] = False
+        verb = "beats" if rates[0] >= rates[best] else f"is within {MIN_GAIN:.0%} of"
+        reason = f"k=0: plain {rates[0]:.1f} tok/s {verb} {compared}{suffix}"
         if self.recheck:
             k = min(PROBE_K, self.k_max)
             return Decision(k, f"probe k={k}: re-checking the kept policy; {reason}", True)
