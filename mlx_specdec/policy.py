@@ -30,7 +30,12 @@ spaced to cost at most PLAIN_REFRESH_BUDGET (1.5%) of decoding time by the measu
 While drafting is off the policy probes with PROBE_K drafts now and then so it can come back:
 at most 1 probe round per PROBE_MIN_INTERVAL (16) plain rounds, and the interval is stretched
 so that, by the measured costs and acceptance, probes add at most PROBE_OVERHEAD_BUDGET (1.5%)
-to plain decoding time, also when no draft is ever accepted.
+to plain decoding time, also when no draft is ever accepted. Within MIN_GAIN of plain either way,
+drafting stays on or off as it was: near break-even timing jitter alone would flip it.
+
+A drafting round times its drafter apart from its verify pass only now and then
+(DRAFT_TIMING_INTERVAL; waiting for the drafts idles the device while the verify pass is built);
+the others' verify cost is their whole time less k drafter steps at the measured cost.
 
 The policy object is meant to be owned by the loaded model and reused across requests, so what it
 has measured carries over; `to_json` / `from_json` save it per model and machine. What a new process
