@@ -35,7 +35,7 @@ class Stats:
     accepted: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # timed in the rounds that time the drafter apart, else its measured cost
     verify_seconds: float = 0.0
     k_histogram: dict[int, int] = field(default_factory=dict)
     # Per draft position i: rounds that reached it (drafts 1..i-1 all accepted), and accepted it.
