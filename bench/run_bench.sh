@@ -17,5 +17,5 @@ chart=()
 if python -c "import matplotlib" 2>/dev/null; then
     chart=(--chart bench/results/bench.png)
 fi
-exec mlx-specdec bench --max-tokens 48 --repeats 5 --warmup 1 \
+exec mlx-specdec bench --max-tokens 48 --repeats 9 --warmup 1 \
     --json bench/results/bench.json --markdown bench/results/bench.md "${chart[@]}" "$@"
