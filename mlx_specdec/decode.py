@@ -329,7 +329,7 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
     how many drafts each row accepted: the verify pass is built while the drafts compute. With
     ``time_drafts`` the drafts are waited for first, to time the drafter apart for the policy
     (``Round.draft_seconds``; else None), at the cost of that overlap: the device idles while
-    the verify pass is built, 2-10% of a round at B=1 on the demo pair. A plain round (k = 0) is
+    the verify pass is built. A plain round (k = 0) is
     returned unread, its arrays computing in the background (``mx.async_eval``): each
     row's position just advances by one, so a loop can pipeline plain decoding as
     mlx-lm's ``generate_step`` does: launch the next round on the returned rows, then
