@@ -692,8 +692,8 @@ class Engine:
         # for the stats at the drafter's measured cost; the policy takes that cost off itself.
         drafting = result.draft_seconds
         if drafting is None:
-            step = self.spec.policy.costs.draft_time(len(current.ids))
-            drafting = min(current.k * (step or 0.0), result.verify_seconds)
+            drafting = min(self.spec.policy.drafting_seconds(len(current.ids), current.k) or 0.0,
+                           result.verify_seconds)
         verifying = result.verify_seconds - (drafting if result.draft_seconds is None else 0.0)
         for b, request in enumerate(requests):
             if request is None or request.finish is not None:

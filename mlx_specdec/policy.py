@@ -504,9 +504,9 @@ class DraftPolicy:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
         if t_draft is None and k > 0:
             # Drafting not timed apart (see draft_timing_due): the verify pass is what the round
-            # cost beyond k drafter steps at their measured cost. Unmeasured, nothing is learned.
-            step = self.costs.draft_time(batch_size)
-            t_verify = t_verify - k * step if step is not None else 0.0
+            # cost beyond its drafting. Unmeasured, nothing is learned.
+            drafting = self.drafting_seconds(batch_size, k)
+            t_verify = t_verify - drafting if drafting is not None else 0.0
         # A clock glitch is not a measurement, and 0 says the round's times are not what such a
         # round costs (the engine's first round of a shape also traces it): acceptance only.
         if 0 < t_verify < math.inf and k > 0:
@@ -521,6 +521,12 @@ class DraftPolicy:
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
         self._rounds_at[batch_size] = self._rounds_at.get(batch_size, 0) + 1
+
+    def drafting_seconds(self, batch_size: int, k: int) -> float | None:
+        """What k drafter steps cost at this batch size by the measured drafter cost (None before
+        one is measured): the drafting share of a round that did not time it apart."""
+        step = self.costs.draft_time(batch_size)
+        return None if step is None else k * step
 
     def draft_timing_due(self, batch_size: int) -> bool:
         """Whether a drafting round at this batch size should wait for its drafts before verifying,
