@@ -351,6 +351,8 @@ def speculative_round(spec: SpecModel, rows: Rows, k: int, sampler: Sampler,
             hidden = draft.hidden
         if time_drafts:
             mx.eval(drafts)
+        else:
+            mx.async_eval(drafts)  # the device drafts while the verify pass is built
     drafted = sampler.agreed(mx.stack(drafts, axis=1)) if k else mx.zeros((len(rows.pos), 0), dtype=mx.int32)
     verify_start = time.perf_counter()
 
