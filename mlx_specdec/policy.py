@@ -110,6 +110,12 @@ STRETCH_SWITCH_ROUNDS = 2.0
 its rounds' forgone gain: its first round waits for its own graph (2-4 steady rounds' worth on
 the demo pair), and the drafting round after it first reads the plain round in flight."""
 
+ALIGN_ROUNDS = 16
+"""Rounds after plain decoding's first timing at a batch size (which precedes every drafting
+length's) before it is timed again, once, beside the lengths explored meanwhile: see
+CostModel.drift. Enough rounds for the acceptance estimate to say whether drafting pays at all,
+so the stretch neither delays that verdict nor comes where drafting is off anyway."""
+
 REFRESH_INTERVAL = 8
 """Rounds between re-timings of a draft length next to the chosen one (see DraftPolicy._neighbour):
 near the best the throughput curve is flat, so one such round in eight costs well under 1%, and
@@ -299,6 +305,8 @@ class CostModel:
         self.draft: dict[int, float] = {}
         self._samples: dict[tuple, list[float]] = {}  # ("verify", B, L) or ("draft", B): this process's
         self._priors: dict[tuple, float] = {}  # kept from an earlier process, until measured here
+        # By B: the drafting lengths' costs as of plain decoding's last timing there (see `drift`).
+        self._yardstick: dict[int, dict[int, float]] = {}
         self.version = 0
         self.firsts = 0  # cells measured for the first time in this process
         for (b, n), t in (verify or {}).items():
@@ -338,6 +346,32 @@ class CostModel:
             self.firsts += 1
             if key in self._priors:
                 self._rescale_priors(key[1])
+        if key[0] == "verify" and key[2] == 1:
+            b = key[1]
+            self._yardstick[b] = {n: t for (c, n), t in self.verify.items()
+                                  if c == b and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES}
+
+    def drift(self, batch_size: int) -> float:
+        """How much dearer the drafting lengths at this batch size are now than when plain decoding
+        was last timed there: the median ratio of their costs now to then (1 when none compares).
+
+        Plain decoding is timed only now and then while drafting is on, its lengths every round:
+        on a machine whose speed moves with other processes' load, a plain cost timed in a slow
+        moment made drafting look as if it paid, timed in a quick one as if it did not. All
+        lengths run the same kernels, so the yardstick moves with them, and only the ratio of the
+        two is taken from timings close in time (refreshed by each plain timing)."""
+        then = self._yardstick.get(batch_size) or {}
+        ratios = sorted(self.verify[batch_size, n] / t for n, t in then.items())
+        return ratios[len(ratios) // 2] if ratios else 1.0
+
+    def aligned(self, batch_size: int) -> bool | None:
+        """Whether plain decoding at this batch size was timed in this process since a drafting
+        length had EXPLORE_SAMPLES timings there (so `drift` can follow it); None while no length
+        has them yet."""
+        if not any(b == batch_size and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES
+                   for b, n in self.verify):
+            return None
+        return bool(self._yardstick.get(batch_size))
 
     def samples(self, key: tuple) -> int:
         """Timings this process has of a cell: ("verify", B, L) or ("draft", B)."""
@@ -385,9 +419,10 @@ class CostModel:
         look as dear, and drafting deeper look as cheap as drafting less, a bias toward long drafts;
         instead the drafting lengths (L >= 2) get their weighted least-squares non-decreasing fit
         (pool adjacent violators, each cell weighted by its samples), and none is below plain
-        decoding (L = 1), which is timed its own way (pipelined rounds) and left as measured."""
+        decoding (L = 1), which is timed its own way (pipelined rounds) and left as measured, moved
+        with the drafting lengths since (`drift`)."""
         row = sorted((n, t) for (b, n), t in self.verify.items() if b == batch_size)
-        plain = row[0][1] if row and row[0][0] == 1 else 0.0
+        plain = row[0][1] * self.drift(batch_size) if row and row[0][0] == 1 else 0.0
         blocks: list[list] = []  # [mean, weight, lengths] of pooled cells, means non-decreasing
         for n, t in row:
             if n == 1:
@@ -662,7 +697,10 @@ class DraftPolicy:
         if self.rounds - start < stretch:
             return True
         last = max(start, self._plain_timed.get(batch_size, self._started))
-        if self.rounds - last < (stretch * margin + STRETCH_SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET:
+        # Plain decoding is timed first at a batch size, before any drafting length: timed once
+        # more after ALIGN_ROUNDS with lengths explored, so that `drift` has lengths to follow it by.
+        early = self.costs.aligned(batch_size) is False and start < last and self.rounds - last >= ALIGN_ROUNDS
+        if not early and self.rounds - last < (stretch * margin + STRETCH_SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET:
             return False
         self._plain_stretch[batch_size] = self.rounds
         return True
@@ -707,7 +745,7 @@ class DraftPolicy:
             "k_max": self.k_max,
             "rounds": self.rounds,
             "plain_rounds": self.plain_rounds,
-            "verify": [[b, n, t] for (b, n), t in sorted(self.costs.verify.items())],
+            "verify": [[b, n, t * self.costs.drift(b) if n == 1 else t] for (b, n), t in sorted(self.costs.verify.items())],
             "draft": [[b, t] for b, t in sorted(self.costs.draft.items())],
             "acceptance": {"accepted": a.accepted, "reached": a.reached, "last_round": a.last_round,
                            "prior_weight": a.prior_weight},

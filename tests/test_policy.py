@@ -8,6 +8,7 @@ import math
 import pytest
 
 from mlx_specdec.policy import (
+    ALIGN_ROUNDS,
     COST_SAMPLES,
     DRAFT_TIMING_INTERVAL,
     EXPLORE_SAMPLES,
@@ -35,7 +36,7 @@ def calibrated(profile, batch_size=1, draft=0.1, k_max=8):
     """A policy whose verify times at batch_size are T1 * profile(L) for every L (each timed enough
     that nothing is left to explore), drafter step draft * T1."""
     policy = DraftPolicy(k_max)
-    for length in range(1, k_max + 2):
+    for length in [*range(2, k_max + 2), 1]:  # plain last: timed alongside the lengths (see CostModel.drift)
         for _ in range(EXPLORE_SAMPLES):
             policy.record_verify_time(batch_size, length, T1 * profile(length))
     policy.record_draft_time(batch_size, draft * T1)
@@ -150,7 +151,7 @@ def test_apple_verify_costs_need_very_high_acceptance():
 def test_moe_like_costs_turn_drafting_off_at_batch_1_only():
     # B=1: each extra token wakes other experts, L tokens cost L forwards. B=8: nearly flat.
     policy = DraftPolicy(8)
-    for length in range(1, 10):
+    for length in [*range(2, 10), 1]:  # plain last: timed alongside the lengths (see CostModel.drift)
         for _ in range(EXPLORE_SAMPLES):
             policy.record_verify_time(1, length, T1 * length)
             policy.record_verify_time(8, length, 3 * T1 * cheap(length))
@@ -379,27 +380,72 @@ def test_a_length_timed_in_a_slow_moment_is_timed_again_and_chosen_once_it_pays(
 
 
 
-def test_plain_decoding_timed_in_a_slow_moment_is_timed_again_while_drafting():
-    # Plain decoding is timed only while the policy decodes plainly. Timed once while the machine
-    # was busy (1.3 T1), it made k=1 look 14% faster than plain, where it is 12% slower.
-    profile = lambda n: 1 + 0.6 * (n - 1)
+def slow_plain_then_lengths(profile, plain_last: bool) -> DraftPolicy:
+    """Plain decoding timed while the machine was busy (1.3 T1), the lengths at their cost, and
+    plain decoding timed first (as the policy does at a new batch size) or last."""
     policy = DraftPolicy(8)
-    for _ in range(PLAIN_WINDOW):
-        policy.record(1, 0, [0], 0.0, 1.3 * T1)
+    if not plain_last:
+        for _ in range(PLAIN_WINDOW):
+            policy.record(1, 0, [0], 0.0, 1.3 * T1)
     for length in range(2, 10):
         for _ in range(EXPLORE_SAMPLES):
             policy.record_verify_time(1, length, T1 * profile(length))
+    if plain_last:
+        for _ in range(PLAIN_WINDOW):
+            policy.record(1, 0, [0], 0.0, 1.3 * T1)
     policy.record_draft_time(1, 0.1 * T1)
-    decisions = run(policy, 250, accepts=lambda i: i % 2 == 0, profile=profile)
-    assert decisions[0].k == 1
+    return policy
+
+
+def one_stretch(decisions) -> list[int]:
     stretch = [i for i, d in enumerate(decisions) if d.reason.startswith("k=0: re-timing plain decoding")]
     # One stretch, consecutive rounds, ending as soon as plain decoding's new timing wins.
     assert PLAIN_WINDOW <= len(stretch) <= PLAIN_WINDOW + 2
     assert stretch == list(range(stretch[0], stretch[0] + len(stretch)))
+    assert all(d.k == 0 or d.probe for d in decisions[stretch[-1] + 1:])
+    return stretch
+
+
+def test_plain_decoding_timed_in_a_slow_moment_is_timed_again_while_drafting():
+    # Plain decoding is timed only while the policy decodes plainly. Timed once while the machine
+    # was busy (1.3 T1), it made k=1 look 14% faster than plain, where it is 12% slower.
+    profile = lambda n: 1 + 0.6 * (n - 1)
+    decisions = run(slow_plain_then_lengths(profile, plain_last=True), 250, accepts=lambda i: i % 2 == 0,
+                    profile=profile)
+    assert decisions[0].k == 1
     # Spaced so that forgoing the expected gain (about 14%), and switching, cost at most
     # PLAIN_REFRESH_BUDGET.
+    stretch = one_stretch(decisions)
     assert stretch[0] >= ((PLAIN_WINDOW + 2) * 0.14 + STRETCH_SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET - 1
-    assert all(d.k == 0 or d.probe for d in decisions[stretch[-1] + 1:])
+
+
+def test_plain_decoding_timed_before_the_lengths_is_timed_again_beside_them_soon():
+    # At a new batch size plain decoding is timed before any length is: nothing timed beside it
+    # yet tells how the machine's speed has moved since (CostModel.drift), so it is timed once
+    # more, ALIGN_ROUNDS later, and not one budget interval later.
+    profile = lambda n: 1 + 0.6 * (n - 1)
+    policy = slow_plain_then_lengths(profile, plain_last=False)
+    assert policy.costs.aligned(1) is False
+    decisions = run(policy, 250, accepts=lambda i: i % 2 == 0, profile=profile)
+    assert decisions[0].k == 1
+    assert one_stretch(decisions)[0] <= ALIGN_ROUNDS  # rounds after the plain timing, which came first
+    assert policy.costs.aligned(1)
+
+
+def test_plain_decodings_cost_moves_with_the_lengths_timed_since():
+    # Plain decoding timed beside the lengths; then the machine gets 30% quicker (another process
+    # stopped) and only the lengths are timed again, as they are while drafting: the yardstick
+    # follows them, and the choice stays as it was rather than flip to drafting on a stale timing.
+    policy = calibrated(cheap)
+    before = policy.costs.verify_time(1, 1)
+    for _ in range(COST_SAMPLES):
+        for length in range(2, 10):
+            policy.record_verify_time(1, length, 0.7 * T1 * cheap(length))
+    assert policy.costs.drift(1) == pytest.approx(0.7)
+    assert policy.costs.verify_time(1, 1) == pytest.approx(0.7 * before)
+    # The kept file holds the yardstick as it stands now.
+    kept = DraftPolicy.from_json(policy.to_json())
+    assert kept.costs.verify_time(1, 1) == pytest.approx(0.7 * before)
 
 
 # --- persistence, overrides and statistics
