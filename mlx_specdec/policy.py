@@ -434,6 +434,18 @@ class CostModel:
         fitted = {n: max(mean, plain) for mean, _, ns in blocks for n in ns}
         return ({1: plain} if plain else {}) | fitted
 
+    def ratio_below(self, batch_size: int, length: int) -> float | None:
+        """t_verify(B', length) / t_verify(B', 1) at the largest batch size B' below this one where
+        both are timed (None if there is none): a lower bound on that ratio here. A pass's fixed
+        cost (reading the weights) is shared by its rows, and each row adds the same work per
+        token, so the more rows a pass holds the more its extra tokens weigh against it."""
+        below = [b for b, n in self.verify
+                 if n == length and b < batch_size and self.explored(b, length) and self.measured(b, 1)]
+        if not below:
+            return None
+        row = self.lengths(max(below))
+        return row[length] / row[1] if row.get(1) else None
+
     def verify_time(self, batch_size: int, length: int) -> float | None:
         """Estimated seconds to verify `length` tokens per row at `batch_size`; None if nothing is measured."""
         row = self.lengths(batch_size)
@@ -723,7 +735,10 @@ class DraftPolicy:
         """(k, its optimistic tokens/s) for the most promising unexplored verify length at this
         batch size whose optimistic rate beats ``best`` (the best estimated rate), or None.
         Optimistic: verifying k + 1 tokens costs what the longest explored shorter length costs
-        (a pass never costs less than a shorter one), so only a length that could pay is tried."""
+        (a pass never costs less than a shorter one), and no less, relative to plain decoding,
+        than at a smaller batch size (`CostModel.ratio_below`), so only a length that could pay is
+        tried: a batch size a server meets for the first time does not explore deep drafts that
+        already lost at a smaller one."""
         if batch_size in self._explored:
             return None
         explored = [self.costs.explored(batch_size, n) for n in range(1, self.k_max + 2)]
@@ -731,6 +746,10 @@ class DraftPolicy:
             self._explored.add(batch_size)  # cells are never forgotten: checked once
             return None
         floor = [max([t_verify[0]] + [t_verify[j] for j in range(n) if explored[j]]) for n in range(self.k_max + 1)]
+        for k in range(1, self.k_max + 1):
+            ratio = None if explored[k] else self.costs.ratio_below(batch_size, k + 1)
+            if ratio is not None:
+                floor[k] = max(floor[k], ratio * t_verify[0])
         bounds = tokens_per_second(acceptance, t_draft, floor, batch_size)
         k = max((k for k in range(1, self.k_max + 1) if not explored[k]), key=lambda k: (bounds[k], -k))
         return (k, bounds[k]) if bounds[k] > best * (1 + MIN_GAIN) else None

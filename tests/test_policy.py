@@ -544,3 +544,25 @@ def test_near_break_even_the_last_choice_stands_within_min_gain():
     decisions = [decide_at(g) for g in (1.05, 0.99, 0.97, 1.01, 1.03)]
     assert [0 if d.probe else d.k for d in decisions] == [1, 1, 0, 0, 1]  # a probe is a look while off
     assert "within 2% of plain" in decisions[1].reason and "is within 2% of k=1" in decisions[3].reason
+
+
+def test_a_new_batch_size_does_not_explore_lengths_that_lost_relative_to_plain_at_a_smaller_one():
+    # Apple-like costs at B=2, measured: every extra token per row costs 0.7 T1, and at 60%
+    # acceptance no length pays. A server then meets B=8 for the first time and times plain
+    # decoding there. Its lengths are unmeasured, but each extra token weighs at least as much
+    # against plain decoding with 8 rows as with 2: none could pay, so none is explored (each such
+    # round at B=8 verifies up to 72 tokens).
+    profile = lambda n: 1 + 0.7 * (n - 1)
+    policy = calibrated(profile, batch_size=2)
+    feed(policy, rate=0.6, rounds=50, batch_size=2, k=1)
+    assert policy.decide(2).k == 0 or policy.decide(2).probe
+    for _ in range(PLAIN_WINDOW + 1):
+        policy.record(8, 0, [0] * 8, 0.0, 2 * T1)
+    decisions = [policy.decide(8) for _ in range(20)]
+    assert not any(d.reason.startswith("explore") for d in decisions), decisions[0].reason
+    # Where the same acceptance pays at B=2 (cheap extra tokens), B=8 still explores.
+    policy = calibrated(cheap, batch_size=2)
+    feed(policy, rate=0.6, rounds=50, batch_size=2, k=1)
+    for _ in range(PLAIN_WINDOW + 1):
+        policy.record(8, 0, [0] * 8, 0.0, 2 * T1)
+    assert policy.decide(8).reason.startswith("explore")
