@@ -53,11 +53,14 @@ def test_bench_command_writes_table_json_markdown_and_chart(model, tmp_path):
         f"LD_PRELOAD={os.environ['LD_PRELOAD']} " if os.environ.get("LD_PRELOAD") else "").startswith("mlx-specdec bench")
     markdown = (out / "bench.md").read_text()
     assert "| workload | B | mode | tok/s | speedup |" in markdown and markdown.count("\n| qa |") == 6
-    # auto against plain (the floor) and the best fixed k (here the only one, k=2): the table's speedups.
+    # auto against plain (the floor) and the best fixed k (here the only one, k=2): the table's speedups,
+    # and auto over k=2 run by run; held out, k=2 is picked on either run and auto compared on the other.
     for w in ("qa", "short"):
         for b in (1, 2):
             auto, k2 = cells[(w, b, "auto")]["speedup"], cells[(w, b, "k=2")]["speedup"]
-            assert (f"| {w}, B={b} | {auto:.2f}x | k=2 | {k2:.2f}x | {auto / k2:.2f}x |") in markdown
+            versus = sum(x / y for x, y in zip(cells[(w, b, "auto")]["runs_tokens_per_second"],
+                                               cells[(w, b, "k=2")]["runs_tokens_per_second"])) / 2
+            assert (f"| {w}, B={b} | {auto:.2f}x | k=2 | {k2:.2f}x | {versus:.2f}x | {versus:.2f}x |") in markdown
     assert "auto against the floor and the ceiling" in run.stdout
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -180,3 +183,16 @@ def test_multimodal_demo_holds_the_same_weights_for_ours(tmp_path, monkeypatch):
     for a, b in ((text.target, multimodal.target), (text.drafter, multimodal.drafter)):
         left, right = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
         assert left.keys() == right.keys() and all((left[k] == right[k]).all().item() for k in left)
+
+
+def test_held_out_ceiling_picks_the_best_fixed_k_on_other_runs():
+    from mlx_specdec.commands.bench import _held_out
+
+    plain = Cell("w", 1, "plain", [10.0, 10.0, 10.0, 10.0], 8)
+    # k=1 is the best on even runs only (a lucky pair), k=2 on odd runs; auto matches neither.
+    k1 = Cell("w", 1, "k=1", [20.0, 10.0, 20.0, 10.0], 8)
+    k2 = Cell("w", 1, "k=2", [10.0, 16.0, 10.0, 16.0], 8)
+    auto = Cell("w", 1, "auto", [12.0, 12.0, 12.0, 12.0], 8)
+    # Picked on the even runs (k=1), judged on the odd (12/10); then k=2 judged on the even (12/10).
+    assert _held_out(auto, [k1, k2], plain) == pytest.approx(1.2)
+    assert _held_out(Cell("w", 1, "auto", [12.0], 8), [k1], plain) is None
