@@ -764,7 +764,8 @@ class DraftPolicy:
             "k_max": self.k_max,
             "rounds": self.rounds,
             "plain_rounds": self.plain_rounds,
-            "verify": [[b, n, t * self.costs.drift(b) if n == 1 else t] for (b, n), t in sorted(self.costs.verify.items())],
+            "verify": [[b, n, t * self.costs.drift(b) if n == 1 else t]
+                       for (b, n), t in sorted(self.costs.verify.items())],
             "draft": [[b, t] for b, t in sorted(self.costs.draft.items())],
             "acceptance": {"accepted": a.accepted, "reached": a.reached, "last_round": a.last_round,
                            "prior_weight": a.prior_weight},
