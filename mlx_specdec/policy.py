@@ -347,9 +347,13 @@ class CostModel:
             if key in self._priors:
                 self._rescale_priors(key[1])
         if key[0] == "verify" and key[2] == 1:
-            b = key[1]
-            self._yardstick[b] = {n: t for (c, n), t in self.verify.items()
-                                  if c == b and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES}
+            self._yardstick[key[1]] = self._timed_lengths(key[1])
+
+    def _timed_lengths(self, batch_size: int) -> dict[int, float]:
+        """The drafting lengths with EXPLORE_SAMPLES timings in this process at this batch size, by
+        length, at their current cost."""
+        return {n: t for (b, n), t in self.verify.items()
+                if b == batch_size and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES}
 
     def drift(self, batch_size: int) -> float:
         """How much dearer the drafting lengths at this batch size are now than when plain decoding
@@ -368,8 +372,7 @@ class CostModel:
         """Whether plain decoding at this batch size was timed in this process since a drafting
         length had EXPLORE_SAMPLES timings there (so `drift` can follow it); None while no length
         has them yet."""
-        if not any(b == batch_size and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES
-                   for b, n in self.verify):
+        if not self._timed_lengths(batch_size):
             return None
         return bool(self._yardstick.get(batch_size))
 
@@ -434,17 +437,17 @@ class CostModel:
         fitted = {n: max(mean, plain) for mean, _, ns in blocks for n in ns}
         return ({1: plain} if plain else {}) | fitted
 
-    def ratio_below(self, batch_size: int, length: int) -> float | None:
-        """t_verify(B', length) / t_verify(B', 1) at the largest batch size B' below this one where
-        both are timed (None if there is none): a lower bound on that ratio here. A pass's fixed
-        cost (reading the weights) is shared by its rows, and each row adds the same work per
-        token, so the more rows a pass holds the more its extra tokens weigh against it."""
-        below = [b for b, n in self.verify
-                 if n == length and b < batch_size and self.explored(b, length) and self.measured(b, 1)]
-        if not below:
-            return None
-        row = self.lengths(max(below))
-        return row[length] / row[1] if row.get(1) else None
+    def ratios_below(self, batch_size: int) -> dict[int, float]:
+        """By length L: t_verify(B', L) / t_verify(B', 1) at the largest batch size B' below this one
+        where both are timed (lengths with none are left out): a lower bound on that ratio here. A
+        pass's fixed cost (reading the weights) is shared by its rows, and each row adds the same
+        work per token, so the more rows a pass holds the more its extra tokens weigh against it."""
+        below: dict[int, int] = {}  # length -> B'
+        for b, n in self.verify:
+            if 1 < n and below.get(n, 0) < b < batch_size and self.explored(b, n) and self.measured(b, 1):
+                below[n] = b
+        rows = {b: self.lengths(b) for b in set(below.values())}
+        return {n: rows[b][n] / rows[b][1] for n, b in below.items() if rows[b].get(1)}
 
     def verify_time(self, batch_size: int, length: int) -> float | None:
         """Estimated seconds to verify `length` tokens per row at `batch_size`; None if nothing is measured."""
@@ -603,8 +606,9 @@ class DraftPolicy:
 
     # -- decisions
 
-    def _estimates(self, batch_size: int) -> tuple[list[float], float, list[float]] | None:
-        """(a_1..a_k_max, t_draft, [t_verify(B, 1..k_max+1)]), or None before any verify is timed."""
+    def _estimates(self, batch_size: int) -> tuple[list[float], float, list[float], dict[int, float]] | None:
+        """(a_1..a_k_max, t_draft, [t_verify(B, 1..k_max+1)], CostModel.ratios_below(B)), or None
+        before any verify is timed."""
         cached, costs = self._cached, self.costs
         if (cached is None or cached[1:3] != (batch_size, costs) or cached[3] != costs.firsts
                 or (cached[0] != costs.version and self.rounds - cached[6] >= REDERIVE_ROUNDS)):
@@ -617,8 +621,9 @@ class DraftPolicy:
             t_verify = [self.costs.verify_time(batch_size, n) for n in range(1, self.k_max + 2)]
             # Rederiving every round would cost a tenth of a small model's round; costs move
             # slowly (each cell a quantile), so a few rounds' lag changes no decision.
-            cached = self._cached = (costs.version, batch_size, costs, costs.firsts, t_draft, t_verify, self.rounds)
-        return self.acceptance.rates(self.rounds), cached[4], cached[5]
+            cached = self._cached = (costs.version, batch_size, costs, costs.firsts, t_draft, t_verify, self.rounds,
+                                     costs.ratios_below(batch_size))
+        return self.acceptance.rates(self.rounds), cached[4], cached[5], cached[7]
 
     def probe_interval(self, batch_size: int) -> int:
         """Plain rounds before the next probe: PROBE_MIN_INTERVAL, stretched so that probes add at
@@ -630,7 +635,7 @@ class DraftPolicy:
         estimates = self._estimates(batch_size)
         if estimates is None or self.k_max == 0:
             return PROBE_MIN_INTERVAL
-        acceptance, t_draft, t_verify = estimates
+        acceptance, t_draft, t_verify, _ = estimates
         k = min(PROBE_K, self.k_max)
         extra = k * t_draft + t_verify[k] - expected_tokens(acceptance, k) * t_verify[0]
         return max(PROBE_MIN_INTERVAL, math.ceil(extra / (PROBE_OVERHEAD_BUDGET * t_verify[0])))
@@ -647,13 +652,13 @@ class DraftPolicy:
             # Plain rounds time plain decoding at this batch size first, losing nothing: every
             # choice is weighed against it, and a neighbour's cost scaled to B rows overstates it.
             return Decision(0, f"k=0: timing plain decoding at B={batch_size} first")
-        acceptance, t_draft, t_verify = self._estimates(batch_size)  # cached: the hot path re-derives nothing
+        acceptance, t_draft, t_verify, ratios = self._estimates(batch_size)  # cached: the hot path re-derives nothing
         rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
         best = max(range(1, len(rates)), key=lambda k: (rates[k], -k))
         compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "
                     f"acceptance {_rates_text(acceptance[:best])})")
         suffix = f" (B={batch_size})"
-        explore = None if tail else self._exploration(batch_size, acceptance, t_draft, t_verify, max(rates))
+        explore = None if tail else self._exploration(batch_size, acceptance, t_draft, t_verify, ratios, max(rates))
         if explore is not None:
             k, bound = explore
             return Decision(k, f"explore k={k}: {bound:.1f} tok/s if verifying {k + 1} tokens costs no more than "
@@ -731,12 +736,12 @@ class DraftPolicy:
         return None
 
     def _exploration(self, batch_size: int, acceptance: list[float], t_draft: float, t_verify: list[float],
-                     best: float) -> tuple[int, float] | None:
+                     ratios: dict[int, float], best: float) -> tuple[int, float] | None:
         """(k, its optimistic tokens/s) for the most promising unexplored verify length at this
         batch size whose optimistic rate beats ``best`` (the best estimated rate), or None.
         Optimistic: verifying k + 1 tokens costs what the longest explored shorter length costs
         (a pass never costs less than a shorter one), and no less, relative to plain decoding,
-        than at a smaller batch size (`CostModel.ratio_below`), so only a length that could pay is
+        than at a smaller batch size (``ratios``: `CostModel.ratios_below`), so only a length that could pay is
         tried: a batch size a server meets for the first time does not explore deep drafts that
         already lost at a smaller one."""
         if batch_size in self._explored:
@@ -747,9 +752,7 @@ class DraftPolicy:
             return None
         floor = [max([t_verify[0]] + [t_verify[j] for j in range(n) if explored[j]]) for n in range(self.k_max + 1)]
         for k in range(1, self.k_max + 1):
-            ratio = None if explored[k] else self.costs.ratio_below(batch_size, k + 1)
-            if ratio is not None:
-                floor[k] = max(floor[k], ratio * t_verify[0])
+            floor[k] = max(floor[k], ratios.get(k + 1, 0.0) * t_verify[0])
         bounds = tokens_per_second(acceptance, t_draft, floor, batch_size)
         k = max((k for k in range(1, self.k_max + 1) if not explored[k]), key=lambda k: (bounds[k], -k))
         return (k, bounds[k]) if bounds[k] > best * (1 + MIN_GAIN) else None
