@@ -406,10 +406,15 @@ AUTO_FOOTNOTE = ("auto vs plain: the floor (auto should never be slower than pla
                  "compared with it on the runs in between, and the other way round.")
 
 
-def _versus(a: Cell, b: Cell, runs: Sequence[int] | None = None) -> float:
-    """The median over runs (all, or those indexed) of a's tokens/s over b's in the same repeat."""
+def _ratios(a: Cell, b: Cell, runs: Sequence[int] | None = None) -> list[float]:
+    """a's tokens/s over b's in the same repeat, for every run (or those indexed)."""
     pairs = list(zip(a.runs_tokens_per_second, b.runs_tokens_per_second))
-    return statistics.median(x / y for x, y in (pairs if runs is None else [pairs[i] for i in runs]))
+    return [x / y for x, y in (pairs if runs is None else [pairs[i] for i in runs])]
+
+
+def _versus(a: Cell, b: Cell, runs: Sequence[int] | None = None) -> float:
+    """The median of `_ratios`: a against b run by run, as the speedups are."""
+    return statistics.median(_ratios(a, b, runs))
 
 
 def _held_out(auto: Cell, fixed: list[Cell], plain: Cell) -> float | None:
@@ -420,10 +425,9 @@ def _held_out(auto: Cell, fixed: list[Cell], plain: Cell) -> float | None:
         return None
     ratios = []
     for half in (0, 1):
-        pick = [i for i in range(n) if i % 2 == half]
+        pick, judge = [i for i in range(n) if i % 2 == half], [i for i in range(n) if i % 2 != half]
         best = max(fixed, key=lambda c: _versus(c, plain, pick))
-        ratios += [x / y for i, (x, y) in enumerate(zip(auto.runs_tokens_per_second, best.runs_tokens_per_second))
-                   if i % 2 != half]
+        ratios += _ratios(auto, best, judge)
     return statistics.median(ratios)
 
 
