@@ -27,10 +27,10 @@ length next to it runs instead, and a cost timed in a slow (or lucky) moment doe
 Plain decoding, the yardstick, is timed again the same way, by a short stretch of plain rounds
 spaced to cost at most PLAIN_REFRESH_BUDGET (1.5%) of decoding time by the measured gain.
 
-While drafting is off the policy probes with PROBE_K drafts now and then so it can come back:
-at most 1 probe round per PROBE_MIN_INTERVAL (16) plain rounds, and the interval is stretched
-so that, by the measured costs and acceptance, probes add at most PROBE_OVERHEAD_BUDGET (1.5%)
-to plain decoding time, also when no draft is ever accepted. Within MIN_GAIN of plain either way,
+While drafting is off the policy probes with PROBE_K drafts now and then so it can come back,
+spaced so that, by the measured costs and acceptance, probes add at most PROBE_OVERHEAD_BUDGET
+(1.5%) to plain decoding time, also when no draft is ever accepted; a probe's cost includes leaving
+the pipelined plain rounds and coming back (SWITCH_ROUNDS). Within MIN_GAIN of plain either way,
 drafting stays on or off as it was: near break-even timing jitter alone would flip it.
 
 A drafting round times its drafter apart from its verify pass only now and then
@@ -74,6 +74,12 @@ drafting) still averages out the coin flips of single rows."""
 
 _DECAY = 0.5 ** (1.0 / ACCEPTANCE_HALF_LIFE_ROUNDS)
 
+PROBE_GAP_ROUNDS = 16
+"""Most rounds by which a new observation of draft position 1 ages the ones before it. Probes come
+over a hundred plain rounds apart (see PROBE_OVERHEAD_BUDGET); aged by all of those, what came
+before a probe would weigh a twentieth of it, and each probe's single row would decide alone
+whether drafting comes back. Aged by 16, the estimate spans the last three or four probes."""
+
 COST_SAMPLES = 8
 """Timing samples kept per cost cell, newest first out: verify time drifts as the context grows, so
 old samples must go, and eight are enough for a quantile to see past a burst of slow ones."""
@@ -105,10 +111,11 @@ PLAIN_REFRESH_BUDGET = 0.015
 """Most decoding time that stretches re-timing plain decoding while drafting is on may cost, by
 the measured costs (see DraftPolicy._plain_due)."""
 
-STRETCH_SWITCH_ROUNDS = 2.0
-"""Plain rounds' worth of time that entering and leaving a stretch of plain rounds costs beyond
-its rounds' forgone gain: its first round waits for its own graph (2-4 steady rounds' worth on
-the demo pair), and the drafting round after it first reads the plain round in flight."""
+SWITCH_ROUNDS = 2.0
+"""Plain rounds' worth of time that leaving pipelined plain decoding for a drafting round and coming
+back costs beyond the rounds themselves: the drafting round first reads the plain round in flight,
+and the first plain round after it waits for its own graph (2-4 steady rounds' worth on the demo
+pair). A stretch of plain rounds amid drafting pays it, and so does a probe amid plain rounds."""
 
 ALIGN_ROUNDS = 16
 """Rounds after plain decoding's first timing at a batch size (which precedes every drafting
@@ -132,14 +139,12 @@ plain decoding of its own (see DraftPolicy._tail)."""
 PROBE_K = 1
 """Drafts per probe: one is the cheapest round that measures a_1, and a_1 bounds every E(k)."""
 
-PROBE_MIN_INTERVAL = 16
-"""Plain rounds between probes at the least, however cheap a probe is."""
-
 PROBE_OVERHEAD_BUDGET = 0.015
 """Most time probes may add to plain decoding: the interval between probes is at least
-(probe cost - E(PROBE_K) plain rounds) / (PROBE_OVERHEAD_BUDGET * plain round cost).
-Half of what a user would notice, since a probe also costs what the costs leave out: it breaks the
-pipelined stretch of plain rounds, and the plain round after it waits for its own graph."""
+(probe cost + SWITCH_ROUNDS plain rounds - E(PROBE_K) plain rounds) / (PROBE_OVERHEAD_BUDGET *
+plain round cost): at least SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET (134) plain rounds. Half of what
+a user would notice:
+a probe also costs what the model leaves out (acceptance, sampling)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,7 +222,8 @@ class AcceptanceEstimate:
     Position 1 is observed in every drafting round and every probe. Its prior (PRIOR_ACCEPTANCE,
     worth PRIOR_WEIGHT rows) ages like an observation made at round 0, and between observations its
     estimate stays put: a long plain stretch neither erases what was learned nor drifts back to the
-    prior (which would turn drafting on without a probe).
+    prior (which would turn drafting on without a probe), nor ages it by more than PROBE_GAP_ROUNDS
+    when the next probe comes (else one row's coin flip would outweigh all that came before).
 
     A deeper position is observed only when the policy drafts that far, so its evidence fades with
     age toward the estimate of the position before it (worth PRIOR_WEIGHT rows): a position never
@@ -240,7 +246,8 @@ class AcceptanceEstimate:
         for i in range(min(k, len(self.reached))):
             if reached[i] == 0:  # no row got this far, nor further
                 break
-            age = _DECAY ** (now - self.last_round[i])
+            elapsed = now - self.last_round[i]
+            age = _DECAY ** (min(elapsed, PROBE_GAP_ROUNDS) if i == 0 else elapsed)
             self.accepted[i] = self.accepted[i] * age + took[i]
             self.reached[i] = self.reached[i] * age + reached[i]
             if i == 0:
@@ -452,16 +459,43 @@ class CostModel:
     def verify_time(self, batch_size: int, length: int) -> float | None:
         """Estimated seconds to verify `length` tokens per row at `batch_size`; None if nothing is measured."""
         row = self.lengths(batch_size)
-        estimate = _interpolate(row, length, scale_below=True, extrapolate=False)
+        estimate = self._within(batch_size, row, length)
         if estimate is None:
             others = {b for b, _ in self.verify if b != batch_size}
-            column = {b: _interpolate(self.lengths(b), length, scale_below=True) for b in others}
+            column = {b: self._within(b, there, length) or _interpolate(there, length, scale_below=True)
+                      for b in others for there in [self.lengths(b)]}
             estimate = _interpolate(column, batch_size, scale_below=False)
         if estimate is None:
             estimate = _interpolate(row, length, scale_below=True)
         if estimate is None:
             return None
         return max([estimate] + [t for n, t in row.items() if n < length])
+
+    def _within(self, batch_size: int, row: dict[int, float], length: int) -> float | None:
+        """Rule 1 at one batch size (`row`: its `lengths`), plain decoding there by `_plain_by_ratio`
+        when only drafting lengths are timed; None when neither applies."""
+        estimate = _interpolate(row, length, scale_below=True, extrapolate=False)
+        if estimate is None and length == 1 and row:
+            estimate = self._plain_by_ratio(batch_size, row)
+        return estimate
+
+    def _plain_by_ratio(self, batch_size: int, row: dict[int, float]) -> float | None:
+        """Plain decoding at a batch size whose drafting lengths are timed but plain decoding is not
+        (a tail, see DraftPolicy._tail): its shortest timed length at plain decoding's ratio to that
+        length at the nearest larger batch size timing both (else the nearest smaller). Scaling
+        that length down in proportion to tokens (rule 3) put plain decoding at a third below its
+        cost on the demo pair, and a tail decoded plainly where drafting paid; the ratio at a larger
+        batch size errs the other way only a little, against drafting (extra tokens weigh more with
+        more rows, see `ratios_below`)."""
+        shortest = min(row)
+        timed = sorted({b for b, n in self.verify if n == 1 and b != batch_size},
+                       key=lambda b: (b < batch_size, abs(b - batch_size)))
+        for b in timed:
+            there = self.lengths(b)
+            at = _interpolate(there, shortest, scale_below=True, extrapolate=False)
+            if at is not None and there.get(1):
+                return row[shortest] * there[1] / at
+        return None
 
     def draft_time(self, batch_size: int) -> float | None:
         """Estimated seconds per drafter step at `batch_size`; None if no drafter step is measured."""
@@ -528,7 +562,7 @@ class DraftPolicy:
         self._plain_timed: dict[int, int] = {}  # round of the last plain sample, by B
         self._started = rounds  # the clock when this process took the policy up
         self._plain_stretch: dict[int, int] = {}  # round the last stretch re-timing plain began, by B
-        self._rounds_at: dict[int, int] = {}  # rounds recorded in this process, by B
+        self._streak = (0, 0)  # (B, rounds recorded in a row at B) as of the last round
         self._drafting: dict[int, bool] = {}  # whether the last choice by rates drafted, by B
 
     # -- measurements
@@ -570,7 +604,8 @@ class DraftPolicy:
             self.acceptance.update(self.rounds, k, accepted, limits)
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
-        self._rounds_at[batch_size] = self._rounds_at.get(batch_size, 0) + 1
+        b, n = self._streak
+        self._streak = (batch_size, n + 1 if b == batch_size else 1)
 
     def drafting_seconds(self, batch_size: int, k: int) -> float | None:
         """What k drafter steps cost at this batch size by the measured drafter cost (None before
@@ -626,19 +661,21 @@ class DraftPolicy:
         return self.acceptance.rates(self.rounds), cached[4], cached[5], cached[7]
 
     def probe_interval(self, batch_size: int) -> int:
-        """Plain rounds before the next probe: PROBE_MIN_INTERVAL, stretched so that probes add at
-        most PROBE_OVERHEAD_BUDGET to plain decoding time at the measured acceptance. A probe costs
-        what its round costs beyond the plain rounds its accepted tokens save: the most when it
-        accepts nothing (a drafter that never agrees drives the estimate there, and probes apart),
-        next to nothing where drafting only just loses, so there they come often enough to see
-        the day it pays again: the drafting costs get new samples only from probes while off."""
+        """Plain rounds before the next probe, spaced so that probes add at most
+        PROBE_OVERHEAD_BUDGET to plain decoding time at the measured acceptance. A probe costs what
+        its round costs beyond the plain rounds its accepted tokens save, plus SWITCH_ROUNDS for
+        breaking the pipelined plain rounds: the most when it accepts nothing (a drafter that never
+        agrees drives the estimate there, and probes apart), least where drafting only just loses,
+        so there they come oftenest, to see the day it pays again: the drafting costs get new
+        samples only from probes while off. Counted without the switch, probes every 16 rounds cost
+        the never-agreeing drafter of bench/policy_bench.py 3-5% of plain decoding."""
         estimates = self._estimates(batch_size)
-        if estimates is None or self.k_max == 0:
-            return PROBE_MIN_INTERVAL
-        acceptance, t_draft, t_verify, _ = estimates
         k = min(PROBE_K, self.k_max)
+        if estimates is None or k == 0:  # no plain timing yet, so no probe is due before one
+            return math.ceil(SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET)
+        acceptance, t_draft, t_verify, _ = estimates
         extra = k * t_draft + t_verify[k] - expected_tokens(acceptance, k) * t_verify[0]
-        return max(PROBE_MIN_INTERVAL, math.ceil(extra / (PROBE_OVERHEAD_BUDGET * t_verify[0])))
+        return math.ceil(max(0.0, extra / t_verify[0] + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
 
     def decide(self, batch_size: int) -> Decision:
         """The k with the highest expected throughput at this batch size, an exploration of a
@@ -689,13 +726,17 @@ class DraftPolicy:
         return Decision(0, reason)
 
     def _tail(self, batch_size: int) -> bool:
-        """Whether this batch size has no plain timing of its own but a larger one has, and has run
-        fewer than TAIL_ROUNDS rounds: rows that finished left a batch. It decides by costs held
-        from the batch sizes around it, neither timing plain decoding first nor exploring: a tail
-        of a few rounds would spend them all on that (and, never a steady plain stretch, would never
-        finish timing plain decoding), only to choose as the larger batch did. The lengths it runs
-        are timed as any round is, and a batch size that stays is a tail no more."""
-        return (self._rounds_at.get(batch_size, 0) < TAIL_ROUNDS and not self.costs.measured(batch_size, 1)
+        """Whether this batch size has no plain timing of its own but a larger one has, and the
+        rounds before this one ran fewer than TAIL_ROUNDS in a row at it: rows that finished left a
+        batch. It decides by costs held from the batch sizes around it, neither timing plain
+        decoding first nor exploring: a tail of a few rounds would spend them all on that (and,
+        never a steady plain stretch, would never finish timing plain decoding), only to choose as
+        the larger batch did. Rounds in a row, not in all: a batch whose rows end a few rounds
+        apart has a short tail at every request, and counting them all made each smaller batch
+        size time plain decoding and explore in the end. The lengths it runs are timed as any
+        round is, and a batch size that stays is a tail no more."""
+        b, n = self._streak
+        return ((n if b == batch_size else 0) < TAIL_ROUNDS and not self.costs.measured(batch_size, 1)
                 and any(n == 1 and b > batch_size for b, n in self.costs.verify))
 
     def _plain_due(self, batch_size: int, margin: float) -> bool:
@@ -704,7 +745,7 @@ class DraftPolicy:
         while the policy decodes plainly: one early sample from a busy moment would otherwise stand
         for good, and drafting that does not pay would look as if it did. A stretch is
         PLAIN_WINDOW + 2 rounds (its first and last are not steady) that each forgo ``margin``,
-        drafting's expected gain over plain, plus STRETCH_SWITCH_ROUNDS for leaving the drafting
+        drafting's expected gain over plain, plus SWITCH_ROUNDS for leaving the drafting
         rounds and coming back; stretches are spaced to cost at most PLAIN_REFRESH_BUDGET of
         decoding time: often where drafting only just pays and the
         yardstick decides, rarely where it pays well. A plain cost kept from an earlier process counts
@@ -717,7 +758,7 @@ class DraftPolicy:
         # Plain decoding is timed first at a batch size, before any drafting length: timed once
         # more after ALIGN_ROUNDS with lengths explored, so that `drift` has lengths to follow it by.
         early = self.costs.aligned(batch_size) is False and start < last and self.rounds - last >= ALIGN_ROUNDS
-        if not early and self.rounds - last < (stretch * margin + STRETCH_SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET:
+        if not early and self.rounds - last < (stretch * margin + SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET:
             return False
         self._plain_stretch[batch_size] = self.rounds
         return True
@@ -729,11 +770,10 @@ class DraftPolicy:
         again, nor a lucky one ever left, while the context grows and the machine's load moves."""
         if self.rounds % REFRESH_INTERVAL != REFRESH_INTERVAL - 1:
             return None
-        below, above = best - 1, best + 1
-        for k in ((below, above) if (self.rounds // REFRESH_INTERVAL) % 2 else (above, below)):
-            if 1 <= k <= self.k_max and self.costs.measured(batch_size, k + 1):
-                return k
-        return None
+        # One side per turn, none where that side is plain decoding (timed its own way) or past
+        # k_max: the other side's turn comes REFRESH_INTERVAL rounds later all the same.
+        k = best - 1 if (self.rounds // REFRESH_INTERVAL) % 2 else best + 1
+        return k if 1 <= k <= self.k_max and self.costs.measured(batch_size, k + 1) else None
 
     def _exploration(self, batch_size: int, acceptance: list[float], t_draft: float, t_verify: list[float],
                      ratios: dict[int, float], best: float) -> tuple[int, float] | None:
