@@ -42,7 +42,8 @@ has measured carries over; `to_json` / `from_json` save it per model and machine
 reads back is a prior, not a verdict: each kept cost stands until this process measures that cell
 (then only its own samples count), kept costs not yet re-measured are scaled by how this process's
 measurements compare with the kept ones, and a kept decision not to draft is re-checked with one
-probe in the first round that would decode plainly (the kept numbers may come from a busy machine). Per-request
+probe in the first round that would decode plainly, and again every PROBE_GAP_ROUNDS until
+RECHECK_ROUNDS probes are timed (the kept numbers may come from a busy machine). Per-request
 overrides (a fixed k, or 0 = off) bypass `decide` with `fixed_decision`, and still `record`.
 """
 
@@ -73,6 +74,12 @@ ACCEPTANCE_HALF_LIFE_ROUNDS = 32
 drafting) still averages out the coin flips of single rows."""
 
 _DECAY = 0.5 ** (1.0 / ACCEPTANCE_HALF_LIFE_ROUNDS)
+
+RECHECK_ROUNDS = 4
+"""Timed drafting rounds a policy read back from disk probes for, PROBE_GAP_ROUNDS apart (the first
+at once), before its probes are spaced by their cost: the kept numbers may come from a busy
+machine, and one probe's single row is too little to turn drafting back on by. Four probes in
+the first 64 tokens cost a few plain rounds once per process."""
 
 PROBE_GAP_ROUNDS = 16
 """Most rounds by which a new observation of draft position 1 ages the ones before it. Probes come
@@ -553,9 +560,11 @@ class DraftPolicy:
         self.rounds = rounds  # the clock acceptance ages by: rounds recorded
         self.plain_rounds = plain_rounds  # k=0 rounds since the last drafting round
         # Read back from an earlier process (from_json): until this process times a drafting
-        # round, a decision not to draft probes at once instead of waiting out the probe interval.
+        # round, a decision not to draft probes at once instead of waiting out the probe interval,
+        # and until it has timed RECHECK_ROUNDS, every PROBE_GAP_ROUNDS plain rounds.
         self.kept = False
         self.recheck = False
+        self.rechecks = 0  # timed drafting rounds a kept policy still owes
         self._cached: tuple | None = None  # what _estimates last derived, and from what
         self._explored: set[int] = set()  # batch sizes with no length left to explore
         self._plain: dict[int, tuple[float, int]] = {}  # plain rounds' seconds not yet a sample, by B
@@ -595,7 +604,7 @@ class DraftPolicy:
         # round costs (the engine's first round of a shape also traces it): acceptance only.
         if 0 < t_verify < math.inf and k > 0:
             self.costs.record_verify(batch_size, k + 1, t_verify)
-            self.recheck = False
+            self.recheck, self.rechecks = False, max(0, self.rechecks - 1)
         elif 0 < t_verify < math.inf and steady:
             self._record_plain(batch_size, t_verify)
         if k > 0:
@@ -717,7 +726,7 @@ class DraftPolicy:
         self._drafting[batch_size] = False
         verb = "beats" if rates[0] >= rates[best] else f"is within {MIN_GAIN:.0%} of"
         reason = f"k=0: plain {rates[0]:.1f} tok/s {verb} {compared}{suffix}"
-        if self.recheck:
+        if self.recheck or (self.rechecks and self.plain_rounds >= PROBE_GAP_ROUNDS):
             k = min(PROBE_K, self.k_max)
             return Decision(k, f"probe k={k}: re-checking the kept policy; {reason}", True)
         if self.plain_rounds >= self.probe_interval(batch_size):
@@ -858,6 +867,7 @@ class DraftPolicy:
         acceptance = AcceptanceEstimate(accepted, reached, list(last_round), _count(a["prior_weight"]))
         policy = cls(K_MAX, acceptance, CostModel.from_prior(verify, draft), rounds, plain_rounds)
         policy.kept = policy.recheck = True
+        policy.rechecks = RECHECK_ROUNDS
         return policy
 
 

@@ -9,7 +9,15 @@ import pytest
 
 from mlx_specdec import generate, load
 from mlx_specdec.loading import load_policy
-from mlx_specdec.policy import K_MAX, PLAIN_WINDOW, Decision, DraftPolicy, PolicyFileError
+from mlx_specdec.policy import (
+    K_MAX,
+    PLAIN_WINDOW,
+    PROBE_GAP_ROUNDS,
+    RECHECK_ROUNDS,
+    Decision,
+    DraftPolicy,
+    PolicyFileError,
+)
 from tests.helpers import prompt
 from tests.test_exactness import _plain, _spec, standin
 
@@ -142,6 +150,30 @@ def test_a_recheck_probe_that_could_not_be_timed_probes_again():
     assert again.probe and "re-checking the kept policy" in again.reason
     kept.record(1, 1, [1], 0.1 * T1, 1.05 * T1)
     assert not kept.recheck and kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
+
+
+def test_a_kept_decision_not_to_draft_is_rechecked_by_a_few_probes_early_on():
+    # One probe's single row is too little to turn drafting back on by: a kept policy probes every
+    # PROBE_GAP_ROUNDS plain rounds until RECHECK_ROUNDS probes are timed (the first at once), so a
+    # process after a loaded one learns within its first 64 tokens; then probes are spaced by cost.
+    busy = DraftPolicy()
+    for n in range(1, K_MAX + 2):
+        busy.record_verify_time(1, n, T1 * (1 + 0.05 * (n - 1)) * (1 if n == 1 else 5))
+    busy.record_draft_time(1, 0.5 * T1)
+    kept = DraftPolicy.from_json(busy.to_json())
+    probes = []
+    for i in range(400):
+        d = kept.decide(1)
+        if d.k:
+            probes.append(i)
+            kept.record(1, d.k, [0], 0.5 * T1, 5.25 * T1)  # nothing accepted: it stays off
+        else:
+            kept.record(1, 0, [0], 0.0, T1)
+    rechecks = probes[:RECHECK_ROUNDS]
+    assert rechecks == [i * (PROBE_GAP_ROUNDS + 1) for i in range(RECHECK_ROUNDS)]
+    assert rechecks[-1] < 64 and not kept.rechecks
+    assert all(b - a > 100 for a, b in zip(probes[RECHECK_ROUNDS - 1:], probes[RECHECK_ROUNDS:]))
+    assert DraftPolicy().rechecks == 0  # a fresh policy has nothing kept to re-check
 
 
 def test_kept_costs_are_priors_scaled_by_what_this_process_measures():
