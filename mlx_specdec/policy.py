@@ -150,8 +150,7 @@ PROBE_OVERHEAD_BUDGET = 0.015
 """Most time probes may add to plain decoding: the interval between probes is at least
 (probe cost + SWITCH_ROUNDS plain rounds - E(PROBE_K) plain rounds) / (PROBE_OVERHEAD_BUDGET *
 plain round cost): at least SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET (134) plain rounds. Half of what
-a user would notice:
-a probe also costs what the model leaves out (acceptance, sampling)."""
+a user would notice: a probe also costs what the model leaves out (acceptance, sampling)."""
 
 
 # ---------------------------------------------------------------------------------------------------
