@@ -113,13 +113,18 @@ def test_k_is_clamped_at_the_loop_whatever_the_policy_says(checkpoints):
         assert max(result.stats.k_histogram) <= K_MAX
 
 
-def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
-    # Kept costs from a busy period: a drafting round looked 5x dearer than it is.
+def kept_from_a_busy_period() -> tuple[DraftPolicy, DraftPolicy]:
+    """A policy that timed drafting rounds 5x dearer than they are, and its kept copy."""
     busy = DraftPolicy()
     for n in range(1, K_MAX + 2):
         busy.record_verify_time(1, n, T1 * (1 + 0.05 * (n - 1)) * (1 if n == 1 else 5))
     busy.record_draft_time(1, 0.5 * T1)
-    kept = DraftPolicy.from_json(busy.to_json())
+    return busy, DraftPolicy.from_json(busy.to_json())
+
+
+def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
+    # Kept costs from a busy period: a drafting round looked 5x dearer than it is.
+    busy, kept = kept_from_a_busy_period()
     assert all(kept.costs.explored(1, n) for n in range(1, K_MAX + 2))  # kept cells need no exploring
     first = kept.decide(1)
     assert first.k == 1 and first.probe and "re-checking the kept policy" in first.reason
@@ -156,11 +161,7 @@ def test_a_kept_decision_not_to_draft_is_rechecked_by_a_few_probes_early_on():
     # One probe's single row is too little to turn drafting back on by: a kept policy probes every
     # PROBE_GAP_ROUNDS plain rounds until RECHECK_ROUNDS probes are timed (the first at once), so a
     # process after a loaded one learns within its first 64 tokens; then probes are spaced by cost.
-    busy = DraftPolicy()
-    for n in range(1, K_MAX + 2):
-        busy.record_verify_time(1, n, T1 * (1 + 0.05 * (n - 1)) * (1 if n == 1 else 5))
-    busy.record_draft_time(1, 0.5 * T1)
-    kept = DraftPolicy.from_json(busy.to_json())
+    _, kept = kept_from_a_busy_period()
     probes = []
     for i in range(400):
         d = kept.decide(1)
