@@ -320,6 +320,9 @@ class CostModel:
         self._priors: dict[tuple, float] = {}  # kept from an earlier process, until measured here
         # By B: the drafting lengths' costs as of plain decoding's last timing there (see `drift`).
         self._yardstick: dict[int, dict[int, float]] = {}
+        # `lengths` by B until the next sample: one derivation fits each batch size's row many
+        # times over (every length it estimates reads its neighbours' rows).
+        self._fits: dict[int, dict[int, float]] = {}
         self.version = 0
         self.firsts = 0  # cells measured for the first time in this process
         for (b, n), t in (verify or {}).items():
@@ -350,6 +353,7 @@ class CostModel:
         self._record(("draft", batch_size), seconds_per_step)
 
     def _record(self, key: tuple, seconds: float) -> None:
+        self._fits.clear()  # a new sample moves a fit even where the cell's quantile stays
         samples = self._samples.setdefault(key, [])
         samples.append(seconds)
         if len(samples) > COST_SAMPLES:
@@ -401,6 +405,7 @@ class CostModel:
         if cells.get(cell) != value:
             cells[cell] = value
             self.version += 1
+            self._fits.clear()
 
     def _rescale_priors(self, batch_size: int) -> None:
         """Kept costs at this batch size not yet re-measured: scaled by the median ratio of this
@@ -436,7 +441,13 @@ class CostModel:
         instead the drafting lengths (L >= 2) get their weighted least-squares non-decreasing fit
         (pool adjacent violators, each cell weighted by its samples), and none is below plain
         decoding (L = 1), which is timed its own way (pipelined rounds) and left as measured, moved
-        with the drafting lengths since (`drift`)."""
+        with the drafting lengths since (`drift`). Callers only read what it returns."""
+        fit = self._fits.get(batch_size)
+        if fit is None:
+            fit = self._fits[batch_size] = self._fit(batch_size)
+        return fit
+
+    def _fit(self, batch_size: int) -> dict[int, float]:
         row = sorted((n, t) for (b, n), t in self.verify.items() if b == batch_size)
         plain = row[0][1] * self.drift(batch_size) if row and row[0][0] == 1 else 0.0
         blocks: list[list] = []  # [mean, weight, lengths] of pooled cells, means non-decreasing
