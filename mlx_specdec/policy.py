@@ -470,8 +470,15 @@ class CostModel:
         for b, n in self.verify:
             if 1 < n and below.get(n, 0) < b < batch_size and self.explored(b, n) and self.measured(b, 1):
                 below[n] = b
-        rows = {b: self.lengths(b) for b in set(below.values())}
-        return {n: rows[b][n] / rows[b][1] for n, b in below.items() if rows[b].get(1)}
+        ratios = {n: self._ratio(b, n) for n, b in below.items()}
+        return {n: r for n, r in ratios.items() if r is not None}
+
+    def _ratio(self, batch_size: int, length: int) -> float | None:
+        """t_verify(B, L) / t_verify(B, 1) from this batch size's own fit (L within its timed
+        lengths); None where either is not timed there."""
+        row = self.lengths(batch_size)
+        at = _interpolate(row, length, scale_below=True, extrapolate=False)
+        return at / row[1] if at is not None and row.get(1) else None
 
     def verify_time(self, batch_size: int, length: int) -> float | None:
         """Estimated seconds to verify `length` tokens per row at `batch_size`; None if nothing is measured."""
@@ -508,10 +515,9 @@ class CostModel:
         timed = sorted({b for b, n in self.verify if n == 1 and b != batch_size},
                        key=lambda b: (b < batch_size, abs(b - batch_size)))
         for b in timed:
-            there = self.lengths(b)
-            at = _interpolate(there, shortest, scale_below=True, extrapolate=False)
-            if at is not None and there.get(1):
-                return row[shortest] * there[1] / at
+            ratio = self._ratio(b, shortest)
+            if ratio is not None:
+                return row[shortest] / ratio
         return None
 
     def draft_time(self, batch_size: int) -> float | None:
