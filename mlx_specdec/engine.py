@@ -302,6 +302,7 @@ class Engine:
         self._tokens_generated = 0
         self._finished = 0
         self._rounds = 0
+        self._row_rounds = 0  # rows summed over rounds: over rounds, the mean batch size
         self._reached = [0] * K_MAX
         self._accepted = [0] * K_MAX
         self._last_k = 0
@@ -365,6 +366,7 @@ class Engine:
             "tokens_generated": self._tokens_generated,
             "requests_finished": self._finished,
             "rounds": self._rounds,
+            "row_rounds": self._row_rounds,
             "acceptance_by_position": [a / r if r else None for a, r in zip(list(self._accepted), list(self._reached))],
             "draft_k": self._last_k,
             "off_reason": self._off_reason,
@@ -713,6 +715,7 @@ class Engine:
         self.spec.policy.record(shape[0], current.k, result.accepted, t_draft, t_verify, 0.0, current.limits,
                                 steady)
         self._rounds += 1
+        self._row_rounds += shape[0]
         self._last_k = current.k
         auto = [d for d, r in zip(current.decisions, requests) if r and r.options.draft_tokens == "auto"]
         self._off_reason = auto[0].reason if auto and auto[0].k == 0 else None

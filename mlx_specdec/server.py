@@ -815,6 +815,8 @@ def _prometheus(server: Server) -> str:
            [(f'{{outcome="{k}"}}', v) for k, v in sorted(server.counters.requests.items())])
     metric("engine_errors_total", "counter", "Engine steps that failed.", [("", server.runner.errors)])
     metric("rounds_total", "counter", "Speculative rounds the live batch ran.", [("", m.get("rounds", 0))])
+    metric("row_rounds_total", "counter", "Rows summed over those rounds (over rounds_total: the mean batch size).",
+           [("", m.get("row_rounds", 0))])
     by_position = m.get("acceptance_by_position") or []
     metric("acceptance", "gauge", "Acceptance of draft position i given all before it were accepted "
            "(all rounds so far).", [(f'{{position="{i + 1}"}}', round(a, 4)) for i, a in enumerate(by_position)

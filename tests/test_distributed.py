@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +29,7 @@ import pytest
 from mlx_specdec import load
 from tests.dist_cases import STANDIN_KS, cases, run_plan
 from tests.helpers import wait_healthy
-from tests.test_server import MODEL, Served, _wait_idle, ask
+from tests.test_server import MODEL, Served, _wait_idle, ask, shared_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 RANKS = 2
@@ -220,13 +219,7 @@ def test_serve_under_mlx_launch_answers_as_one_process_and_stops_on_ctrl_c(tmp_p
 
     server = LaunchedServer(tmp_path)
     try:
-        seen_batch, running = [], threading.Event()
-        running.set()
-
-        def watch():
-            while running.is_set():
-                seen_batch.append(server.metrics()["mlx_specdec_batch_size"])
-                time.sleep(0.1)
+        before = server.metrics()
 
         def staggered(i: int):
             time.sleep(0.3 * i)  # later ones join a batch already decoding: news shared mid-run
@@ -234,17 +227,11 @@ def test_serve_under_mlx_launch_answers_as_one_process_and_stops_on_ctrl_c(tmp_p
                 return server.post("/v1/completions", seeded).json()["choices"][0]["text"]
             return ask(server, SERVE_REQUESTS[i])
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            with ThreadPoolExecutor(len(SERVE_REQUESTS) + 1) as pool:
-                *together, together_seeded = pool.map(staggered, range(len(SERVE_REQUESTS) + 1))
-        finally:
-            running.clear()
-            watcher.join()
+        with ThreadPoolExecutor(len(SERVE_REQUESTS) + 1) as pool:
+            *together, together_seeded = pool.map(staggered, range(len(SERVE_REQUESTS) + 1))
         assert together == expected
         assert together_seeded == expected_seeded
-        assert max(seen_batch) >= 2, "the requests never shared a batch"
+        assert shared_rounds(before, server.metrics()) > 0, "the requests never shared a batch"
 
         # Refused on rank 0 before anything is shared.
         assert server.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}).status_code == 400
