@@ -196,3 +196,25 @@ def test_held_out_ceiling_picks_the_best_fixed_k_on_other_runs():
     # Picked on the even runs (k=1), judged on the odd (12/10); then k=2 judged on the even (12/10).
     assert _held_out(auto, [k1, k2], plain) == pytest.approx(1.2)
     assert _held_out(Cell("w", 1, "auto", [12.0], 8), [k1], plain) is None
+
+
+# bench/policy_sim.py: the real DraftPolicy deciding rounds in a synthetic world (no model).
+POLICY_SIM = Path(__file__).resolve().parent.parent / "bench" / "policy_sim.py"
+
+
+def test_policy_sim_holds_the_floor_and_the_ceiling_in_a_world_without_noise(tmp_path):
+    from mlx_specdec.policy import PROBE_OVERHEAD_BUDGET
+
+    out = tmp_path / "sim.json"
+    run = subprocess.run([sys.executable, str(POLICY_SIM), "--workloads", "never,prose", "--seeds", "3", "--runs", "4",
+                          "--sigma", "0", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    cells = {(c["workload"], c["batch"]): c for c in json.loads(out.read_text())["cells"]}
+    assert set(cells) == {(w, b) for w in ("never", "prose") for b in (1, 4)}
+    for b in (1, 4):
+        # A drafter that never agrees costs auto no more than its probes are budgeted.
+        assert cells["never", b]["auto_vs_plain"] >= 1 - PROBE_OVERHEAD_BUDGET
+        assert cells["never", b]["best"] == "k=1" and cells["never", b]["tokens_per_second"]["k=1"] < \
+            cells["never", b]["tokens_per_second"]["plain"]
+        # Where drafting pays, auto comes within 5% of the best fixed k, known here, not guessed from noisy runs.
+        assert cells["prose", b]["auto_vs_plain"] > 1.0 and cells["prose", b]["auto_vs_best"] >= 0.95

@@ -1,0 +1,172 @@
+"""Closed-loop simulation of the draft policy: the real DraftPolicy deciding rounds in a synthetic world.
+
+On this machine a bench cell's runs spread by up to 2x, so a change to the policy that moves auto
+by 2-3% cannot be seen in `mlx-specdec bench`. Here the world is known and repeatable: each draft
+position i accepts with a fixed conditional probability a_i (per workload), a target pass over L
+tokens in each of B rows costs w + c * B * L seconds and a drafter step wd + cd * B (constants
+close to the demo pair's on this CPU), and every round's time is multiplied by lognormal jitter
+(``--sigma``) and, optionally, by slow spells: the machine runs ``--spell-factor`` times slower
+for stretches of ``--spell-seconds`` on average, quick ones of the same mean between them
+(another process taking the cores for a while, the kind of noise this machine has). A seed's
+jitter (by round) and spells (by simulated time) are the same for every mode it runs, so modes
+are compared on the same machine, not on different luck. The first plain round after a
+drafting one also waits for its own graph (``SWITCH_WAIT``), as the engine's does.
+
+A cell runs as `mlx-specdec bench` runs one: a fresh policy, one warm-up run and ``--runs`` timed
+ones, every row to ``--max-tokens`` (rows that finish leave the batch), for plain decoding, each
+fixed k and auto, over ``--seeds`` worlds; reported are auto against plain and against the best
+fixed k (the ratio of mean tokens/s, the best k known, not picked from noisy runs).
+
+    python bench/policy_sim.py                        # jitter only
+    python bench/policy_sim.py --spell-seconds 0.7    # slow spells of about 50 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+from pathlib import Path
+
+from mlx_specdec.policy import DraftPolicy
+
+# Conditional acceptance of draft positions 1..8, by workload: roughly the demo pair's on the
+# built-in workloads (`mlx-specdec bench`), and a drafter that never agrees.
+WORKLOADS = {
+    "code": [0.82, 0.6, 0.75, 0.7, 0.7, 0.7, 0.7, 0.7],
+    "prose": [0.82, 0.8, 0.78, 0.78, 0.78, 0.78, 0.78, 0.78],
+    "qa": [0.81, 0.86, 0.83, 0.83, 0.83, 0.83, 0.8, 0.8],
+    "short": [0.87, 0.40, 0.7, 0.6, 0.6, 0.6, 0.6, 0.6],
+    "never": [0.0] * 8,
+}
+
+VERIFY_FIXED, VERIFY_PER_TOKEN = 6.8e-3, 1.17e-3  # seconds: w, and c per row-token
+DRAFT_FIXED, DRAFT_PER_ROW = 2.2e-3, 0.15e-3
+SWITCH_WAIT = 0.3  # of a plain round: the first plain round after drafting builds its graph unhidden
+
+
+def verify_seconds(batch: int, length: int) -> float:
+    return VERIFY_FIXED + VERIFY_PER_TOKEN * batch * length
+
+
+def draft_seconds(batch: int) -> float:
+    return DRAFT_FIXED + DRAFT_PER_ROW * batch
+
+
+class Machine:
+    """Each round's slowdown: lognormal jitter (the n-th round's the same whatever the mode) times
+    spell_factor while a slow spell is on (spells placed in simulated time)."""
+
+    def __init__(self, seed: int, sigma: float, spell_factor: float, spell_seconds: float):
+        self.jitter, self.spells = random.Random(seed), random.Random(seed + 1)
+        self.sigma, self.spell_factor, self.spell_seconds = sigma, spell_factor, spell_seconds
+        self.clock, self.slow, self.switch = 0.0, False, self._next(0.0)
+
+    def _next(self, now: float) -> float:
+        return now + self.spells.expovariate(1 / self.spell_seconds) if self.spell_seconds else math.inf
+
+    def factor(self) -> float:
+        while self.clock >= self.switch:
+            self.slow, self.switch = not self.slow, self._next(self.switch)
+        return math.exp(self.jitter.gauss(0.0, self.sigma)) * (self.spell_factor if self.slow else 1.0)
+
+    def spend(self, seconds: float) -> None:
+        self.clock += seconds
+
+
+def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: DraftPolicy | None,
+        machine: Machine, rng: random.Random, shapes: set) -> float:
+    """One run of `batch` rows to max_tokens each: tokens per simulated second."""
+    remaining = [max_tokens] * batch
+    tokens, seconds, last_k = 0, 0.0, None
+    while any(remaining):
+        rows = [i for i, left in enumerate(remaining) if left]
+        b = len(rows)
+        wanted = policy.decide(b).k if mode == "auto" else mode
+        limits = [min(wanted, remaining[i] - 1) for i in rows]  # no row drafts past its max_tokens
+        k = max(limits)
+        accepted = []
+        for limit in limits:
+            n = 0
+            while n < limit and rng.random() < acceptance[n]:
+                n += 1
+            accepted.append(n)
+        slowdown = machine.factor()
+        drafting = k * draft_seconds(b) * slowdown
+        verifying = verify_seconds(b, k + 1) * slowdown
+        if k == 0 and last_k not in (0, None):
+            verifying += SWITCH_WAIT * verify_seconds(b, 1) * slowdown
+        seconds += drafting + verifying
+        machine.spend(drafting + verifying)
+        for i, n in zip(rows, accepted):
+            got = min(n + 1, remaining[i])
+            remaining[i] -= got
+            tokens += got
+        if policy is not None:
+            # As the engine records: a shape's first round traces it (no times), a drafting round
+            # times its drafts apart only when the policy asks, a plain round counts as timing
+            # plain decoding only inside a stretch of plain rounds.
+            timed = (b, k) in shapes
+            shapes.add((b, k))
+            apart = k > 0 and policy.draft_timing_due(b)
+            t_draft = (drafting if apart else None) if timed else 0.0
+            t_verify = (verifying if apart or k == 0 else drafting + verifying) if timed else 0.0
+            policy.record(b, k, accepted, t_draft if k else None, t_verify, 0.0, limits,
+                          steady=k == 0 and last_k == 0)
+        last_k = k
+    return tokens / seconds
+
+
+def cell(workload: str, batch: int, args) -> dict:
+    """Mean tokens/s of every mode over the seeds' timed runs."""
+    acceptance = WORKLOADS[workload]
+    modes = [0, *range(1, args.k_max + 1), "auto"]
+    out = {}
+    for mode in modes:
+        means = []
+        for seed in range(args.seeds):
+            rng = random.Random(seed * 1000 + batch)  # acceptance draws
+            machine = Machine(seed * 1000 + batch + 500, args.sigma, args.spell_factor, args.spell_seconds)
+            policy = DraftPolicy() if mode == "auto" else None
+            shapes: set = set()
+            rates = [run(acceptance, batch, args.max_tokens, mode, policy, machine, rng, shapes)
+                     for _ in range(1 + args.runs)]
+            means.append(statistics.mean(rates[1:]))  # the first run warms up
+        out["plain" if mode == 0 else mode if mode == "auto" else f"k={mode}"] = statistics.mean(means)
+    best = max((m for m in out if m.startswith("k=")), key=out.get)
+    return dict(workload=workload, batch=batch, tokens_per_second=out, best=best,
+                auto_vs_plain=out["auto"] / out["plain"], auto_vs_best=out["auto"] / out[best])
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--batch-sizes", default="1,4")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--runs", type=int, default=9, help="timed runs per seed, after one warm-up")
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--k-max", type=int, default=6, help="largest fixed k compared")
+    p.add_argument("--sigma", type=float, default=0.1, help="lognormal jitter of each round's time")
+    p.add_argument("--spell-factor", type=float, default=1.4, help="slowdown during a slow spell")
+    p.add_argument("--spell-seconds", type=float, default=0.0,
+                   help="mean length of a slow spell and of the quick stretch between two (0: no spells)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    cells = []
+    for workload in args.workloads.split(","):
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            c = cell(workload, batch, args)
+            cells.append(c)
+            print(f"{workload:6s} B={batch}  auto/plain {c['auto_vs_plain']:.3f}  best {c['best']} "
+                  f"{c['tokens_per_second'][c['best']] / c['tokens_per_second']['plain']:.3f}x plain  "
+                  f"auto/best {c['auto_vs_best']:.3f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(dict(settings=vars(args) | {"json": str(args.json)}, cells=cells), indent=1))
+    return cells
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
