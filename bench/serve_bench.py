@@ -5,15 +5,18 @@ mlx_lm.server gets a plain-text copy of the target folder and uses its own batch
 load generator drives one system at a time, taking turns run by run: closed-loop (C clients,
 each sending its next request when the last one ends) at each concurrency, and open-loop
 (Poisson arrivals at a fixed rate, whatever the server's pace). The requests are the
-built-in workloads' prompts (mlx_specdec/commands/bench_workloads.json), greedy, streamed.
+built-in workloads' prompts (mlx_specdec/commands/bench_workloads.json), ``--passes`` times over,
+greedy, streamed: one pass is 16 requests, mostly ended early by EOS, about 280 tokens and 2 s at
+concurrency 8, where one hiccup of the shared machine moved a run's rate by 5-10%.
 The three mlx-specdec modes are one server: each request says its ``draft_tokens``.
 
 Reported per system and load: aggregate throughput (completion tokens over the run's wall
-time; median of the repeats and their range), time to first token and inter-token latency
-(p50 and p99 over every request of every repeat; a speculative chunk can carry several
-tokens, so ITL is the gap between streamed chunks divided by the tokens it carried, estimated
-as the request's mean), and the server process's CPU time per wall second. Greedy answers of
-every system are checked against plain mlx-specdec's before timing.
+time; median of the repeats and their range, and the median of run-by-run ratios to plain),
+time to first token and inter-token latency (p50 and p99 over every request of every repeat; a
+speculative chunk can carry several tokens, so ITL is the gap between streamed chunks divided
+by the tokens it carried, estimated as the request's mean), and the server process's CPU time
+per wall second. Greedy answers of every system are checked against mlx-specdec auto's before
+timing.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 nice -n -10 \\
         python bench/serve_bench.py --markdown bench/results/serve_bench.md --json bench/results/serve_bench.json
@@ -110,7 +113,24 @@ class Request:
     body: dict
 
 
-def requests_from_workloads(max_tokens: int) -> list[Request]:
+def requests_from_workloads(max_tokens: int, passes: int = 1) -> list[Request]:
+    """Every workload prompt, ``passes`` times over; pass p > 1 numbers its prompts "p. ", so that
+    no request repeats an earlier one (a repeated prompt would skip its prefill in the prefix store)."""
+    out = []
+    for p in range(1, passes + 1):
+        out += [Request(r.workload, r.path, _numbered(r.body, p)) for r in _workload_requests(max_tokens)]
+    return out
+
+
+def _numbered(body: dict, p: int) -> dict:
+    if p == 1:
+        return body
+    if "prompt" in body:
+        return body | {"prompt": f"{p}. {body['prompt']}"}
+    return body | {"messages": [m | {"content": f"{p}. {m['content']}"} for m in body["messages"]]}
+
+
+def _workload_requests(max_tokens: int) -> list[Request]:
     out = []
     for w in json.loads(WORKLOADS.read_text())["workloads"]:
         n = w.get("max_tokens") or max_tokens
@@ -178,6 +198,7 @@ async def one(client: httpx.AsyncClient, system: System, request: Request, start
 class Run:
     system: str
     load: str
+    repeat: int
     wall: float
     tokens: int
     cpu: float
@@ -220,13 +241,15 @@ async def open_loop(system: System, requests: list[Request], rate: float, seed: 
 
 
 def run(system: System, requests: list[Request], load: str, seed: int) -> Run:
+    """One run; ``seed`` (the repeat) also draws its open-loop arrivals."""
     cpu = system.process.cpu_seconds()
     kind, value = load.split("=")
     if kind == "c":
         wall, samples = asyncio.run(closed_loop(system, requests, int(value)))
     else:
         wall, samples = asyncio.run(open_loop(system, requests, float(value), seed))
-    return Run(system.name, load, wall, sum(s.tokens for s in samples), system.process.cpu_seconds() - cpu, samples)
+    return Run(system.name, load, seed, wall, sum(s.tokens for s in samples), system.process.cpu_seconds() - cpu,
+               samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +263,13 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-def summarize(runs: list[Run]) -> dict:
+def summarize(runs: list[Run], plain: list[Run]) -> dict:
+    """``plain``: mlx-specdec plain's runs at the same load, paired with ``runs`` by repeat."""
     tput = [r.throughput for r in runs]
+    # Run by run against plain: the two ran back to back, so a slow spell of the machine's weighs
+    # on both; the ratio of separate medians would let it fall on one side.
+    by_repeat = {r.repeat: r.throughput for r in plain}
+    ratios = [r.throughput / by_repeat[r.repeat] for r in runs if r.repeat in by_repeat]
     ttft = [s.ttft for r in runs for s in r.samples]
     itl = [x for r in runs for s in r.samples for x in s.itl]
     return dict(
@@ -252,6 +280,7 @@ def summarize(runs: list[Run]) -> dict:
         # What a token costs the server in CPU time: steadier than wall time on a shared machine.
         cpu_ms_per_token=statistics.median(1000 * r.cpu / r.tokens for r in runs),
         tokens=statistics.median(r.tokens for r in runs), repeats=len(runs),
+        vs_plain=statistics.median(ratios), vs_plain_min=min(ratios), vs_plain_max=max(ratios),
     )
 
 
@@ -269,6 +298,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=3, help="the fixed draft length compared")
     p.add_argument("--max-tokens", type=int, default=64, help="answer length (a workload may set its own)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--passes", type=int, default=4,
+                   help="times each run sends the workload prompts (16 requests a pass): longer runs, steadier rates")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--no-mlx-lm", action="store_true", help="leave mlx_lm.server out")
     p.add_argument("--json", type=Path)
@@ -279,7 +310,7 @@ def main() -> None:
     rates = [float(x) for x in args.rates.split(",")] if args.rates else []
     loads = [f"c={c}" for c in levels] + [f"rate={r:g}" for r in rates]
 
-    requests = requests_from_workloads(args.max_tokens)
+    requests = requests_from_workloads(args.max_tokens, args.passes)
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     python = sys.executable
     port = free_port()
@@ -331,16 +362,19 @@ def main() -> None:
     table = []
     for load in loads:
         for system in systems:
-            mine = [r for r in runs if r.load == load and r.system == system.name]
-            table.append(dict(load=load, system=system.name) | summarize(mine))
+            mine, plain = ([r for r in runs if r.load == load and r.system == name]
+                           for name in (system.name, systems[1].name))
+            table.append(dict(load=load, system=system.name) | summarize(mine, plain))
     env = dict(started=started, machine=f"{platform.machine()} · {os.cpu_count()} CPUs",
                loadavg_before=load_before, loadavg_after=load_after, preload=os.environ.get("LD_PRELOAD", ""),
                nice=os.nice(0), requests=len(requests), max_tokens=args.max_tokens, max_batch=args.max_batch,
-               repeats=args.repeats, answers_equal=agree)
+               repeats=args.repeats, passes=args.passes,
+               answers_equal=agree)
     command = "python bench/serve_bench.py " + " ".join(sys.argv[1:])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        every = [dict(system=r.system, load=r.load, wall=r.wall, tokens=r.tokens, cpu=r.cpu) for r in runs]
+        every = [dict(system=r.system, load=r.load, repeat=r.repeat, wall=r.wall, tokens=r.tokens, cpu=r.cpu)
+                 for r in runs]
         args.json.write_text(json.dumps(dict(env=env, command=command, table=table, runs=every), indent=2) + "\n")
     md = markdown(env, command, table, len(requests))
     if args.markdown:
@@ -354,22 +388,24 @@ def markdown(env: dict, command: str, table: list[dict], n: int) -> str:
         f"Run {env['started']} on {env['machine']}, load average {env['loadavg_before']} before and "
         f"{env['loadavg_after']} after (other jobs share the machine), nice {env['nice']}, "
         f"LD_PRELOAD={env['preload'] or '(none)'}.",
-        f"{n} requests per run (every built-in workload prompt; answers of up to {env['max_tokens']} tokens, "
-        f"greedy, streamed), max batch {env['max_batch']}, {env['repeats']} repeats taking turns; "
-        "c=N: N clients in a closed loop; rate=R: Poisson arrivals at R requests/s.",
+        f"{n} requests per run (every built-in workload prompt, {env['passes']} times over; answers of up to "
+        f"{env['max_tokens']} tokens, greedy, streamed), max batch {env['max_batch']}, {env['repeats']} repeats "
+        "taking turns; c=N: N clients in a closed loop; rate=R: Poisson arrivals at R requests/s. "
+        "vs plain: the median of run-by-run ratios to mlx-specdec plain at the same load, and their range.",
         "Greedy answers equal to the first system's: " + ", ".join(
             f"{k} {v}/{n}" for k, v in env["answers_equal"].items()) + ".",
         "",
         f"`{command}`",
         "",
-        "| load | system | tok/s (median) | range | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-        "server CPU s / s | server CPU ms / token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| load | system | tok/s (median) | range | vs plain | range | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+        "ITL p99 ms | server CPU s / s | server CPU ms / token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         lines.append(
             f"| {row['load']} | {row['system']} | {row['throughput']:.1f} | {row['throughput_min']:.1f}-"
-            f"{row['throughput_max']:.1f} | {row['ttft_p50'] * 1000:.0f} | {row['ttft_p99'] * 1000:.0f} | "
+            f"{row['throughput_max']:.1f} | {row['vs_plain']:.2f}x | {row['vs_plain_min']:.2f}-{row['vs_plain_max']:.2f} | "
+            f"{row['ttft_p50'] * 1000:.0f} | {row['ttft_p99'] * 1000:.0f} | "
             f"{row['itl_p50'] * 1000:.1f} | {row['itl_p99'] * 1000:.1f} | {row['cpu_per_wall']:.2f} | "
             f"{row['cpu_ms_per_token']:.1f} |")
     return "\n".join(lines) + "\n"
