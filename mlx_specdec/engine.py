@@ -385,8 +385,12 @@ class Engine:
         events: dict[int, Event] = {}
         try:
             self._drop_cancelled(events)
-            if self._ahead is not None and (self._admitting is not None or self._waiting):
-                self._read(self._ahead)  # so that the prefill is not timed as part of that round
+            # Read the round in flight first, so the prefill is not timed as part of it; only when a
+            # prefill can run: a full batch leaves its queue waiting, and reading then would stop
+            # plain rounds pipelining for as long as the server is overloaded.
+            if self._ahead is not None and (self._admitting is not None
+                                            or (self._waiting and len(self._live) < self.max_batch)):
+                self._read(self._ahead)
             joined = self._admit(events)
             # A batch that only just joined returns its first tokens (the prefill's) at once.
             if self._live and len(joined) < len(self._live):

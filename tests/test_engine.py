@@ -357,6 +357,26 @@ def test_only_plain_rounds_inside_a_pipelined_stretch_time_plain_decoding(checkp
     assert steady == [False] + [True] * 5 + [False]
 
 
+def test_a_full_batch_keeps_its_plain_rounds_pipelined_while_requests_wait(checkpoints, monkeypatch):
+    # Requests waiting for room must not stop the live batch's plain rounds from being launched
+    # ahead of the read (an overloaded server decodes plainly at its largest batch size).
+    spec = _real(checkpoints, "dense")
+    steady, record = [], spec.policy.record
+
+    def spy(*args, **kwargs):
+        steady.append(inspect.signature(record).bind(*args, **kwargs).arguments.get("steady", True))
+        record(*args, **kwargs)
+
+    monkeypatch.setattr(spec.policy, "record", spy)
+    engine = Engine(spec, max_batch=1)
+    for _ in range(2):
+        engine.submit(prompt(5), _options(8, 0))
+    while engine.has_work:
+        engine.step()
+    # The first request's rounds while the second waits are as steady as a request's alone.
+    assert steady == ([False] + [True] * 5 + [False]) * 2
+
+
 def test_drafting_rounds_pay_the_work_between_rounds_as_plain_rounds_do(checkpoints, monkeypatch):
     # Plain rounds are timed read to read, so they pay for whatever runs between two rounds (the
     # engine's own work, its caller's); a drafting round timed only from its launch did not, and
