@@ -218,3 +218,41 @@ def test_policy_sim_holds_the_floor_and_the_ceiling_in_a_world_without_noise(tmp
             cells["never", b]["tokens_per_second"]["plain"]
         # Where drafting pays, auto comes within 5% of the best fixed k, known here, not guessed from noisy runs.
         assert cells["prose", b]["auto_vs_plain"] > 1.0 and cells["prose", b]["auto_vs_best"] >= 0.95
+
+
+# bench/serve_bench.py: the requests of a run and the paired ratios it reports (no server).
+SERVE_BENCH = Path(__file__).resolve().parent.parent / "bench" / "serve_bench.py"
+
+
+def _serve_bench(monkeypatch):
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("serve_bench", SERVE_BENCH)
+    module = importlib.util.module_from_spec(module_spec)
+    monkeypatch.setitem(sys.modules, "serve_bench", module)  # its dataclasses resolve annotations through it
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_bench_passes_never_repeat_a_request(monkeypatch):
+    sb = _serve_bench(monkeypatch)
+    one, three = sb.requests_from_workloads(64), sb.requests_from_workloads(64, 3)
+    assert len(one) == 16 and len(three) == 3 * len(one)
+    assert [r.body for r in three[:16]] == [r.body for r in one]  # the first pass is the prompts as they are
+    bodies = [json.dumps(r.body, sort_keys=True) for r in three]
+    assert len(set(bodies)) == len(bodies)  # a repeat would skip its prefill in the prefix store
+    assert three[16].path == one[0].path and three[16].body["max_tokens"] == one[0].body["max_tokens"]
+
+
+def test_serve_bench_compares_each_run_with_plains_run_of_the_same_repeat(monkeypatch):
+    sb = _serve_bench(monkeypatch)
+
+    def runs(system, rates):  # tok/s by repeat: 100 tokens over 100/rate seconds
+        return [sb.Run(system, "c=1", i, 100 / rate, 100, 1.0, []) for i, rate in enumerate(rates)]
+
+    plain = runs("plain", [100, 50, 100])
+    # Auto's median rate (90) is below plain's (100), yet run by run it is ahead in two repeats of
+    # three: the second repeat was slow for both.
+    row = sb.summarize(runs("auto", [110, 60, 90]), plain)
+    assert row["throughput"] == pytest.approx(90) and row["vs_plain"] == pytest.approx(1.1)
+    assert (row["vs_plain_min"], row["vs_plain_max"]) == (pytest.approx(0.9), pytest.approx(1.2))
