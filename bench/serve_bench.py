@@ -293,7 +293,7 @@ def loadavg() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--concurrency", default="1,2,4,8", help="closed-loop client counts")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="closed-loop client counts")
     p.add_argument("--rates", default="2,4,8", help="open-loop arrival rates, requests/s")
     p.add_argument("--k", type=int, default=3, help="the fixed draft length compared")
     p.add_argument("--max-tokens", type=int, default=64, help="answer length (a workload may set its own)")

@@ -338,10 +338,8 @@ def test_plain_rounds_are_launched_before_the_last_one_is_read(checkpoints):
     assert tokens == _alone(spec, prompt(5), 6, draft_tokens=0)[0]
 
 
-def test_only_plain_rounds_inside_a_pipelined_stretch_time_plain_decoding(checkpoints, monkeypatch):
-    # The first round of a stretch waits for its own graph as well, the last one is only a tail:
-    # neither is what a plain round costs, so neither reaches the policy's plain cost.
-    spec = _real(checkpoints, "dense")
+def _steady_rounds(spec, monkeypatch) -> list[bool]:
+    """Whether each round the policy records from now on is steady, in order."""
     steady, record = [], spec.policy.record
 
     def spy(*args, **kwargs):
@@ -349,6 +347,14 @@ def test_only_plain_rounds_inside_a_pipelined_stretch_time_plain_decoding(checkp
         record(*args, **kwargs)
 
     monkeypatch.setattr(spec.policy, "record", spy)  # the spec is shared: no spy left behind
+    return steady
+
+
+def test_only_plain_rounds_inside_a_pipelined_stretch_time_plain_decoding(checkpoints, monkeypatch):
+    # The first round of a stretch waits for its own graph as well, the last one is only a tail:
+    # neither is what a plain round costs, so neither reaches the policy's plain cost.
+    spec = _real(checkpoints, "dense")
+    steady = _steady_rounds(spec, monkeypatch)
     engine = Engine(spec, max_batch=2)
     engine.submit(prompt(5), _options(8, 0))
     while engine.has_work:
@@ -361,13 +367,7 @@ def test_a_full_batch_keeps_its_plain_rounds_pipelined_while_requests_wait(check
     # Requests waiting for room must not stop the live batch's plain rounds from being launched
     # ahead of the read (an overloaded server decodes plainly at its largest batch size).
     spec = _real(checkpoints, "dense")
-    steady, record = [], spec.policy.record
-
-    def spy(*args, **kwargs):
-        steady.append(inspect.signature(record).bind(*args, **kwargs).arguments.get("steady", True))
-        record(*args, **kwargs)
-
-    monkeypatch.setattr(spec.policy, "record", spy)
+    steady = _steady_rounds(spec, monkeypatch)
     engine = Engine(spec, max_batch=1)
     for _ in range(2):
         engine.submit(prompt(5), _options(8, 0))
