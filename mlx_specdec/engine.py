@@ -386,10 +386,9 @@ class Engine:
         try:
             self._drop_cancelled(events)
             # Read the round in flight first, so the prefill is not timed as part of it; only when a
-            # prefill can run: a full batch leaves its queue waiting, and reading then would stop
-            # plain rounds pipelining for as long as the server is overloaded.
-            if self._ahead is not None and (self._admitting is not None
-                                            or (self._waiting and len(self._live) < self.max_batch)):
+            # prefill can run: a batch without room (rows or K/V memory) leaves its queue waiting,
+            # and reading then would stop plain rounds pipelining for as long as it is full.
+            if self._ahead is not None and self._admissible():
                 self._read(self._ahead)
             joined = self._admit(events)
             # A batch that only just joined returns its first tokens (the prefill's) at once.
@@ -517,6 +516,24 @@ class Engine:
         self._joining = []
         return [r.id for g in joining for r in g.requests]
 
+    def _admissible(self) -> bool:
+        """Whether `_admit` would prefill this step: a prefill under way, or a waiting request
+        with room for it in the batch and, as `_take` judges it, in K/V memory."""
+        if self._admitting is not None:
+            return True
+        with self._lock:
+            head = self._waiting[0] if self._waiting else None
+        if head is None or len(self._live) >= self.max_batch:
+            return False
+        live = list(self._live.values())
+        return (not live or head.cache is not None
+                or self._kv_fits(len(live) + 1, max(map(_KVSize.longest, live + [head]))))
+
+    def _kv_fits(self, rows: int, longest: int) -> bool:
+        """Whether ``rows`` rows that could each grow to ``longest`` positions fit the K/V bound
+        (not before a first prefill has measured K/V sizes)."""
+        return self._kv is not None and self._kv.rows(rows, longest) <= self.kv_memory_bytes
+
     def _take(self, joining: list[_Request], room: int, budget: int | None) -> "_Admission | None":
         """The next waiting request, with the cache it starts from, and the waiting requests just
         behind it that can share its prefill (same length, nothing to reuse, within the step's
@@ -544,7 +561,7 @@ class Engine:
             if live or group:
                 # Until a first prefill has measured K/V sizes, one request goes alone.
                 longest = max(longest, _KVSize.longest(request))
-                if self._kv is None or self._kv.rows(len(live) + len(group) + 1, longest) > self.kv_memory_bytes:
+                if not self._kv_fits(len(live) + len(group) + 1, longest):
                     break
             if group and self.prefixes.longest(self.spec, request.prompt)[1] is not None:
                 break  # it has a prefix to reuse: it goes alone, next

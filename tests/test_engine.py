@@ -377,6 +377,22 @@ def test_a_full_batch_keeps_its_plain_rounds_pipelined_while_requests_wait(check
     assert steady == ([False] + [True] * 5 + [False]) * 2
 
 
+def test_a_batch_out_of_kv_memory_keeps_its_plain_rounds_pipelined_while_requests_wait(checkpoints, monkeypatch):
+    # As above, with room for more rows but not for another request's K/V.
+    spec = _real(checkpoints, "dense")
+    probe = Engine(spec, max_batch=4)
+    probe.submit(prompt(5), _options(8, 0))
+    probe.step()
+    one_row = probe.metrics()["kv_reserved_bytes"]
+    steady = _steady_rounds(spec, monkeypatch)
+    engine = Engine(spec, max_batch=4, kv_memory_bytes=int(1.5 * one_row))
+    for _ in range(2):
+        engine.submit(prompt(5), _options(8, 0))
+    while engine.has_work:
+        engine.step()
+    assert steady == ([False] + [True] * 5 + [False]) * 2
+
+
 def test_drafting_rounds_pay_the_work_between_rounds_as_plain_rounds_do(checkpoints, monkeypatch):
     # Plain rounds are timed read to read, so they pay for whatever runs between two rounds (the
     # engine's own work, its caller's); a drafting round timed only from its launch did not, and
