@@ -363,33 +363,24 @@ def test_only_plain_rounds_inside_a_pipelined_stretch_time_plain_decoding(checkp
     assert steady == [False] + [True] * 5 + [False]
 
 
-def test_a_full_batch_keeps_its_plain_rounds_pipelined_while_requests_wait(checkpoints, monkeypatch):
-    # Requests waiting for room must not stop the live batch's plain rounds from being launched
-    # ahead of the read (an overloaded server decodes plainly at its largest batch size).
+@pytest.mark.parametrize("out_of", ["rows", "kv memory"])
+def test_a_full_batch_keeps_its_plain_rounds_pipelined_while_requests_wait(checkpoints, monkeypatch, out_of):
+    # Requests waiting for room, in rows or in K/V memory, must not stop the live batch's plain
+    # rounds from being launched ahead of the read (an overloaded server decodes plainly).
     spec = _real(checkpoints, "dense")
+    bound = None
+    if out_of == "kv memory":  # room for more rows, but for one such request's K/V only
+        probe = Engine(spec, max_batch=4)
+        probe.submit(prompt(5), _options(8, 0))
+        probe.step()
+        bound = int(1.5 * probe.metrics()["kv_reserved_bytes"])
     steady = _steady_rounds(spec, monkeypatch)
-    engine = Engine(spec, max_batch=1)
+    engine = Engine(spec, max_batch=1 if out_of == "rows" else 4, kv_memory_bytes=bound)
     for _ in range(2):
         engine.submit(prompt(5), _options(8, 0))
     while engine.has_work:
         engine.step()
     # The first request's rounds while the second waits are as steady as a request's alone.
-    assert steady == ([False] + [True] * 5 + [False]) * 2
-
-
-def test_a_batch_out_of_kv_memory_keeps_its_plain_rounds_pipelined_while_requests_wait(checkpoints, monkeypatch):
-    # As above, with room for more rows but not for another request's K/V.
-    spec = _real(checkpoints, "dense")
-    probe = Engine(spec, max_batch=4)
-    probe.submit(prompt(5), _options(8, 0))
-    probe.step()
-    one_row = probe.metrics()["kv_reserved_bytes"]
-    steady = _steady_rounds(spec, monkeypatch)
-    engine = Engine(spec, max_batch=4, kv_memory_bytes=int(1.5 * one_row))
-    for _ in range(2):
-        engine.submit(prompt(5), _options(8, 0))
-    while engine.has_work:
-        engine.step()
     assert steady == ([False] + [True] * 5 + [False]) * 2
 
 
