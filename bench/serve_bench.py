@@ -305,6 +305,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args()
+    if args.passes < 1 or args.repeats < 1:
+        p.error("--passes and --repeats must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the servers (the finally below)
     levels = [int(x) for x in args.concurrency.split(",")]
     rates = [float(x) for x in args.rates.split(",")] if args.rates else []
@@ -318,8 +320,8 @@ def main() -> None:
                                    "--max-batch", str(args.max_batch), "--max-queue", "256"],
                    port, tmp / "mlx-specdec.log")
     processes = [ours]
-    systems = [System("mlx-specdec auto", ours, {"draft_tokens": "auto"}),
-               System("mlx-specdec plain", ours, {"draft_tokens": "off"}),
+    plain = System("mlx-specdec plain", ours, {"draft_tokens": "off"})  # every "vs plain" ratio's base
+    systems = [System("mlx-specdec auto", ours, {"draft_tokens": "auto"}), plain,
                System(f"mlx-specdec k={args.k}", ours, {"draft_tokens": args.k})]
     if not args.no_mlx_lm:
         port = free_port()
@@ -362,14 +364,12 @@ def main() -> None:
     table = []
     for load in loads:
         for system in systems:
-            mine, plain = ([r for r in runs if r.load == load and r.system == name]
-                           for name in (system.name, systems[1].name))
-            table.append(dict(load=load, system=system.name) | summarize(mine, plain))
+            mine, base = ([r for r in runs if r.load == load and r.system == name] for name in (system.name, plain.name))
+            table.append(dict(load=load, system=system.name) | summarize(mine, base))
     env = dict(started=started, machine=f"{platform.machine()} · {os.cpu_count()} CPUs",
                loadavg_before=load_before, loadavg_after=load_after, preload=os.environ.get("LD_PRELOAD", ""),
                nice=os.nice(0), requests=len(requests), max_tokens=args.max_tokens, max_batch=args.max_batch,
-               repeats=args.repeats, passes=args.passes,
-               answers_equal=agree)
+               repeats=args.repeats, passes=args.passes, answers_equal=agree)
     command = "python bench/serve_bench.py " + " ".join(sys.argv[1:])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
