@@ -525,14 +525,16 @@ class Engine:
             head = self._waiting[0] if self._waiting else None
         if head is None or len(self._live) >= self.max_batch:
             return False
-        live = list(self._live.values())
-        return (not live or head.cache is not None
-                or self._kv_fits(len(live) + 1, max(map(_KVSize.longest, live + [head]))))
+        return head.cache is not None or self._kv_admits(list(self._live.values()), head)
 
-    def _kv_fits(self, rows: int, longest: int) -> bool:
-        """Whether ``rows`` rows that could each grow to ``longest`` positions fit the K/V bound
-        (not before a first prefill has measured K/V sizes)."""
-        return self._kv is not None and self._kv.rows(rows, longest) <= self.kv_memory_bytes
+    def _kv_admits(self, rows: list[_Request], request: _Request) -> bool:
+        """Whether ``request`` fits the K/V bound beside ``rows`` (live, joining, or taken with it),
+        each able to grow to the longest reach among them. Alone it always does; beside others,
+        not before a first prefill has measured K/V sizes (until then one request goes alone)."""
+        if not rows:
+            return True
+        longest = max(map(_KVSize.longest, rows + [request]))
+        return self._kv is not None and self._kv.rows(len(rows) + 1, longest) <= self.kv_memory_bytes
 
     def _take(self, joining: list[_Request], room: int, budget: int | None) -> "_Admission | None":
         """The next waiting request, with the cache it starts from, and the waiting requests just
@@ -540,7 +542,6 @@ class Engine:
         token budget); None: none waiting, or no room for its K/V. Only this thread removes
         from the queue, so its head stays put between looking and taking."""
         live = list(self._live.values()) + joining
-        longest = max(map(_KVSize.longest, live), default=0)
         group: list[_Request] = []
         while len(group) < room:
             with self._lock:
@@ -558,11 +559,8 @@ class Engine:
                 chunk = min(len(request.prompt), self.prefill_step_size)
                 if budget is not None and (len(group) + 1) * chunk > budget:
                     break
-            if live or group:
-                # Until a first prefill has measured K/V sizes, one request goes alone.
-                longest = max(longest, _KVSize.longest(request))
-                if not self._kv_fits(len(live) + len(group) + 1, longest):
-                    break
+            if not self._kv_admits(live + group, request):
+                break
             if group and self.prefixes.longest(self.spec, request.prompt)[1] is not None:
                 break  # it has a prefix to reuse: it goes alone, next
             self._pop()
