@@ -116,10 +116,8 @@ class Request:
 def requests_from_workloads(max_tokens: int, passes: int = 1) -> list[Request]:
     """Every workload prompt, ``passes`` times over; pass p > 1 numbers its prompts "p. ", so that
     no request repeats an earlier one (a repeated prompt would skip its prefill in the prefix store)."""
-    out = []
-    for p in range(1, passes + 1):
-        out += [Request(r.workload, r.path, _numbered(r.body, p)) for r in _workload_requests(max_tokens)]
-    return out
+    one = _workload_requests(max_tokens)
+    return [Request(r.workload, r.path, _numbered(r.body, p)) for p in range(1, passes + 1) for r in one]
 
 
 def _numbered(body: dict, p: int) -> dict:
