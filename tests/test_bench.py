@@ -166,18 +166,24 @@ def test_peers_runs_mlx_vlm_mtp_on_the_multimodal_demo_exactly(tmp_path):
     assert "| demo | 8 | 2 | ours auto vs mlx-vlm MTP default | ours auto | mlx-vlm MTP default |" in markdown
 
 
-def test_multimodal_demo_holds_the_same_weights_for_ours(tmp_path, monkeypatch):
+def _bench_script(path: Path, monkeypatch):
+    """A script of bench/ imported as a module under its own name."""
     import importlib.util
 
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    monkeypatch.setitem(sys.modules, path.stem, module)  # its dataclasses resolve annotations through it
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_multimodal_demo_holds_the_same_weights_for_ours(tmp_path, monkeypatch):
     from mlx.utils import tree_flatten
 
     from mlx_specdec import load
     from mlx_specdec.demo import demo_path
 
-    module_spec = importlib.util.spec_from_file_location("peers", PEERS)
-    peers = importlib.util.module_from_spec(module_spec)
-    monkeypatch.setitem(sys.modules, "peers", peers)  # its dataclass resolves annotations through it
-    module_spec.loader.exec_module(peers)
+    peers = _bench_script(PEERS, monkeypatch)
     folder = peers.write_multimodal(Path(demo_path()), tmp_path / "multimodal")
     text, multimodal = load(demo_path(), dtype="float32"), load(folder, dtype="float32")
     for a, b in ((text.target, multimodal.target), (text.drafter, multimodal.drafter)):
@@ -224,18 +230,8 @@ def test_policy_sim_holds_the_floor_and_the_ceiling_in_a_world_without_noise(tmp
 SERVE_BENCH = Path(__file__).resolve().parent.parent / "bench" / "serve_bench.py"
 
 
-def _serve_bench(monkeypatch):
-    import importlib.util
-
-    module_spec = importlib.util.spec_from_file_location("serve_bench", SERVE_BENCH)
-    module = importlib.util.module_from_spec(module_spec)
-    monkeypatch.setitem(sys.modules, "serve_bench", module)  # its dataclasses resolve annotations through it
-    module_spec.loader.exec_module(module)
-    return module
-
-
 def test_serve_bench_passes_never_repeat_a_request(monkeypatch):
-    sb = _serve_bench(monkeypatch)
+    sb = _bench_script(SERVE_BENCH, monkeypatch)
     one, three = sb.requests_from_workloads(64), sb.requests_from_workloads(64, 3)
     assert len(one) == 16 and len(three) == 3 * len(one)
     assert [r.body for r in three[:16]] == [r.body for r in one]  # the first pass is the prompts as they are
@@ -245,7 +241,7 @@ def test_serve_bench_passes_never_repeat_a_request(monkeypatch):
 
 
 def test_serve_bench_compares_each_run_with_plains_run_of_the_same_repeat(monkeypatch):
-    sb = _serve_bench(monkeypatch)
+    sb = _bench_script(SERVE_BENCH, monkeypatch)
 
     def runs(system, rates):  # tok/s by repeat: 100 tokens over 100/rate seconds
         return [sb.Run(system, "c=1", i, 100 / rate, 100, 1.0, []) for i, rate in enumerate(rates)]
