@@ -4,6 +4,7 @@ Costs are written in units of a 1-token target forward T1; rounds are simulated 
 loop would, with every row accepting all or none of its drafts, so each test is deterministic."""
 
 import math
+import random
 
 import pytest
 
@@ -329,6 +330,23 @@ def test_a_drafter_that_never_agrees_is_explored_for_a_round_or_two_only():
     extra = sum(0.1 * d.k + cheap(d.k + 1) - 1 for d in explored)
     assert extra <= 2.0  # in T1: under two plain rounds' worth, once per batch size
     assert all(d.probe for d in decisions[10:] if d.k > 0)
+
+
+def test_exploration_climbs_from_short_drafts_and_stops_where_the_timed_ones_rule_out_the_rest():
+    # Acceptance 0.6 per position, each extra verified token 0.4 T1: deep drafts cannot pay, which
+    # only the timings of the lengths below them can show (an untimed length's bound holds its
+    # verify cost at the longest timed shorter one). Exploring the most promising first began
+    # with the deepest and timed k = 5 and 6 as well.
+    policy, rng = DraftPolicy(8), random.Random(0)
+    explored = []
+    for _ in range(300):
+        d = policy.decide(1)
+        explored += [d.k] if d.reason.startswith("explore") else []
+        n = 0
+        while n < d.k and rng.random() < 0.6:
+            n += 1
+        policy.record(1, d.k, [n], 0.1 * T1 * d.k, T1 * (1 + 0.4 * d.k))
+    assert explored == sorted(explored) and max(explored) <= 4, explored
 
 
 def test_a_drafter_that_always_agrees_climbs_to_long_drafts_within_a_few_rounds():
