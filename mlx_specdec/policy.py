@@ -87,9 +87,16 @@ over a hundred plain rounds apart (see PROBE_OVERHEAD_BUDGET); aged by all of th
 before a probe would weigh a twentieth of it, and each probe's single row would decide alone
 whether drafting comes back. Aged by 16, the estimate spans the last three or four probes."""
 
-COST_SAMPLES = 8
+COST_SAMPLES = 16
 """Timing samples kept per cost cell, newest first out: verify time drifts as the context grows, so
-old samples must go, and eight are enough for a quantile to see past a burst of slow ones."""
+old samples must go. Sixteen (the chosen length's last 40-60 tokens) let the quantile see past a
+burst of slow ones without resting on one or two lucky ones: with eight, a length whose second
+lowest sample was lucky looked cheaper than it is, and auto spread its rounds over lengths around
+the best (in bench/policy_sim.py auto moved 0.2-0.5% nearer the best fixed k on average with
+sixteen, up to 1.6% in a cell; its lowest cell 0.937 -> 0.945 at 25% jitter). The price: a
+neighbour timed wholly in a busy moment needs four new samples, not two, before it looks as cheap
+as it is (about 64 rounds of REFRESH_INTERVAL turns); with slow spells in the simulation the two
+balance (on average +0.2%)."""
 
 COST_QUANTILE = 0.25
 """A cell's cost is this low quantile of its samples: timings are noise on top of a floor (another
