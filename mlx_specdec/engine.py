@@ -106,6 +106,7 @@ class _Launch:
     limits: list[int]  # each row's own draft length
     decisions: list[Decision]
     start: float
+    context: int  # tokens in its longest row when launched: what its passes attend over
     seconds: float | None = None  # from the last read (its launch, after a prefill pass) to its read
 
 
@@ -679,7 +680,7 @@ class Engine:
         self._rows, result = speculative_round(self.spec, rows, k, self._sampler,
                                                None if all(n == k for n in limits) else limits,
                                                time_drafts=self.spec.policy.draft_timing_due(len(requests)))
-        return _Launch(list(rows.ids), result, k, limits, decisions, start)
+        return _Launch(list(rows.ids), result, k, limits, decisions, start, max(rows.pos) + 1)
 
     def _read(self, launch: "_Launch") -> None:
         """Wait for a launched round's results (once), timing it from the last read, or from its
@@ -732,7 +733,7 @@ class Engine:
         self.spec.shapes_run.add(shape)
         t_draft, t_verify = (result.draft_seconds, seconds - (result.draft_seconds or 0.0)) if timed else (0.0, 0.0)
         self.spec.policy.record(shape[0], current.k, result.accepted, t_draft, t_verify, 0.0, current.limits,
-                                steady)
+                                steady, current.context)
         self._rounds += 1
         self._row_rounds += shape[0]
         self._last_k = current.k

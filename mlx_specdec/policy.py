@@ -24,6 +24,8 @@ even then (a drafter that never agrees) is never tried. Exploration ends once ea
 pay has EXPLORE_SAMPLES timings; it replaces up-front calibration passes, whose output was thrown away.
 Once a length is chosen, only its cost gets new samples; so every REFRESH_INTERVAL rounds a measured
 length next to it runs instead, and a cost timed in a slow (or lucky) moment does not stand for good.
+Costs timed at a context the decoding has since outgrown twice over expire (CONTEXT_SLACK): each
+such cell stands at its old cost scaled by how much dearer the cells timed since have become.
 Plain decoding, the yardstick, is timed again the same way, by a short stretch of plain rounds
 spaced to cost at most PLAIN_REFRESH_BUDGET (1.5%) of decoding time by the measured gain.
 
@@ -97,6 +99,15 @@ sixteen, up to 1.6% in a cell; its lowest cell 0.937 -> 0.945 at 25% jitter). Th
 neighbour timed wholly in a busy moment needs four new samples, not two, before it looks as cheap
 as it is (about 64 rounds of REFRESH_INTERVAL turns); with slow spells in the simulation the two
 balance (on average +0.2%)."""
+
+CONTEXT_SLACK = 256
+"""A cost sample expires once the context has grown past twice the one it was timed at, and by at
+least this many tokens. Verify passes and drafter steps attend over the context, and not alike: on
+the demo pair at a 512-token context, verifying 2 tokens cost about 1.15x what it did at a 32-token
+prompt and verifying 6 about 1.3x. Left to the quantile, a cell's COST_SAMPLES samples from the
+short context held its cost there for 13 rounds, and a length not run since held its cost for good:
+auto went on drafting deep at 512 on costs timed at 32. The slack keeps short contexts, where
+reading the weights dominates, from expiring within every answer."""
 
 COST_QUANTILE = 0.25
 """A cell's cost is this low quantile of its samples: timings are noise on top of a floor (another
@@ -306,6 +317,11 @@ class CostModel:
     t_draft(B) per drafter step; each cell the COST_QUANTILE of its last COST_SAMPLES samples,
     or its kept prior (see `from_prior`) until this process measures it.
 
+    Each sample carries the context (tokens in the longest row) it was timed at. When a sample
+    comes at a context past twice an older one's and CONTEXT_SLACK tokens more, the older samples
+    at that batch size expire; a cell left with none becomes a prior at its last cost, as a kept
+    one is: it stands, rescaled by the cells re-timed since, until it is timed again.
+
     An unmeasured (B, L) is estimated, in this order, and never taken as free:
       1. between two measured lengths at this B: linear interpolation in L;
       2. else the same L at other measured batch sizes (each from its own lengths, by 1 or 3):
@@ -324,7 +340,9 @@ class CostModel:
         self.verify: dict[tuple[int, int], float] = {}
         self.draft: dict[int, float] = {}
         self._samples: dict[tuple, list[float]] = {}  # ("verify", B, L) or ("draft", B): this process's
-        self._priors: dict[tuple, float] = {}  # kept from an earlier process, until measured here
+        self._contexts: dict[tuple, list[int]] = {}  # the context of each of those samples
+        self._oldest: dict[int, int] = {}  # by B: the shortest context any sample there was timed at
+        self._priors: dict[tuple, float] = {}  # kept, or expired (see above), until measured again
         # By B: the drafting lengths' costs as of plain decoding's last timing there (see `drift`).
         self._yardstick: dict[int, dict[int, float]] = {}
         # `lengths` by B until the next sample: one derivation fits each batch size's row many
@@ -348,30 +366,59 @@ class CostModel:
 
     @property
     def kept(self) -> int:
-        """Cells still holding a kept prior, not yet measured in this process."""
+        """Cells standing on a prior (kept, or whose samples expired) not yet timed again."""
         return sum(key not in self._samples for key in self._priors)
 
-    def record_verify(self, batch_size: int, length: int, seconds: float) -> None:
+    def record_verify(self, batch_size: int, length: int, seconds: float, context: int = 0) -> None:
         _check_positive(batch_size=batch_size, length=length, seconds=seconds)
-        self._record(("verify", batch_size, length), seconds)
+        self._record(("verify", batch_size, length), seconds, context)
 
-    def record_draft(self, batch_size: int, seconds_per_step: float) -> None:
+    def record_draft(self, batch_size: int, seconds_per_step: float, context: int = 0) -> None:
         _check_positive(batch_size=batch_size, seconds_per_step=seconds_per_step)
-        self._record(("draft", batch_size), seconds_per_step)
+        self._record(("draft", batch_size), seconds_per_step, context)
 
-    def _record(self, key: tuple, seconds: float) -> None:
+    def _record(self, key: tuple, seconds: float, context: int) -> None:
         self._fits.clear()  # a new sample moves a fit even where the cell's quantile stays
-        samples = self._samples.setdefault(key, [])
+        oldest = self._oldest.get(key[1], context)
+        if context >= 2 * oldest and context - oldest >= CONTEXT_SLACK:
+            self._expire(key[1], context)
+        self._oldest[key[1]] = min(self._oldest.get(key[1], context), context)
+        samples, contexts = self._samples.setdefault(key, []), self._contexts.setdefault(key, [])
         samples.append(seconds)
+        contexts.append(context)
         if len(samples) > COST_SAMPLES:
-            del samples[0]
-        self._set(key, sorted(samples)[int((len(samples) - 1) * COST_QUANTILE)])
-        if len(samples) == 1:  # a new cell, or this process's first look at a kept one
+            del samples[0], contexts[0]
+        self._set(key, _low(samples))
+        if len(samples) == 1:  # a new cell, or the first timing of one standing on a prior
             self.firsts += 1
             if key in self._priors:
                 self._rescale_priors(key[1])
         if key[0] == "verify" and key[2] == 1:
             self._yardstick[key[1]] = self._timed_lengths(key[1])
+
+    def _expire(self, batch_size: int, context: int) -> None:
+        """Drop the samples at this batch size timed at a context this one has outgrown (see the
+        class docstring). Every cell's cost as it stood becomes its prior; the cells that keep
+        samples (timed since at longer contexts) show how much dearer the context has made them,
+        and the cells left with none are rescaled by that (`_rescale_priors`), and again as each
+        is timed anew."""
+        here = {key for key in list(self._samples) + list(self._priors) if key[1] == batch_size}
+        outgrown = lambda c: context >= 2 * c and context - c >= CONTEXT_SLACK
+        timed = {key: self._contexts[key] for key in here & self._samples.keys()}
+        self._oldest[batch_size] = min([context] + [c for cs in timed.values() for c in cs if not outgrown(c)])
+        if not any(outgrown(c) for cs in timed.values() for c in cs):
+            return  # those samples had already left their cells (COST_SAMPLES)
+        self._priors.update({key: self._get(key) for key in here})
+        for key, contexts in timed.items():
+            kept = [(t, c) for t, c in zip(self._samples[key], contexts) if not outgrown(c)]
+            if kept:
+                samples = self._samples[key] = [t for t, _ in kept]
+                self._contexts[key] = [c for _, c in kept]
+                self._set(key, _low(samples))
+            else:
+                del self._samples[key], self._contexts[key]
+        self._yardstick.pop(batch_size, None)  # its lengths' costs are from the old context
+        self._rescale_priors(batch_size)
 
     def _timed_lengths(self, batch_size: int) -> dict[int, float]:
         """The drafting lengths with EXPLORE_SAMPLES timings in this process at this batch size, by
@@ -415,11 +462,14 @@ class CostModel:
             self._fits.clear()
 
     def _rescale_priors(self, batch_size: int) -> None:
-        """Kept costs at this batch size not yet re-measured: scaled by the median ratio of this
-        process's measurements to the kept ones, so a prior from a busier or quieter machine
-        does not make the cells measured here look cheap or dear beside it."""
+        """Costs standing on a prior at this batch size (kept, or expired): scaled by the median
+        ratio of the cells timed since to their priors, so a prior from a busier or quieter
+        machine, or from a shorter context, does not make the cells timed now look dear or cheap
+        beside it."""
         here = [key for key in self._priors if key[1] == batch_size]
         ratios = sorted(self._get(key) / self._priors[key] for key in here if key in self._samples)
+        if not ratios:  # every cell here expired at once: they stand as they were until timed
+            return
         scale = ratios[len(ratios) // 2]
         for key in here:
             if key not in self._samples:
@@ -532,6 +582,11 @@ class CostModel:
         return _interpolate(self.draft, batch_size, scale_below=False)
 
 
+def _low(samples: list[float]) -> float:
+    """A cell's cost: the COST_QUANTILE of its samples."""
+    return sorted(samples)[int((len(samples) - 1) * COST_QUANTILE)]
+
+
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
@@ -599,23 +654,25 @@ class DraftPolicy:
 
     # -- measurements
 
-    def record_verify_time(self, batch_size: int, length: int, seconds: float) -> None:
+    def record_verify_time(self, batch_size: int, length: int, seconds: float, context: int = 0) -> None:
         """One timed target pass over `length` tokens per row (`record` does this for every round)."""
-        self.costs.record_verify(batch_size, length, seconds)
+        self.costs.record_verify(batch_size, length, seconds, context)
 
-    def record_draft_time(self, batch_size: int, seconds_per_step: float) -> None:
+    def record_draft_time(self, batch_size: int, seconds_per_step: float, context: int = 0) -> None:
         """One timed drafter step (`record` does this for drafting rounds)."""
-        self.costs.record_draft(batch_size, seconds_per_step)
+        self.costs.record_draft(batch_size, seconds_per_step, context)
 
     def record(self, batch_size: int, k: int, accepted: Sequence[int], t_draft: float | None, t_verify: float,
-               t_other: float = 0.0, limits: Sequence[int] | None = None, steady: bool = True) -> None:
+               t_other: float = 0.0, limits: Sequence[int] | None = None, steady: bool = True,
+               context: int = 0) -> None:
         """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
         seconds spent drafting (all k steps; None: not timed apart, t_verify holds them too),
         verifying, and on everything else (t_other is kept by
         decode.Stats; the decision leaves it out, as in cost(k)). `limits[r]`: row r's own draft
         length when it is below k (a fixed-k request, or one near its max_tokens). `steady`, for a
         plain round: whether it ran inside a pipelined stretch of plain rounds; only those time
-        plain decoding (see _record_plain)."""
+        plain decoding (see _record_plain). `context`: tokens in the longest row when the round began
+        (costs timed at a context it has outgrown expire, see CostModel)."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
         if t_draft is None and k > 0:
@@ -626,13 +683,13 @@ class DraftPolicy:
         # A clock glitch is not a measurement, and 0 says the round's times are not what such a
         # round costs (the engine's first round of a shape also traces it): acceptance only.
         if 0 < t_verify < math.inf and k > 0:
-            self.costs.record_verify(batch_size, k + 1, t_verify)
+            self.costs.record_verify(batch_size, k + 1, t_verify, context)
             self.recheck, self.rechecks = False, max(0, self.rechecks - 1)
         elif 0 < t_verify < math.inf and steady:
-            self._record_plain(batch_size, t_verify)
+            self._record_plain(batch_size, t_verify, context)
         if k > 0:
             if t_draft is not None and 0 < t_draft < math.inf:
-                self.costs.record_draft(batch_size, t_draft / k)
+                self.costs.record_draft(batch_size, t_draft / k, context)
             self.acceptance.update(self.rounds, k, accepted, limits)
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
@@ -654,7 +711,7 @@ class DraftPolicy:
         return (self.costs.samples(("draft", batch_size)) < EXPLORE_SAMPLES
                 or self.rounds % DRAFT_TIMING_INTERVAL == DRAFT_TIMING_INTERVAL // 2)
 
-    def _record_plain(self, batch_size: int, seconds: float) -> None:
+    def _record_plain(self, batch_size: int, seconds: float, context: int) -> None:
         """Plain rounds run pipelined (each launched before the last is read), so one round's time
         is the interval between two reads, which jitters around the true cost: some intervals are
         near zero, and a low quantile of them would make plain decoding look cheaper than it is.
@@ -666,7 +723,7 @@ class DraftPolicy:
         total, count = self._plain.get(batch_size, (0.0, 0))
         total, count = total + seconds, count + 1
         if count == PLAIN_WINDOW:
-            self.costs.record_verify(batch_size, 1, total / count)
+            self.costs.record_verify(batch_size, 1, total / count, context)
             self._plain_timed[batch_size] = self.rounds
             total, count = 0.0, 0
         self._plain[batch_size] = (total, count)

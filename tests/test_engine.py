@@ -420,6 +420,28 @@ def test_drafting_rounds_pay_the_work_between_rounds_as_plain_rounds_do(checkpoi
 
 
 @pytest.mark.parametrize("k", [0, 2])
+def test_each_round_tells_the_policy_the_context_it_attended_over(checkpoints, monkeypatch, k):
+    # Costs timed at a context the decoding has since outgrown expire (policy.CONTEXT_SLACK): the
+    # engine says, per round, how many tokens its longest row held when it was launched.
+    spec = _real(checkpoints, "dense")
+    seen, record = [], spec.policy.record
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(record).bind(*args, **kwargs).arguments
+        seen.append((bound["accepted"][0], bound["context"]))
+        record(*args, **kwargs)
+
+    monkeypatch.setattr(spec.policy, "record", spy)
+    engine = Engine(spec, max_batch=2)
+    engine.submit(prompt(5), _options(12, k))
+    while engine.has_work:
+        engine.step()
+    # The prompt's 5 tokens and the one the prefill sampled, then each round's accepted and its own.
+    assert seen[0][1] == 6 and len(seen) >= 2
+    assert all(after == context + accepted + 1 for (accepted, context), (_, after) in zip(seen, seen[1:]))
+
+
+@pytest.mark.parametrize("k", [0, 2])
 def test_a_round_launches_everything_its_read_waits_for(checkpoints, monkeypatch, k):
     # On MLX's CPU stream an array left out of the launch is computed only when read, behind
     # the round launched meanwhile: reading a pipelined plain round then waited for the whole

@@ -12,6 +12,7 @@ from mlx_specdec.policy import (
     ACCEPTANCE_HALF_LIFE_ROUNDS,
     ALIGN_ROUNDS,
     COST_QUANTILE,
+    CONTEXT_SLACK,
     COST_SAMPLES,
     DRAFT_TIMING_INTERVAL,
     EXPLORE_SAMPLES,
@@ -420,6 +421,38 @@ def test_cost_cells_are_a_low_quantile_of_recent_samples():
     assert costs.verify_time(1, 1) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="seconds must be positive"):
         costs.record_verify(1, 1, 0.0)
+
+
+def test_costs_timed_at_a_context_since_outgrown_expire_and_stand_as_rescaled_priors():
+    # Timed at a 32-token prompt; the drafter step and verifying 5 tokens never again.
+    costs = CostModel()
+    for n in (1, 2, 5):
+        for _ in range(COST_SAMPLES):
+            costs.record_verify(1, n, float(n), context=32)
+    costs.record_draft(1, 0.5, context=32)
+    costs.record_verify(2, 2, 7.0, context=32)
+    # Grown past twice 32, but by fewer than CONTEXT_SLACK tokens: every sample stands.
+    costs.record_verify(1, 2, 3.0, context=32 + CONTEXT_SLACK - 1)
+    assert costs.verify_time(1, 2) == pytest.approx(2.0) and costs.samples(("verify", 1, 2)) == COST_SAMPLES
+    # At 512 the old samples expire: one new timing of verifying 2 tokens is that cell's cost
+    # (16 old ones held its low quantile down for 13 rounds), and the cells not timed since stand
+    # as priors at the ratio it moved by (3.0 / 2.0; the timing at 287 tokens is not 32's).
+    costs.record_verify(1, 2, 3.0, context=512)
+    assert costs.samples(("verify", 1, 2)) == 2 and costs.verify_time(1, 2) == pytest.approx(3.0)
+    assert costs.samples(("verify", 1, 1)) == costs.samples(("verify", 1, 5)) == 0
+    assert costs.verify_time(1, 1) == pytest.approx(1.5) and costs.verify_time(1, 5) == pytest.approx(7.5)
+    assert costs.draft_time(1) == pytest.approx(0.75)
+    assert costs.measured(1, 5) and costs.explored(1, 5) and costs.kept == 3  # nothing to re-explore
+    assert costs.verify_time(2, 2) == pytest.approx(7.0)  # another batch size: its own contexts
+    # Plain decoding timed again at the new context, at 2x the old cost: the cells timed since
+    # (1.5x and 2x; of two ratios, the higher) now scale the rest.
+    costs.record_verify(1, 1, 2.0, context=520)
+    assert costs.verify_time(1, 1) == pytest.approx(2.0) and costs.verify_time(1, 5) == pytest.approx(10.0)
+    assert costs.kept == 2
+    # A shorter context again (a new request) expires nothing: its cheaper samples take the low
+    # quantile within a quarter of the cell.
+    costs.record_verify(1, 2, 2.5, context=40)
+    assert costs.samples(("verify", 1, 2)) == 3 and costs.verify_time(1, 2) == pytest.approx(2.5)
 
 
 
