@@ -163,8 +163,17 @@ async def one(client: httpx.AsyncClient, system: System, request: Request, start
     body = request.body | system.extra | {"temperature": 0.0, "stream": True,
                                           "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
+    try:
+        return await _stream(client, system, request.path, body, sent, start)
+    except httpx.TransportError as e:  # say whose connection broke: the run stops, its log is shown
+        raise RuntimeError(f"{system.name}: {type(e).__name__} after {time.perf_counter() - sent:.1f} s "
+                           f"on {request.path} {str(e)[:200]!r}") from e
+
+
+async def _stream(client: httpx.AsyncClient, system: System, path: str, body: dict, sent: float,
+                  start: float) -> Sample:
     times, pieces, tokens = [], [], None
-    async with client.stream("POST", system.process.url + request.path, json=body) as response:
+    async with client.stream("POST", system.process.url + path, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{system.name}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
@@ -353,6 +362,12 @@ def main() -> None:
                     runs.append(r)
                     print(f"[{repeat + 1}/{args.repeats}] {load:>8} {system.name:<18} {r.throughput:7.1f} tok/s "
                           f"({r.tokens} tokens in {r.wall:.2f} s, server CPU {r.cpu:.1f} s)", flush=True)
+    except BaseException:
+        for proc in processes:  # the servers' own account of a failed run, before their logs go
+            tail = proc.log.read_text(errors="replace").splitlines()[-15:] if proc.log.exists() else []
+            print(f"--- {proc.name} (exit code {proc.proc.poll()}), last lines of its log:", *tail,
+                  sep="\n", file=sys.stderr)
+        raise
     finally:
         for proc in processes:
             proc.stop()
