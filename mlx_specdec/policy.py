@@ -379,8 +379,7 @@ class CostModel:
 
     def _record(self, key: tuple, seconds: float, context: int) -> None:
         self._fits.clear()  # a new sample moves a fit even where the cell's quantile stays
-        oldest = self._oldest.get(key[1], context)
-        if context >= 2 * oldest and context - oldest >= CONTEXT_SLACK:
+        if _outgrown(self._oldest.get(key[1], context), context):
             self._expire(key[1], context)
         self._oldest[key[1]] = min(self._oldest.get(key[1], context), context)
         samples, contexts = self._samples.setdefault(key, []), self._contexts.setdefault(key, [])
@@ -403,7 +402,7 @@ class CostModel:
         and the cells left with none are rescaled by that (`_rescale_priors`), and again as each
         is timed anew."""
         here = {key for key in list(self._samples) + list(self._priors) if key[1] == batch_size}
-        outgrown = lambda c: context >= 2 * c and context - c >= CONTEXT_SLACK
+        outgrown = lambda c: _outgrown(c, context)
         timed = {key: self._contexts[key] for key in here & self._samples.keys()}
         self._oldest[batch_size] = min([context] + [c for cs in timed.values() for c in cs if not outgrown(c)])
         if not any(outgrown(c) for cs in timed.values() for c in cs):
@@ -580,6 +579,11 @@ class CostModel:
     def draft_time(self, batch_size: int) -> float | None:
         """Estimated seconds per drafter step at `batch_size`; None if no drafter step is measured."""
         return _interpolate(self.draft, batch_size, scale_below=False)
+
+
+def _outgrown(timed_at: int, context: int) -> bool:
+    """Whether a sample timed at context ``timed_at`` has expired at ``context`` (CONTEXT_SLACK)."""
+    return context >= 2 * timed_at and context - timed_at >= CONTEXT_SLACK
 
 
 def _low(samples: list[float]) -> float:
