@@ -258,9 +258,18 @@ def best(runs: dict[str, list[dict]], labels: list[str], n: int) -> str:
     return max(labels, key=lambda s: n / statistics.median(r["decode"] for r in runs[s]))
 
 
+def run_by_run(mine: list[dict], theirs: list[dict]) -> dict:
+    """Decode speed of ``mine`` over ``theirs`` (>1: mine faster), wall and CPU, taken run by run
+    (the two ran in the same turn of each repeat): median and (min, max)."""
+    wall = [t["decode"] / m["decode"] for m, t in zip(mine, theirs)]
+    cpu = [t["decode_cpu"] / m["decode_cpu"] for m, t in zip(mine, theirs)]
+    return dict(decode_ratio=statistics.median(wall), decode_spread=[min(wall), max(wall)],
+                decode_cpu_ratio=statistics.median(cpu), decode_cpu_spread=[min(cpu), max(cpu)])
+
+
 def bench_target(name, spec, lm_model, vlm, prompt_lengths, batch, n, repeats, modes, blocks, log):
-    """(rows, comparisons with mlx-vlm's MTP path) at batch size ``batch``."""
-    rows, versus = [], []
+    """(rows, comparisons with mlx-vlm's MTP path, ours auto against ours plain) at batch size ``batch``."""
+    rows, versus, floor = [], [], []
     for length in prompt_lengths:
         prompts = [make_prompt(spec, length, row) for row in range(batch)]
         systems = {}
@@ -320,18 +329,19 @@ def bench_target(name, spec, lm_model, vlm, prompt_lengths, batch, n, repeats, m
         if "ours auto" in runs and "mlx-vlm MTP default" in runs:
             pairs.append(("ours auto vs mlx-vlm MTP default", "ours auto", "mlx-vlm MTP default"))
         for comparison, mine, theirs in pairs:
-            # >1: ours faster, run by run (the two ran in the same turn of each repeat).
-            wall = [t["decode"] / m["decode"] for m, t in zip(runs[mine], runs[theirs])]
-            cpu = [t["decode_cpu"] / m["decode_cpu"] for m, t in zip(runs[mine], runs[theirs])]
-            versus.append(dict(
-                target=name, prompt=length, batch=batch, comparison=comparison, ours=mine, mlx_vlm=theirs,
-                decode_ratio=statistics.median(wall), decode_spread=[min(wall), max(wall)],
-                decode_cpu_ratio=statistics.median(cpu), decode_cpu_spread=[min(cpu), max(cpu)],
-                identical=all(r["tokens"] == reference for r in runs[mine] + runs[theirs]),
-            ))
-            log(f"{name} P={length} B={batch} {comparison}: {mine} / {theirs} decode {statistics.median(wall):.2f}x "
-                f"({min(wall):.2f}-{max(wall):.2f}), CPU {statistics.median(cpu):.2f}x")
-    return rows, versus
+            ratio = run_by_run(runs[mine], runs[theirs])
+            versus.append(dict(target=name, prompt=length, batch=batch, comparison=comparison, ours=mine,
+                               mlx_vlm=theirs, identical=all(r["tokens"] == reference for r in runs[mine] + runs[theirs]),
+                               **ratio))
+            log(f"{name} P={length} B={batch} {comparison}: {mine} / {theirs} decode {ratio['decode_ratio']:.2f}x "
+                f"({ratio['decode_spread'][0]:.2f}-{ratio['decode_spread'][1]:.2f}), CPU {ratio['decode_cpu_ratio']:.2f}x")
+        if "ours auto" in runs and "ours plain" in runs:
+            # The floor: auto must not decode slower than our plain decoding, whatever the base.
+            ratio = run_by_run(runs["ours auto"], runs["ours plain"])
+            floor.append(dict(target=name, prompt=length, batch=batch, **ratio))
+            log(f"{name} P={length} B={batch} ours auto / ours plain decode {ratio['decode_ratio']:.2f}x "
+                f"({ratio['decode_spread'][0]:.2f}-{ratio['decode_spread'][1]:.2f}), CPU {ratio['decode_cpu_ratio']:.2f}x")
+    return rows, versus, floor
 
 
 def memory(name, spec, lm_model, length, repeats, log) -> list[dict]:
@@ -363,7 +373,7 @@ def memory(name, spec, lm_model, length, repeats, log) -> list[dict]:
     return out
 
 
-def markdown(rows, versus, memory_rows, header) -> str:
+def markdown(rows, versus, floor, memory_rows, header) -> str:
     lines = header + ["", "| target | prompt | B | system | prefill tok/s | vs base (min-max) | decode tok/s "
                       "| vs base (min-max) | decode CPU ms/token | vs base (min-max) | base | run wall s | run CPU s "
                       "| identical |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -383,6 +393,13 @@ def markdown(rows, versus, memory_rows, header) -> str:
                   f"{v['decode_ratio']:.2f}x ({v['decode_spread'][0]:.2f}-{v['decode_spread'][1]:.2f}) | "
                   f"{v['decode_cpu_ratio']:.2f}x ({v['decode_cpu_spread'][0]:.2f}-{v['decode_cpu_spread'][1]:.2f}) | "
                   f"{'yes' if v['identical'] else 'NO'} |" for v in versus]
+    if floor:
+        lines += ["", "Ours auto against ours plain (the floor; run by run, median (min-max)):", "",
+                  "| target | prompt | B | decode, wall | decode, CPU |", "|---|---|---|---|---|"]
+        lines += [f"| {f['target']} | {f['prompt']} | {f['batch']} | "
+                  f"{f['decode_ratio']:.2f}x ({f['decode_spread'][0]:.2f}-{f['decode_spread'][1]:.2f}) | "
+                  f"{f['decode_cpu_ratio']:.2f}x ({f['decode_cpu_spread'][0]:.2f}-{f['decode_cpu_spread'][1]:.2f}) |"
+                  for f in floor]
     if memory_rows:
         lines += ["", "| target | prefill of | system | peak MB over resting | seconds (wall, to the first token) |",
                   "|---|---|---|---|---|"]
@@ -438,7 +455,7 @@ def main():
     else:
         vlm_line = f"mlx-vlm {vlm_version}"
     blocks = [int(b) for b in args.mlx_vlm_blocks.split(",")]
-    rows, versus, mem = [], [], []
+    rows, versus, floors, mem = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.targets.split(","):
             if name == "demo" and vlm_version is not None:
@@ -471,10 +488,11 @@ def main():
                 chosen = modes(args.large_modes)
             batches = [int(b) for b in args.demo_batch_sizes.split(",")] if name == "demo" else [1]
             for batch in batches:
-                got, against = bench_target(name, spec, lm_model, vlm, [int(p) for p in args.prompts.split(",")],
+                got, against, floor = bench_target(name, spec, lm_model, vlm, [int(p) for p in args.prompts.split(",")],
                                             batch, args.max_tokens, args.repeats, chosen, blocks, log)
                 rows += got
                 versus += against
+                floors += floor
             if args.memory_prompt:
                 mem += memory(name, spec, lm_model, args.memory_prompt, 3, log)
             del spec, lm_model, vlm
@@ -486,12 +504,12 @@ def main():
         "generate_step decode one sequence; mlx-vlm's MTP path takes a batch)",
         vlm_line,
     ]
-    text = markdown(rows, versus, mem, header)
+    text = markdown(rows, versus, floors, mem, header)
     print(text)
     if args.out:
         Path(args.out + ".md").write_text(text)
         Path(args.out + ".json").write_text(
-            json.dumps(dict(rows=rows, versus_mlx_vlm_mtp=versus, memory=mem, header=header), indent=1))
+            json.dumps(dict(rows=rows, versus_mlx_vlm_mtp=versus, auto_vs_plain=floors, memory=mem, header=header), indent=1))
 
 
 if __name__ == "__main__":

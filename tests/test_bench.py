@@ -145,6 +145,13 @@ def test_peers_without_mlx_vlm_says_so_and_compares_batches_with_ours_plain(tmp_
                        (2, "ours plain"): "ours plain", (2, "ours k=2"): "ours plain", (2, "ours auto"): "ours plain"}
     assert all(r["identical"] for r in result["rows"]) and result["versus_mlx_vlm_mtp"] == []
     assert "Against mlx-vlm's MTP path" not in markdown
+    # The floor, auto against our plain decoding, is reported at every batch size, also at B=1
+    # where the rows' base is mlx-lm; at B=2 it is the auto row's own ratio to its base.
+    floor = {f["batch"]: f for f in result["auto_vs_plain"]}
+    rows = {(r["batch"], r["system"]): r for r in result["rows"]}
+    assert set(floor) == {1, 2} and all(f["decode_ratio"] > 0 and f["decode_cpu_ratio"] > 0 for f in floor.values())
+    assert floor[2]["decode_ratio"] == rows[2, "ours auto"]["decode_vs_base"]
+    assert "Ours auto against ours plain (the floor" in markdown and "| demo | 8 | 2 | " in markdown
 
 
 def test_peers_runs_mlx_vlm_mtp_on_the_multimodal_demo_exactly(tmp_path):
