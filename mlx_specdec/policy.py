@@ -148,6 +148,20 @@ length's) before it is timed again, once, beside the lengths explored meanwhile:
 CostModel.drift. Enough rounds for the acceptance estimate to say whether drafting pays at all,
 so the stretch neither delays that verdict nor comes where drafting is off anyway."""
 
+PAIR_SAMPLES = 4
+"""Most verify samples recorded between a plain timing and a drafting length's for the two to make
+one sample of their ratio (see CostModel.plain_cost). A drafting round records one, a plain stretch
+one every PLAIN_WINDOW rounds, so a pair is a few rounds apart: the same moment of a machine whose
+speed moves by the minute. In bench/policy_sim.py 8 let more pairs straddle a change of speed
+(auto's worst cell against plain decoding 0.987 -> 0.981 without spells)."""
+
+PAIR_PLAIN_TIMINGS = 3
+"""Distinct plain timings a length's ratio samples must span before they set plain decoding's cost
+(see CostModel.plain_cost). At 1 the first stretch's one plain sample set every early ratio, and
+where it was lucky drafting stayed off for hundreds of rounds where it paid 7% (auto 0.5-1% further
+from the best fixed k at B = 4 in bench/policy_sim.py); at 3 auto is where it was without pairs
+where drafting pays."""
+
 REFRESH_INTERVAL = 8
 """Rounds between re-timings of a draft length next to the chosen one (see DraftPolicy._neighbour):
 near the best the throughput curve is flat, so one such round in eight costs well under 1%, and
@@ -345,6 +359,12 @@ class CostModel:
         self._priors: dict[tuple, float] = {}  # kept, or expired (see above), until measured again
         # By B: the drafting lengths' costs as of plain decoding's last timing there (see `drift`).
         self._yardstick: dict[int, dict[int, float]] = {}
+        # (B, L) -> t_verify(B, L) / t_verify(B, 1) from pairs of samples timed PAIR_SAMPLES apart
+        # at most (see `plain_cost`), and what pairing needs: the samples recorded so far, and
+        # each verify cell's last sample as (its number, seconds).
+        self._ratios: dict[tuple[int, int], list[float]] = {}
+        self._recorded = 0
+        self._last: dict[tuple[int, int], tuple[int, float]] = {}
         # `lengths` by B until the next sample: one derivation fits each batch size's row many
         # times over (every length it estimates reads its neighbours' rows).
         self._fits: dict[int, dict[int, float]] = {}
@@ -388,6 +408,8 @@ class CostModel:
         if len(samples) > COST_SAMPLES:
             del samples[0], contexts[0]
         self._set(key, _low(samples))
+        if key[0] == "verify":
+            self._pair(key[1], key[2], seconds)
         if len(samples) == 1:  # a new cell, or the first timing of one standing on a prior
             self.firsts += 1
             if key in self._priors:
@@ -417,7 +439,53 @@ class CostModel:
             else:
                 del self._samples[key], self._contexts[key]
         self._yardstick.pop(batch_size, None)  # its lengths' costs are from the old context
+        for cell in [cell for cell in self._ratios if cell[0] == batch_size]:
+            del self._ratios[cell]  # and so are their ratios to plain decoding
         self._rescale_priors(batch_size)
+
+    def _pair(self, batch_size: int, length: int, seconds: float) -> None:
+        """One ratio sample (see `plain_cost`) for each pair this verify sample makes: with each
+        drafting length's last sample if this one times plain decoding, else with plain decoding's
+        last sample; a pair's two samples at most PAIR_SAMPLES apart."""
+        self._recorded += 1
+        near = lambda cell: self._recorded - self._last[cell][0] <= PAIR_SAMPLES  # noqa: E731
+        if length == 1:
+            pairs = [(n, self._last[b, n][1] / seconds, self._recorded) for b, n in self._last
+                     if b == batch_size and n > 1 and near((b, n))]
+        else:
+            plain = self._last.get((batch_size, 1))
+            pairs = [(length, seconds / plain[1], plain[0])] if plain and near((batch_size, 1)) else []
+        for n, ratio, plain_sample in pairs:
+            ratios = self._ratios.setdefault((batch_size, n), [])
+            ratios.append((ratio, plain_sample))
+            if len(ratios) > COST_SAMPLES:
+                del ratios[0]
+        self._last[batch_size, length] = (self._recorded, seconds)
+
+    def plain_cost(self, batch_size: int, plain: float) -> float:
+        """Plain decoding's cost at this batch size as the drafting lengths' costs now put it:
+        the cost of the length with the most ratio samples that span PAIR_PLAIN_TIMINGS plain
+        timings (the shortest among equals), over the median of those ratios. Before any length
+        has them (the first rounds at a batch size, or of a kept policy), ``plain``, its cell,
+        moved by `drift`.
+
+        Every choice weighs a drafting length's cost against plain decoding's, and this machine's
+        speed moves by the minute. Plain decoding is timed in stretches while drafting is on, a
+        drafting length while it runs, so the two cells hold samples from different moments: a
+        plain cost from a slow spell beside a length's from a quick one, or the length's cost when
+        plain decoding was last timed (`drift`) read from a cell that had not seen the spell yet,
+        made drafting look as if it paid where it lost 10-15% (bench/policy_sim.py, drafters
+        that only just lose at B = 4 with slow spells: auto at 0.87-0.93x plain decoding). A ratio
+        from two timings a few rounds apart holds whatever the machine's speed. Ratios sharing
+        one plain timing share its noise: with fewer than three plain timings behind them, a
+        lucky one held drafting off where it paid."""
+        counted = [(len(r), -n) for (b, n), r in self._ratios.items()
+                   if b == batch_size and (b, n) in self.verify
+                   and len({sample for _, sample in r}) >= PAIR_PLAIN_TIMINGS]
+        if not counted:
+            return plain * self.drift(batch_size)
+        length = -max(counted)[1]
+        return self.verify[batch_size, length] / _median([r for r, _ in self._ratios[batch_size, length]])
 
     def _timed_lengths(self, batch_size: int) -> dict[int, float]:
         """The drafting lengths with EXPLORE_SAMPLES timings in this process at this batch size, by
@@ -433,7 +501,10 @@ class CostModel:
         on a machine whose speed moves with other processes' load, a plain cost timed in a slow
         moment made drafting look as if it paid, timed in a quick one as if it did not. All
         lengths run the same kernels, so the yardstick moves with them, and only the ratio of the
-        two is taken from timings close in time (refreshed by each plain timing)."""
+        two is taken from timings close in time (refreshed by each plain timing). `plain_cost`
+        uses this only until ratios from paired timings take over: a cell's cost is a quantile of
+        sixteen samples and trails the machine's speed, so a yardstick read from it mixes
+        moments too."""
         then = self._yardstick.get(batch_size) or {}
         ratios = sorted(self.verify[batch_size, n] / t for n, t in then.items())
         return ratios[len(ratios) // 2] if ratios else 1.0
@@ -505,7 +576,7 @@ class CostModel:
 
     def _fit(self, batch_size: int) -> dict[int, float]:
         row = sorted((n, t) for (b, n), t in self.verify.items() if b == batch_size)
-        plain = row[0][1] * self.drift(batch_size) if row and row[0][0] == 1 else 0.0
+        plain = self.plain_cost(batch_size, row[0][1]) if row and row[0][0] == 1 else 0.0
         blocks: list[list] = []  # [mean, weight, lengths] of pooled cells, means non-decreasing
         for n, t in row:
             if n == 1:
@@ -584,6 +655,11 @@ class CostModel:
 def _outgrown(timed_at: int, context: int) -> bool:
     """Whether a sample timed at context ``timed_at`` has expired at ``context`` (CONTEXT_SLACK)."""
     return context >= 2 * timed_at and context - timed_at >= CONTEXT_SLACK
+
+
+def _median(values: list[float]) -> float:
+    ordered, middle = sorted(values), len(values) // 2
+    return ordered[middle] if len(values) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _low(samples: list[float]) -> float:

@@ -17,6 +17,7 @@ from mlx_specdec.policy import (
     DRAFT_TIMING_INTERVAL,
     EXPLORE_SAMPLES,
     MIN_GAIN,
+    PAIR_SAMPLES,
     PLAIN_REFRESH_BUDGET,
     PLAIN_WINDOW,
     PROBE_GAP_ROUNDS,
@@ -544,7 +545,42 @@ def test_plain_decodings_cost_moves_with_the_lengths_timed_since():
     assert kept.costs.verify_time(1, 1) == pytest.approx(0.7 * before)
 
 
-# --- persistence, overrides and statistics
+def test_plain_decoding_is_costed_by_its_ratio_to_a_length_timed_beside_it():
+    # Both timed side by side in three quick and three slow moments; then plain decoding on alone
+    # through a slow spell (drafting off) and verifying 2 tokens alone in a quick one (drafting
+    # on). The cells, each a low quantile of its own moments, say verifying 2 tokens costs what
+    # plain decoding does; the timings a few samples apart say 1.4x, and the ratio is what counts.
+    costs = CostModel()
+    for speed in [1.0] * 3 + [1.4] * 3:
+        costs.record_verify(4, 2, 1.4 * T1 * speed)
+        costs.record_verify(4, 1, T1 * speed)
+    for _ in range(7):
+        costs.record_verify(4, 1, 1.4 * T1)
+    for _ in range(COST_SAMPLES):
+        costs.record_verify(4, 2, 1.4 * T1)
+    assert costs.verify[4, 2] / costs.verify[4, 1] == pytest.approx(1.0)
+    row = costs.lengths(4)
+    assert row[2] / row[1] == pytest.approx(1.4)
+    assert row[1] == pytest.approx(T1)
+
+
+def test_ratios_behind_fewer_than_three_plain_timings_leave_plain_decoding_as_timed():
+    # Every ratio from one plain timing shares its noise: a lucky one would hold drafting off. Here
+    # both are timed side by side twice in a slow moment (ratio 2), then verifying 2 tokens alone
+    # in a quick one, so the cells alone say 1x.
+    costs = CostModel()
+    apart = lambda: [costs.record_verify(2, 1, T1) for _ in range(PAIR_SAMPLES)]  # noqa: E731
+    for _ in range(2):
+        costs.record_verify(1, 1, 2 * T1)
+        costs.record_verify(1, 2, 4 * T1)
+        apart()
+    for _ in range(4):
+        costs.record_verify(1, 2, 2 * T1)
+        apart()
+    assert costs.lengths(1)[2] / costs.lengths(1)[1] == pytest.approx(1.0)
+    costs.record_verify(1, 1, 2 * T1)  # a third pair, slow again: the cells still say 1x
+    costs.record_verify(1, 2, 4 * T1)
+    assert costs.lengths(1)[2] / costs.lengths(1)[1] == pytest.approx(2.0)
 
 
 def test_json_round_trip_keeps_what_was_learned():
@@ -630,10 +666,10 @@ def test_near_break_even_the_last_choice_stands_within_min_gain():
 
     def decide_at(gain):  # k=1's expected rate over plain's, by setting its verify cost
         a = policy.acceptance.rates(policy.rounds)[0]
-        for _ in range(COST_SAMPLES):
+        for _ in range(COST_SAMPLES):  # each beside a plain timing: their ratio is what counts
             policy.record_verify_time(2, 2, T1 * ((1 + a) / gain - 0.1))
-        for _ in range(PLAIN_WINDOW):  # plain rounds at plain's cost move the clock on
-            policy.record(2, 0, [0, 0], 0.0, T1)
+            for _ in range(PLAIN_WINDOW):  # plain rounds at plain's cost move the clock on
+                policy.record(2, 0, [0, 0], 0.0, T1)
         return policy.decide(2)
 
     assert MIN_GAIN == 0.02
