@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -485,7 +486,7 @@ class CostModel:
         if not counted:
             return plain * self.drift(batch_size)
         length = -max(counted)[1]
-        return self.verify[batch_size, length] / _median([r for r, _ in self._ratios[batch_size, length]])
+        return self.verify[batch_size, length] / statistics.median([r for r, _ in self._ratios[batch_size, length]])
 
     def _timed_lengths(self, batch_size: int) -> dict[int, float]:
         """The drafting lengths with EXPLORE_SAMPLES timings in this process at this batch size, by
@@ -655,11 +656,6 @@ class CostModel:
 def _outgrown(timed_at: int, context: int) -> bool:
     """Whether a sample timed at context ``timed_at`` has expired at ``context`` (CONTEXT_SLACK)."""
     return context >= 2 * timed_at and context - timed_at >= CONTEXT_SLACK
-
-
-def _median(values: list[float]) -> float:
-    ordered, middle = sorted(values), len(values) // 2
-    return ordered[middle] if len(values) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _low(samples: list[float]) -> float:
