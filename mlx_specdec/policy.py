@@ -348,7 +348,9 @@ class CostModel:
     length never costs less than a shorter length measured at this B.
 
     ``verify`` and ``draft`` hold the current estimate of every cell; ``version`` changes whenever
-    one does, so a caller can keep what it derived from them until then.
+    one does, or what plain decoding's cost is derived from (`plain_cost`: the ratios of paired
+    timings, the lengths' costs when plain decoding was last timed), so a caller can keep what it
+    derived from them until then.
     """
 
     def __init__(self, verify: dict[tuple[int, int], float] | None = None, draft: dict[int, float] | None = None):
@@ -417,6 +419,7 @@ class CostModel:
                 self._rescale_priors(key[1])
         if key[0] == "verify" and key[2] == 1:
             self._yardstick[key[1]] = self._timed_lengths(key[1])
+            self.version += 1
 
     def _expire(self, batch_size: int, context: int) -> None:
         """Drop the samples at this batch size timed at a context this one has outgrown (see the
@@ -442,6 +445,7 @@ class CostModel:
         self._yardstick.pop(batch_size, None)  # its lengths' costs are from the old context
         for cell in [cell for cell in self._ratios if cell[0] == batch_size]:
             del self._ratios[cell]  # and so are their ratios to plain decoding
+        self.version += 1
         self._rescale_priors(batch_size)
 
     def _pair(self, batch_size: int, length: int, seconds: float) -> None:
@@ -461,6 +465,7 @@ class CostModel:
             ratios.append((ratio, plain_sample))
             if len(ratios) > COST_SAMPLES:
                 del ratios[0]
+            self.version += 1
         self._last[batch_size, length] = (self._recorded, seconds)
 
     def plain_cost(self, batch_size: int, plain: float) -> float:
@@ -479,14 +484,20 @@ class CostModel:
         that only just lose at B = 4 with slow spells: auto at 0.87-0.93x plain decoding). A ratio
         from two timings a few rounds apart holds whatever the machine's speed. Ratios sharing
         one plain timing share its noise: with fewer than three plain timings behind them, a
-        lucky one held drafting off where it paid."""
+        lucky one held drafting off where it paid; and each plain timing gets one vote (the
+        median of its ratios), else the drafting rounds beside one slow plain timing outvoted
+        the two timings after it, and drafting came back for rounds where it lost."""
         counted = [(len(r), -n) for (b, n), r in self._ratios.items()
                    if b == batch_size and (b, n) in self.verify
                    and len({sample for _, sample in r}) >= PAIR_PLAIN_TIMINGS]
         if not counted:
             return plain * self.drift(batch_size)
         length = -max(counted)[1]
-        return self.verify[batch_size, length] / statistics.median([r for r, _ in self._ratios[batch_size, length]])
+        # One vote per plain timing: the median of each one's ratios, then of those.
+        by_timing: dict[int, list[float]] = {}
+        for ratio, sample in self._ratios[batch_size, length]:
+            by_timing.setdefault(sample, []).append(ratio)
+        return self.verify[batch_size, length] / statistics.median(map(statistics.median, by_timing.values()))
 
     def _timed_lengths(self, batch_size: int) -> dict[int, float]:
         """The drafting lengths with EXPLORE_SAMPLES timings in this process at this batch size, by

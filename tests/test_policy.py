@@ -583,6 +583,24 @@ def test_ratios_behind_fewer_than_three_plain_timings_leave_plain_decoding_as_ti
     assert costs.lengths(1)[2] / costs.lengths(1)[1] == pytest.approx(2.0)
 
 
+def test_plain_decodings_cost_moving_with_its_ratios_alone_moves_the_version():
+    # A policy keeps what it derived from the costs until `version` changes. Plain decoding's cost
+    # also follows the ratios of paired timings, which move while every cell's low quantile stays
+    # put: here four dear drafting rounds beside plain timings. Unseen, the stale plain cost had
+    # auto drafting k = 1 for ten rounds at B = 4 on a 512-token prompt where every k lost.
+    costs = CostModel()
+    for _ in range(3):
+        costs.record_verify(1, 1, T1)
+        costs.record_verify(1, 2, 1.5 * T1)
+    cells, version, plain = dict(costs.verify), costs.version, costs.verify_time(1, 1)
+    for _ in range(4):
+        costs.record_verify(1, 1, T1)
+        costs.record_verify(1, 2, 3 * T1)
+    assert costs.verify == cells
+    assert costs.verify_time(1, 1) < 0.8 * plain
+    assert costs.version != version
+
+
 def test_json_round_trip_keeps_what_was_learned():
     policy = calibrated(cheap, batch_size=4)
     policy.record_verify_time(1, 1, T1)
