@@ -418,8 +418,10 @@ class CostModel:
             if key in self._priors:
                 self._rescale_priors(key[1])
         if key[0] == "verify" and key[2] == 1:
-            self._yardstick[key[1]] = self._timed_lengths(key[1])
-            self.version += 1
+            yardstick = self._timed_lengths(key[1])
+            if yardstick != self._yardstick.get(key[1]):  # while drafting is off it stands still
+                self._yardstick[key[1]] = yardstick
+                self.version += 1
 
     def _expire(self, batch_size: int, context: int) -> None:
         """Drop the samples at this batch size timed at a context this one has outgrown (see the
@@ -465,6 +467,7 @@ class CostModel:
             ratios.append((ratio, plain_sample))
             if len(ratios) > COST_SAMPLES:
                 del ratios[0]
+        if pairs:
             self.version += 1
         self._last[batch_size, length] = (self._recorded, seconds)
 
