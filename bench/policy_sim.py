@@ -9,8 +9,10 @@ close to the demo pair's on this CPU), and every round's time is multiplied by l
 for stretches of ``--spell-seconds`` on average, quick ones of the same mean between them
 (another process taking the cores for a while, the kind of noise this machine has). A seed's
 jitter (by round) and spells (by simulated time) are the same for every mode it runs, so modes
-are compared on the same machine, not on different luck. The first plain round after a
-drafting one also waits for its own graph (``SWITCH_WAIT``), as the engine's does.
+are compared on the same machine, not on different luck. A round that builds its target pass's
+graph while the device idles pays for it (``BUILD_WAIT``), as the engine's do: the first plain
+round after a drafting one, and a drafting round that waits for its drafts to time the drafter
+apart (the others build the verify pass while the drafts compute).
 
 A cell runs as `mlx-specdec bench` runs one: a fresh policy, one warm-up run and ``--runs`` timed
 ones, every row to ``--max-tokens`` (rows that finish leave the batch), for plain decoding, each
@@ -47,7 +49,10 @@ WORKLOADS = {
 
 VERIFY_FIXED, VERIFY_PER_TOKEN = 6.8e-3, 1.17e-3  # seconds: w, and c per row-token
 DRAFT_FIXED, DRAFT_PER_ROW = 2.2e-3, 0.15e-3
-SWITCH_WAIT = 0.3  # of a plain round: the first plain round after drafting builds its graph unhidden
+# Of a plain round: building a target pass's graph unhidden (the first plain round after drafting,
+# a drafting round timed apart). On the demo pair a k=1 round timed apart took 6.4 ms, one in a
+# stretch of k=1 rounds 4.7-5 ms, a plain round 3.5-4 ms; and 0.3 is what the switch costs (SWITCH_ROUNDS).
+BUILD_WAIT = 0.3
 
 
 def verify_seconds(batch: int, length: int) -> float:
@@ -99,8 +104,9 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
         slowdown = machine.factor()
         drafting = k * draft_seconds(b) * slowdown
         verifying = verify_seconds(b, k + 1) * slowdown
-        if k == 0 and last_k not in (0, None):
-            verifying += SWITCH_WAIT * verify_seconds(b, 1) * slowdown
+        apart = policy is not None and k > 0 and policy.draft_timing_due(b)
+        if (k == 0 and last_k not in (0, None)) or apart:
+            verifying += BUILD_WAIT * verify_seconds(b, 1) * slowdown
         seconds += drafting + verifying
         machine.spend(drafting + verifying)
         for i, n in zip(rows, accepted):
@@ -113,7 +119,6 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
             # plain decoding only inside a stretch of plain rounds.
             timed = (b, k) in shapes
             shapes.add((b, k))
-            apart = k > 0 and policy.draft_timing_due(b)
             t_draft = (drafting if apart else None) if timed else 0.0
             t_verify = (verifying if apart or k == 0 else drafting + verifying) if timed else 0.0
             policy.record(b, k, accepted, t_draft if k else None, t_verify, 0.0, limits,

@@ -35,9 +35,12 @@ spaced so that, by the measured costs and acceptance, probes add at most PROBE_O
 the pipelined plain rounds and coming back (SWITCH_ROUNDS). Within MIN_GAIN of plain either way,
 drafting stays on or off as it was: near break-even timing jitter alone would flip it.
 
-A drafting round times its drafter apart from its verify pass only now and then
-(DRAFT_TIMING_INTERVAL; waiting for the drafts idles the device while the verify pass is built);
-the others' verify cost is their whole time less k drafter steps at the measured cost.
+A drafting round times its drafter apart from its verify pass only now and then: the first timed
+one at a batch size, then one in DRAFT_TIMING_INTERVAL. Waiting for the drafts idles the device
+while the verify pass is built, so such a round costs more than the others and gives the drafter's
+cost alone; the others' verify cost is their whole time less k drafter steps at that cost. A
+length's cost, its verify cell plus k steps, is then what its rounds took, whatever the drafter's
+estimate: an error there moves between the two parts and cancels.
 
 The policy object is meant to be owned by the loaded model and reused across requests, so what it
 has measured carries over; `to_json` / `from_json` save it per model and machine. What a new process
@@ -168,9 +171,12 @@ REFRESH_INTERVAL = 8
 near the best the throughput curve is flat, so one such round in eight costs well under 1%, and
 each neighbour gets a new sample every 16 rounds."""
 
-DRAFT_TIMING_INTERVAL = 8
+DRAFT_TIMING_INTERVAL = 32
 """Rounds between drafting rounds that time the drafter apart from the verify pass (see
-DraftPolicy.draft_timing_due); the others take its cost as measured and overlap the two."""
+DraftPolicy.draft_timing_due); the others take its cost as measured and overlap the two. Such a
+round costs about a third of a plain round more (its verify pass built unhidden), so at 8 they
+took about 3% of decoding time on the demo pair, and a stale drafter cost misleads little: a
+length's measured cost does not depend on it (see the module docstring)."""
 
 TAIL_ROUNDS = 16
 """Rounds a batch size smaller than a timed one may run on costs held from it before it times
@@ -756,8 +762,8 @@ class DraftPolicy:
                t_other: float = 0.0, limits: Sequence[int] | None = None, steady: bool = True,
                context: int = 0) -> None:
         """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
-        seconds spent drafting (all k steps; None: not timed apart, t_verify holds them too),
-        verifying, and on everything else (t_other is kept by
+        seconds spent drafting (all k steps, timed apart: only the drafter's cost is taken from such
+        a round; None: not timed apart, t_verify holds them too), verifying, and on everything else (t_other is kept by
         decode.Stats; the decision leaves it out, as in cost(k)). `limits[r]`: row r's own draft
         length when it is below k (a fixed-k request, or one near its max_tokens). `steady`, for a
         plain round: whether it ran inside a pipelined stretch of plain rounds; only those time
@@ -770,6 +776,14 @@ class DraftPolicy:
             # cost beyond its drafting. Unmeasured, nothing is learned.
             drafting = self.drafting_seconds(batch_size, k)
             t_verify = t_verify - drafting if drafting is not None else 0.0
+        elif k > 0:
+            # Timed apart, the round cost more than drafting rounds do: the verify pass was built
+            # while the device idled. Its drafter time is a measurement, its verify time is not
+            # one of what a drafting round costs (a k=1 round on the demo pair: 6.4 ms timed apart,
+            # 4.7-5 ms in a stretch; exploring on such rounds turned drafting off where it paid).
+            if 0 < t_draft < math.inf:
+                self.costs.record_draft(batch_size, t_draft / k, context)
+            t_verify = 0.0
         # A clock glitch is not a measurement, and 0 says the round's times are not what such a
         # round costs (the engine's first round of a shape also traces it): acceptance only.
         if 0 < t_verify < math.inf and k > 0:
@@ -778,8 +792,6 @@ class DraftPolicy:
         elif 0 < t_verify < math.inf and steady:
             self._record_plain(batch_size, t_verify, context)
         if k > 0:
-            if t_draft is not None and 0 < t_draft < math.inf:
-                self.costs.record_draft(batch_size, t_draft / k, context)
             self.acceptance.update(self.rounds, k, accepted, limits)
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
@@ -795,10 +807,10 @@ class DraftPolicy:
     def draft_timing_due(self, batch_size: int) -> bool:
         """Whether a drafting round at this batch size should wait for its drafts before verifying,
         to time the drafter apart. That wait idles the device while the verify pass is built, so
-        only the first EXPLORE_SAMPLES drafting rounds at a batch size in this process do it, and
-        then one round in DRAFT_TIMING_INTERVAL: the drafter's cost moves with the context and the
-        machine's load, as the verify costs do."""
-        return (self.costs.samples(("draft", batch_size)) < EXPLORE_SAMPLES
+        only the first timed drafting round at a batch size in this process does it (the others'
+        verify cost is their time less the drafting at this cost), and then one round in
+        DRAFT_TIMING_INTERVAL: the drafter's cost moves with the context and the machine's load."""
+        return (self.costs.samples(("draft", batch_size)) < 1
                 or self.rounds % DRAFT_TIMING_INTERVAL == DRAFT_TIMING_INTERVAL // 2)
 
     def _record_plain(self, batch_size: int, seconds: float, context: int) -> None:

@@ -20,6 +20,7 @@ from mlx_specdec.policy import (
 )
 from tests.helpers import prompt
 from tests.test_exactness import _plain, _spec, standin
+from tests.test_policy import record
 
 T1 = 0.02
 
@@ -128,10 +129,16 @@ def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
     assert all(kept.costs.explored(1, n) for n in range(1, K_MAX + 2))  # kept cells need no exploring
     first = kept.decide(1)
     assert first.k == 1 and first.probe and "re-checking the kept policy" in first.reason
-    # The probe measures this process: its cells replace the kept ones, the others are rescaled.
-    kept.record(1, 1, [1], 0.1 * T1, 1.05 * T1)
-    assert kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
+    # The probe measures this process. Its first timed drafting round times the drafter apart,
+    # which is no measure of what a round costs (the verify pass is built while the device idles):
+    # the drafter's cost only, so the next plain decision probes again.
+    kept.record(1, 1, [1], 0.1 * T1, 1.5 * T1)
     assert kept.costs.draft[1] == pytest.approx(0.1 * T1)
+    assert kept.costs.samples(("verify", 1, 2)) == 0 and kept.recheck  # (kept cells rescale by the drafter)
+    # The next, overlapped, gives its whole time; its cells replace the kept ones, the others are rescaled.
+    assert kept.decide(1).probe and not kept.draft_timing_due(1)
+    kept.record(1, 1, [1], None, 0.1 * T1 + 1.05 * T1)
+    assert kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
     assert kept.costs.verify[1, 3] < busy.costs.verify[1, 3] / 3
     for _ in range(PLAIN_WINDOW):  # and plain rounds measure plain decoding (their mean: one sample)
         kept.record(1, 0, [0], 0.0, T1)
@@ -151,9 +158,10 @@ def test_a_recheck_probe_that_could_not_be_timed_probes_again():
     assert kept.decide(1).probe
     kept.record(1, 1, [1], 0.0, 0.0)
     assert kept.recheck and kept.costs.verify[1, 2] == pytest.approx(5 * T1)
-    again = kept.decide(1)
-    assert again.probe and "re-checking the kept policy" in again.reason
-    kept.record(1, 1, [1], 0.1 * T1, 1.05 * T1)
+    for t_draft, t_verify in ((0.1 * T1, 1.5 * T1), (None, 0.1 * T1 + 1.05 * T1)):  # apart, then overlapped
+        again = kept.decide(1)
+        assert again.probe and "re-checking the kept policy" in again.reason
+        kept.record(1, 1, [1], t_draft, t_verify)
     assert not kept.recheck and kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
 
 
@@ -167,13 +175,15 @@ def test_a_kept_decision_not_to_draft_is_rechecked_by_a_few_probes_early_on():
         d = kept.decide(1)
         if d.k:
             probes.append(i)
-            kept.record(1, d.k, [0], 0.5 * T1, 5.25 * T1)  # nothing accepted: it stays off
+            record(kept, 1, d.k, [0], 0.5 * T1, 5.25 * T1)  # nothing accepted: it stays off
         else:
             kept.record(1, 0, [0], 0.0, T1)
-    rechecks = probes[:RECHECK_ROUNDS]
-    assert rechecks == [i * (PROBE_GAP_ROUNDS + 1) for i in range(RECHECK_ROUNDS)]
+    # The first probe times the drafter apart, so the second follows at once (see
+    # test_a_kept_decision_not_to_draft_is_rechecked_at_once).
+    rechecks = probes[:RECHECK_ROUNDS + 1]
+    assert rechecks == [0] + [1 + i * (PROBE_GAP_ROUNDS + 1) for i in range(RECHECK_ROUNDS)]
     assert rechecks[-1] < 64 and not kept.rechecks
-    assert all(b - a > 100 for a, b in zip(probes[RECHECK_ROUNDS - 1:], probes[RECHECK_ROUNDS:]))
+    assert all(b - a > 100 for a, b in zip(probes[RECHECK_ROUNDS:], probes[RECHECK_ROUNDS + 1:]))
     assert DraftPolicy().rechecks == 0  # a fresh policy has nothing kept to re-check
 
 

@@ -60,7 +60,15 @@ def feed(policy, rate, rounds, batch_size=1, k=None):
     full = round(rate * batch_size)
     t_draft, t_verify = k * policy.costs.draft_time(batch_size), policy.costs.verify_time(batch_size, k + 1)
     for _ in range(rounds):
-        policy.record(batch_size, k, [k] * full + [0] * (batch_size - full), t_draft, t_verify)
+        record(policy, batch_size, k, [k] * full + [0] * (batch_size - full), t_draft, t_verify)
+
+
+def record(policy, batch_size, k, accepted, t_draft, t_verify):
+    """Record a round as the engine does: drafts timed apart only when the policy asks for it,
+    else the whole round's time (the drafting inside it)."""
+    if k and not policy.draft_timing_due(batch_size):
+        t_draft, t_verify = None, t_draft + t_verify
+    policy.record(batch_size, k, accepted, t_draft, t_verify)
 
 
 def run(policy, rounds, accepts, batch_size=1, profile=cheap, draft=0.1):
@@ -70,7 +78,7 @@ def run(policy, rounds, accepts, batch_size=1, profile=cheap, draft=0.1):
         d = policy.decide(batch_size)
         decisions.append(d)
         n = d.k if accepts(i) else 0
-        policy.record(batch_size, d.k, [n] * batch_size, draft * T1 * d.k, T1 * profile(d.k + 1))
+        record(policy, batch_size, d.k, [n] * batch_size, draft * T1 * d.k, T1 * profile(d.k + 1))
     return decisions
 
 
@@ -149,7 +157,8 @@ def test_apple_verify_costs_need_very_high_acceptance():
     first = policy.decide(10)
     assert first.k in (2, 4, 5, 6, 7) and first.reason.startswith(f"explore k={first.k}: ") and not first.probe
     decisions = run(policy, 20, accepts=lambda i: i % 5 != 0, batch_size=10, profile=apple, draft=0.2)
-    assert sum(d.reason.startswith("explore") for d in decisions) <= 5 * EXPLORE_SAMPLES
+    # Each untimed length at most twice, and once more where a round times the drafter apart.
+    assert sum(d.reason.startswith("explore") for d in decisions) <= 5 * EXPLORE_SAMPLES + 1
     d = policy.decide(10)
     assert d.k == 0 and "plain" in d.reason
 
@@ -355,7 +364,9 @@ def test_exploration_climbs_from_short_drafts_and_stops_where_the_timed_ones_rul
 def test_a_drafter_that_always_agrees_climbs_to_long_drafts_within_a_few_rounds():
     policy = DraftPolicy(8)
     decisions = run(policy, 40, accepts=lambda i: True)
-    assert max(d.k for d in decisions[:20]) == 8
+    # Four plain rounds time plain decoding, each length is run twice, and two rounds (the first
+    # drafting one, then one in DRAFT_TIMING_INTERVAL) time the drafter apart, not the round.
+    assert max(d.k for d in decisions[:22]) == 8
     assert decisions[-1].k >= 6 and not decisions[-1].reason.startswith("explore")
 
 
@@ -665,15 +676,22 @@ def test_a_round_whose_drafts_were_not_timed_apart_charges_its_verify_with_the_r
 def test_the_drafter_is_timed_apart_at_first_and_then_once_in_an_interval():
     policy = DraftPolicy(4)
     assert policy.draft_timing_due(1)
-    for _ in range(EXPLORE_SAMPLES):
-        policy.record(1, 2, [2], 0.2 * T1, T1)
-    assert policy.draft_timing_due(2)  # a batch size is timed apart at first on its own
+    policy.record(1, 2, [2], 0.0, 0.0)  # a shape's first round (untimed: it also traces) leaves it due
+    assert policy.draft_timing_due(1)
+    policy.record(1, 2, [2], 0.2 * T1, 1.5 * T1)
+    # A round timed apart built its verify pass while the device idled: it costs more than a
+    # drafting round does, so it gives the drafter's cost and no verify sample.
+    assert policy.costs.draft_time(1) == pytest.approx(0.1 * T1)
+    assert policy.costs.samples(("verify", 1, 3)) == 0
+    assert not policy.draft_timing_due(1) and policy.draft_timing_due(2)  # each batch size on its own
     due = []
     for _ in range(4 * DRAFT_TIMING_INTERVAL):
         due.append(policy.draft_timing_due(1))
         policy.record(1, 2, [2], 0.2 * T1 if due[-1] else None, 1.2 * T1)
     assert sum(due) == 4
-    assert policy.costs.samples(("draft", 1)) == EXPLORE_SAMPLES + 4
+    assert policy.costs.samples(("draft", 1)) == 1 + 4
+    assert policy.costs.samples(("verify", 1, 3)) == COST_SAMPLES  # its last ones, all overlapped
+    assert policy.costs.verify[1, 3] == pytest.approx(1.0 * T1)
 
 
 def test_near_break_even_the_last_choice_stands_within_min_gain():
