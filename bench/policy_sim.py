@@ -51,7 +51,7 @@ VERIFY_FIXED, VERIFY_PER_TOKEN = 6.8e-3, 1.17e-3  # seconds: w, and c per row-to
 DRAFT_FIXED, DRAFT_PER_ROW = 2.2e-3, 0.15e-3
 # Of a plain round: building a target pass's graph unhidden (the first plain round after drafting,
 # a drafting round timed apart). On the demo pair a k=1 round timed apart took 6.4 ms, one in a
-# stretch of k=1 rounds 4.7-5 ms, a plain round 3.5-4 ms; and 0.3 is what the switch costs (SWITCH_ROUNDS).
+# stretch of k=1 rounds 4.7-5 ms, a plain round 3.5-4 ms: 0.3-0.5; 0.3 is what the switch cost here before.
 BUILD_WAIT = 0.3
 
 

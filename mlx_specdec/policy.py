@@ -763,8 +763,8 @@ class DraftPolicy:
                context: int = 0) -> None:
         """One finished round: k drafts per row, `accepted[r]` of them accepted in row r, and the
         seconds spent drafting (all k steps, timed apart: only the drafter's cost is taken from such
-        a round; None: not timed apart, t_verify holds them too), verifying, and on everything else (t_other is kept by
-        decode.Stats; the decision leaves it out, as in cost(k)). `limits[r]`: row r's own draft
+        a round; None: not timed apart, t_verify holds them too), verifying, and on everything
+        else (t_other is kept by decode.Stats; the decision leaves it out, as in cost(k)). `limits[r]`: row r's own draft
         length when it is below k (a fixed-k request, or one near its max_tokens). `steady`, for a
         plain round: whether it ran inside a pipelined stretch of plain rounds; only those time
         plain decoding (see _record_plain). `context`: tokens in the longest row when the round began

@@ -14,6 +14,14 @@ def prompt(length: int, seed: int = 0, vocab: int = 96) -> list[int]:
     return [int(x) for x in np.random.RandomState(seed).randint(3, vocab, size=length)]
 
 
+def record_round(policy, batch_size: int, k: int, accepted: list[int], t_draft: float, t_verify: float) -> None:
+    """Record a round with the policy as the engine does: the drafts timed apart only when the
+    policy asks for it, else the whole round's time (the drafting inside it)."""
+    if k and not policy.draft_timing_due(batch_size):
+        t_draft, t_verify = None, t_draft + t_verify
+    policy.record(batch_size, k, accepted, t_draft, t_verify)
+
+
 def forward_in_steps(target, ids: list[int], steps: list[int], max_step: int = 9):
     """Run the target over ids in chunks (the first one a prefill), return logits and hidden."""
     cache = target.make_cache(1, max_step=max_step)

@@ -18,9 +18,8 @@ from mlx_specdec.policy import (
     DraftPolicy,
     PolicyFileError,
 )
-from tests.helpers import prompt
+from tests.helpers import prompt, record_round
 from tests.test_exactness import _plain, _spec, standin
-from tests.test_policy import record
 
 T1 = 0.02
 
@@ -175,7 +174,7 @@ def test_a_kept_decision_not_to_draft_is_rechecked_by_a_few_probes_early_on():
         d = kept.decide(1)
         if d.k:
             probes.append(i)
-            record(kept, 1, d.k, [0], 0.5 * T1, 5.25 * T1)  # nothing accepted: it stays off
+            record_round(kept, 1, d.k, [0], 0.5 * T1, 5.25 * T1)  # nothing accepted: it stays off
         else:
             kept.record(1, 0, [0], 0.0, T1)
     # The first probe times the drafter apart, so the second follows at once (see

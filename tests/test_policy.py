@@ -33,6 +33,7 @@ from mlx_specdec.policy import (
     fixed_decision,
     position_counts,
 )
+from tests.helpers import record_round
 
 T1 = 0.020  # seconds for a 1-token forward
 APPLE = {1: 1.0, 2: 1.7, 4: 3.1, 9: 6.1}  # measured multiples of T1 for verifying L tokens on Apple GPUs
@@ -60,15 +61,8 @@ def feed(policy, rate, rounds, batch_size=1, k=None):
     full = round(rate * batch_size)
     t_draft, t_verify = k * policy.costs.draft_time(batch_size), policy.costs.verify_time(batch_size, k + 1)
     for _ in range(rounds):
-        record(policy, batch_size, k, [k] * full + [0] * (batch_size - full), t_draft, t_verify)
+        record_round(policy, batch_size, k, [k] * full + [0] * (batch_size - full), t_draft, t_verify)
 
-
-def record(policy, batch_size, k, accepted, t_draft, t_verify):
-    """Record a round as the engine does: drafts timed apart only when the policy asks for it,
-    else the whole round's time (the drafting inside it)."""
-    if k and not policy.draft_timing_due(batch_size):
-        t_draft, t_verify = None, t_draft + t_verify
-    policy.record(batch_size, k, accepted, t_draft, t_verify)
 
 
 def run(policy, rounds, accepts, batch_size=1, profile=cheap, draft=0.1):
@@ -78,7 +72,7 @@ def run(policy, rounds, accepts, batch_size=1, profile=cheap, draft=0.1):
         d = policy.decide(batch_size)
         decisions.append(d)
         n = d.k if accepts(i) else 0
-        record(policy, batch_size, d.k, [n] * batch_size, draft * T1 * d.k, T1 * profile(d.k + 1))
+        record_round(policy, batch_size, d.k, [n] * batch_size, draft * T1 * d.k, T1 * profile(d.k + 1))
     return decisions
 
 
