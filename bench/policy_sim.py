@@ -4,7 +4,8 @@ On this machine a bench cell's runs spread by up to 2x, so a change to the polic
 by 2-3% cannot be seen in `mlx-specdec bench`. Here the world is known and repeatable: each draft
 position i accepts with a fixed conditional probability a_i (per workload), a target pass over L
 tokens in each of B rows costs w + c * B * L seconds and a drafter step wd + cd * B (constants
-close to the demo pair's on this CPU), and every round's time is multiplied by lognormal jitter
+close to the demo pair's on this CPU; or, with ``--verify-costs measured``, the demo pair's own
+uneven costs at B = 1, 2 and 4), and every round's time is multiplied by lognormal jitter
 (``--sigma``) and, optionally, by slow spells: the machine runs ``--spell-factor`` times slower
 for stretches of ``--spell-seconds`` on average, quick ones of the same mean between them
 (another process taking the cores for a while, the kind of noise this machine has). A seed's
@@ -21,6 +22,7 @@ fixed k (the ratio of mean tokens/s, the best k known, not picked from noisy run
 
     python bench/policy_sim.py                        # jitter only
     python bench/policy_sim.py --spell-seconds 0.7    # slow spells of about 50 rounds
+    python bench/policy_sim.py --verify-costs measured --k-max 8
 """
 
 from __future__ import annotations
@@ -55,12 +57,34 @@ DRAFT_FIXED, DRAFT_PER_ROW = 2.2e-3, 0.15e-3
 BUILD_WAIT = 0.3
 
 
-def verify_seconds(batch: int, length: int) -> float:
-    return VERIFY_FIXED + VERIFY_PER_TOKEN * batch * length
+# A target pass over L tokens in each of B rows against a plain pass at B, as measured on the demo
+# pair on this CPU (OpenBLAS): each fixed k's round time over plain decoding's in `mlx-specdec bench
+# -w qa,prose -b 1,2,4 --modes plain,1-8 --repeats 5`, less k drafter steps at 0.2 of a plain pass,
+# L = 1..9. Not smooth in L: at B = 4 passes of 16, 24 or 32 row-tokens cost little more than of
+# 12, 20 or 28 (the BLAS kernels' blocking), so k = 3 beats k = 1 and k = 2 beats neither; linear
+# costs cannot show a policy stuck beside the best length, or exploring lengths past it.
+MEASURED_VERIFY = {
+    1: [1.0, 1.32, 1.49, 1.63, 1.91, 1.91, 1.91, 1.92, 2.07],
+    2: [1.0, 1.42, 1.66, 1.85, 2.14, 2.39, 2.46, 2.5, 2.72],
+    4: [1.0, 1.39, 1.87, 1.94, 2.42, 2.66, 3.06, 3.11, 3.47],
+}
+MEASURED_DRAFT = 0.2  # a drafter step, of a plain pass at the same B (0.18-0.22 timed at B = 4)
 
 
-def draft_seconds(batch: int) -> float:
-    return DRAFT_FIXED + DRAFT_PER_ROW * batch
+def verify_seconds(batch: int, length: int, measured: bool = False) -> float:
+    """A target pass: linear in B * L, or a plain pass scaled by MEASURED_VERIFY (interpolated in B)."""
+    plain = VERIFY_FIXED + VERIFY_PER_TOKEN * batch
+    if not measured:
+        return plain + VERIFY_PER_TOKEN * batch * (length - 1)
+    lo = max(b for b in MEASURED_VERIFY if b <= batch)
+    hi = min((b for b in MEASURED_VERIFY if b >= batch), default=lo)
+    at = lambda b: MEASURED_VERIFY[b][length - 1]  # noqa: E731
+    ratio = at(lo) if hi == lo else at(lo) + (at(hi) - at(lo)) * (batch - lo) / (hi - lo)
+    return plain * ratio
+
+
+def draft_seconds(batch: int, measured: bool = False) -> float:
+    return MEASURED_DRAFT * verify_seconds(batch, 1) if measured else DRAFT_FIXED + DRAFT_PER_ROW * batch
 
 
 class Machine:
@@ -85,7 +109,7 @@ class Machine:
 
 
 def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: DraftPolicy | None,
-        machine: Machine, rng: random.Random, shapes: set) -> float:
+        machine: Machine, rng: random.Random, shapes: set, measured: bool = False) -> float:
     """One run of `batch` rows to max_tokens each: tokens per simulated second."""
     remaining = [max_tokens] * batch
     tokens, seconds, last_k = 0, 0.0, None
@@ -102,11 +126,11 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
                 n += 1
             accepted.append(n)
         slowdown = machine.factor()
-        drafting = k * draft_seconds(b) * slowdown
-        verifying = verify_seconds(b, k + 1) * slowdown
+        drafting = k * draft_seconds(b, measured) * slowdown
+        verifying = verify_seconds(b, k + 1, measured) * slowdown
         apart = policy is not None and k > 0 and policy.draft_timing_due(b)
         if (k == 0 and last_k not in (0, None)) or apart:
-            verifying += BUILD_WAIT * verify_seconds(b, 1) * slowdown
+            verifying += BUILD_WAIT * verify_seconds(b, 1, measured) * slowdown
         seconds += drafting + verifying
         machine.spend(drafting + verifying)
         for i, n in zip(rows, accepted):
@@ -139,7 +163,8 @@ def cell(workload: str, batch: int, args) -> dict:
             machine = Machine(seed * 1000 + batch + 500, args.sigma, args.spell_factor, args.spell_seconds)
             policy = DraftPolicy() if mode == "auto" else None
             shapes: set = set()
-            rates = [run(acceptance, batch, args.max_tokens, mode, policy, machine, rng, shapes)
+            rates = [run(acceptance, batch, args.max_tokens, mode, policy, machine, rng, shapes,
+                         args.verify_costs == "measured")
                      for _ in range(1 + args.runs)]
             means.append(statistics.mean(rates[1:]))  # the first run warms up
         out["plain" if mode == 0 else mode if mode == "auto" else f"k={mode}"] = statistics.mean(means)
@@ -160,6 +185,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--spell-factor", type=float, default=1.4, help="slowdown during a slow spell")
     p.add_argument("--spell-seconds", type=float, default=0.0,
                    help="mean length of a slow spell and of the quick stretch between two (0: no spells)")
+    p.add_argument("--verify-costs", choices=("linear", "measured"), default="linear",
+                   help="target pass costs: linear in B * L, or as measured on the demo pair (MEASURED_VERIFY)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     cells = []

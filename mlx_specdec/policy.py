@@ -19,7 +19,8 @@ plainly for a few rounds, which times plain decoding there (the yardstick of eve
 draft lengths meanwhile borrow their neighbours' costs. A draft length whose verify cost is not yet
 measured at this batch size is explored (run once or twice for real, shortest first) when it could
 beat the best measured choice even if verifying its k + 1 tokens cost no more than the longest
-measured shorter pass: an optimistic bound, so a length that might pay gets measured, while one that could not pay
+measured shorter pass, plus half the measured lengths' average growth per token for each token past
+it: an optimistic bound, so a length that might pay gets measured, while one that could not pay
 even then (a drafter that never agrees) is never tried. Exploration ends once each length that could
 pay has EXPLORE_SAMPLES timings; it replaces up-front calibration passes, whose output was thrown away.
 Once a length is chosen, only its cost gets new samples; so every REFRESH_INTERVAL rounds a measured
@@ -127,6 +128,16 @@ dozens, so this overstates them: not free, yet not so dear that drafting is neve
 MIN_GAIN = 0.02
 """Drafting must beat plain decoding's expected throughput by this fraction: timings jitter by a few
 percent, and a round that drafts adds work the cost model does not see (acceptance, sampling)."""
+
+EXPLORE_SLOPE = 0.5
+"""Fraction of the timed drafting lengths' average growth per verified token that each token past
+them adds when bounding an untimed length's cost (see DraftPolicy._exploration). Held flat at the
+longest timed pass instead, every deep length looked as if it might pay whenever the estimate of
+the deep positions' acceptance (a few rows, then borrowed by the positions past them) wobbled up:
+on the demo pair at B=4 auto explored k = 5..8 in runs long after its warm-up, at 2-3x the cost of
+its usual rounds, and lost up to 10% of such a run. The average over the timed lengths, not the
+growth between two neighbours, because costs need not grow smoothly: on this CPU at B=4 verifying
+4 tokens costs what 3 do. Half of it, so that the bound stays optimistic where the cost flattens."""
 
 EXPLORE_SAMPLES = 2
 """Timings of a verify length at a batch size before it stops being explored: the low quantile of
@@ -971,7 +982,8 @@ class DraftPolicy:
         """(k, its optimistic tokens/s) for the shortest unexplored verify length at this batch
         size whose optimistic rate beats ``best`` (the best estimated rate), or None.
         Optimistic: verifying k + 1 tokens costs what the longest explored shorter length costs
-        (a pass never costs less than a shorter one), and no less, relative to plain decoding,
+        (a pass never costs less than a shorter one) plus EXPLORE_SLOPE of the explored drafting
+        lengths' average growth for each token past it, and no less, relative to plain decoding,
         than at a smaller batch size (``ratios``: `CostModel.ratios_below`), so only a length that could pay is
         tried: a batch size a server meets for the first time does not explore deep drafts that
         already lost at a smaller one. Shortest first, because each length timed raises the bound
@@ -987,6 +999,16 @@ class DraftPolicy:
             self._explored.add(batch_size)  # cells are never forgotten: checked once
             return None
         floor = [max([t_verify[0]] + [t_verify[j] for j in range(n) if explored[j]]) for n in range(self.k_max + 1)]
+        # Past the longest timed shorter length, each token adds EXPLORE_SLOPE of the timed drafting
+        # lengths' average growth per token (never more than a timed longer length costs).
+        timed = [n for n in range(1, self.k_max + 1) if explored[n]]
+        if len(timed) >= 2:
+            slope = EXPLORE_SLOPE * max(0.0, t_verify[timed[-1]] - t_verify[timed[0]]) / (timed[-1] - timed[0])
+            for n in range(timed[0] + 1, self.k_max + 1):
+                if not explored[n]:
+                    below = max(j for j in timed if j < n)
+                    above = min([t_verify[j] for j in timed if j > n], default=math.inf)
+                    floor[n] = max(floor[n], min(above, t_verify[below] + (n - below) * slope))
         for k in range(1, self.k_max + 1):
             floor[k] = max(floor[k], ratios.get(k + 1, 0.0) * t_verify[0])
         bounds = tokens_per_second(acceptance, t_draft, floor, batch_size)

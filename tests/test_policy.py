@@ -340,8 +340,8 @@ def test_a_drafter_that_never_agrees_is_explored_for_a_round_or_two_only():
 
 def test_exploration_climbs_from_short_drafts_and_stops_where_the_timed_ones_rule_out_the_rest():
     # Acceptance 0.6 per position, each extra verified token 0.4 T1: deep drafts cannot pay, which
-    # only the timings of the lengths below them can show (an untimed length's bound holds its
-    # verify cost at the longest timed shorter one). Exploring the most promising first began
+    # only the timings of the lengths below them can show (an untimed length's bound builds on
+    # the timed shorter ones). Exploring the most promising first began
     # with the deepest and timed k = 5 and 6 as well.
     policy, rng = DraftPolicy(8), random.Random(0)
     explored = []
@@ -353,6 +353,33 @@ def test_exploration_climbs_from_short_drafts_and_stops_where_the_timed_ones_rul
             n += 1
         policy.record(1, d.k, [n], 0.1 * T1 * d.k, T1 * (1 + 0.4 * d.k))
     assert explored == sorted(explored) and max(explored) <= 4, explored
+
+
+def test_an_untimed_length_past_the_timed_ones_is_bounded_by_their_growth_not_held_flat():
+    # Verify costs that zigzag, as the demo pair's at B=4 on this CPU (a pass of 16 row-tokens costs
+    # what one of 12 does): L = 1..5 timed at 1, 1.5, 2.3, 2.3, 3 T1, a drafter step 0.2 T1, and
+    # acceptance 0.9 at every position. k=3 is best. Held at 3 T1 (the longest timed pass), verifying
+    # 7 tokens would make k=6 look 5% better, and every wobble of the deep positions' acceptance
+    # explored another deep length: in bench runs those rounds cost auto up to 10% of a run. Past
+    # the timed lengths each token adds half their average growth (0.25 T1 here): none can pay.
+    profile = {1: 1.0, 2: 1.5, 3: 2.3, 4: 2.3, 5: 3.0}
+    policy = DraftPolicy(8)
+    for length in [2, 3, 4, 5, 1]:
+        for _ in range(EXPLORE_SAMPLES):
+            policy.record_verify_time(1, length, T1 * profile[length])
+    policy.record_draft_time(1, 0.2 * T1)
+    policy.acceptance = AcceptanceEstimate([900.0] * 4 + [0.0] * 4, [1000.0] * 4 + [0.0] * 4, [0] * 8)
+    d = policy.decide(1)
+    assert d.k == 3 and not d.reason.startswith("explore"), d.reason
+    # Where the timed lengths grow slowly, deep lengths are still worth a try.
+    slow = {1: 1.0, 2: 1.1, 3: 1.2, 4: 1.2, 5: 1.3}
+    policy = DraftPolicy(8)
+    for length in [2, 3, 4, 5, 1]:
+        for _ in range(EXPLORE_SAMPLES):
+            policy.record_verify_time(1, length, T1 * slow[length])
+    policy.record_draft_time(1, 0.2 * T1)
+    policy.acceptance = AcceptanceEstimate([900.0] * 4 + [0.0] * 4, [1000.0] * 4 + [0.0] * 4, [0] * 8)
+    assert policy.decide(1).reason.startswith("explore k=5: ")
 
 
 def test_a_drafter_that_always_agrees_climbs_to_long_drafts_within_a_few_rounds():
