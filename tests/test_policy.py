@@ -362,24 +362,20 @@ def test_an_untimed_length_past_the_timed_ones_is_bounded_by_their_growth_not_he
     # 7 tokens would make k=6 look 5% better, and every wobble of the deep positions' acceptance
     # explored another deep length: in bench runs those rounds cost auto up to 10% of a run. Past
     # the timed lengths each token adds half their average growth (0.25 T1 here): none can pay.
-    profile = {1: 1.0, 2: 1.5, 3: 2.3, 4: 2.3, 5: 3.0}
-    policy = DraftPolicy(8)
-    for length in [2, 3, 4, 5, 1]:
-        for _ in range(EXPLORE_SAMPLES):
-            policy.record_verify_time(1, length, T1 * profile[length])
-    policy.record_draft_time(1, 0.2 * T1)
-    policy.acceptance = AcceptanceEstimate([900.0] * 4 + [0.0] * 4, [1000.0] * 4 + [0.0] * 4, [0] * 8)
-    d = policy.decide(1)
+    def timed(costs):
+        """L = 1..5 timed at costs[L] T1 (k = 5..8 untimed), acceptance 0.9 at every position."""
+        policy = DraftPolicy(8)
+        for length in [2, 3, 4, 5, 1]:
+            for _ in range(EXPLORE_SAMPLES):
+                policy.record_verify_time(1, length, T1 * costs[length])
+        policy.record_draft_time(1, 0.2 * T1)
+        policy.acceptance = AcceptanceEstimate([900.0] * 4 + [0.0] * 4, [1000.0] * 4 + [0.0] * 4, [0] * 8)
+        return policy
+
+    d = timed({1: 1.0, 2: 1.5, 3: 2.3, 4: 2.3, 5: 3.0}).decide(1)
     assert d.k == 3 and not d.reason.startswith("explore"), d.reason
     # Where the timed lengths grow slowly, deep lengths are still worth a try.
-    slow = {1: 1.0, 2: 1.1, 3: 1.2, 4: 1.2, 5: 1.3}
-    policy = DraftPolicy(8)
-    for length in [2, 3, 4, 5, 1]:
-        for _ in range(EXPLORE_SAMPLES):
-            policy.record_verify_time(1, length, T1 * slow[length])
-    policy.record_draft_time(1, 0.2 * T1)
-    policy.acceptance = AcceptanceEstimate([900.0] * 4 + [0.0] * 4, [1000.0] * 4 + [0.0] * 4, [0] * 8)
-    assert policy.decide(1).reason.startswith("explore k=5: ")
+    assert timed({1: 1.0, 2: 1.1, 3: 1.2, 4: 1.2, 5: 1.3}).decide(1).reason.startswith("explore k=5: ")
 
 
 def test_a_drafter_that_always_agrees_climbs_to_long_drafts_within_a_few_rounds():
