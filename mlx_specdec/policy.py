@@ -998,19 +998,23 @@ class DraftPolicy:
         if all(explored[1:]):
             self._explored.add(batch_size)  # cells are never forgotten: checked once
             return None
-        floor = [max([t_verify[0]] + [t_verify[j] for j in range(n) if explored[j]]) for n in range(self.k_max + 1)]
         # Past the longest timed shorter length, each token adds EXPLORE_SLOPE of the timed drafting
         # lengths' average growth per token (never more than a timed longer length costs).
         timed = [n for n in range(1, self.k_max + 1) if explored[n]]
-        if len(timed) >= 2:
-            slope = EXPLORE_SLOPE * max(0.0, t_verify[timed[-1]] - t_verify[timed[0]]) / (timed[-1] - timed[0])
-            for n in range(timed[0] + 1, self.k_max + 1):
-                if not explored[n]:
-                    below = max(j for j in timed if j < n)
-                    above = min([t_verify[j] for j in timed if j > n], default=math.inf)
-                    floor[n] = max(floor[n], min(above, t_verify[below] + (n - below) * slope))
-        for k in range(1, self.k_max + 1):
-            floor[k] = max(floor[k], ratios.get(k + 1, 0.0) * t_verify[0])
+        slope = (EXPLORE_SLOPE * max(0.0, t_verify[timed[-1]] - t_verify[timed[0]]) / (timed[-1] - timed[0])
+                 if len(timed) >= 2 else 0.0)
+        floor, longest, below = [], t_verify[0], None  # below: the longest timed drafting length so far
+        for n in range(self.k_max + 1):
+            bound = longest
+            if slope and below is not None and not explored[n]:
+                above = min([t_verify[j] for j in timed if j > n], default=math.inf)
+                bound = max(bound, min(above, t_verify[below] + (n - below) * slope))
+            if n:
+                bound = max(bound, ratios.get(n + 1, 0.0) * t_verify[0])
+            floor.append(bound)
+            if explored[n]:
+                longest = max(longest, t_verify[n])
+                below = n or below
         bounds = tokens_per_second(acceptance, t_draft, floor, batch_size)
         k = next((k for k in range(1, self.k_max + 1) if not explored[k] and bounds[k] > best * (1 + MIN_GAIN)), None)
         return None if k is None else (k, bounds[k])
