@@ -64,7 +64,6 @@ def feed(policy, rate, rounds, batch_size=1, k=None):
         record_round(policy, batch_size, k, [k] * full + [0] * (batch_size - full), t_draft, t_verify)
 
 
-
 def run(policy, rounds, accepts, batch_size=1, profile=cheap, draft=0.1):
     """Decide and record `rounds` rounds; accepts(i) says whether round i's drafts are all accepted."""
     decisions = []
