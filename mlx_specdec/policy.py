@@ -23,8 +23,9 @@ measured shorter pass, plus half the measured lengths' average growth per token 
 it: an optimistic bound, so a length that might pay gets measured, while one that could not pay
 even then (a drafter that never agrees) is never tried. Exploration ends once each length that could
 pay has EXPLORE_SAMPLES timings; it replaces up-front calibration passes, whose output was thrown away.
-Once a length is chosen, only its cost gets new samples; so every REFRESH_INTERVAL rounds a measured
-length next to it runs instead, and a cost timed in a slow (or lucky) moment does not stand for good.
+Once a length is chosen, only its cost gets new samples; so now and then a measured length near it
+runs instead (oftener the nearer its estimated rate is to the best's, within REFRESH_BUDGET of
+decoding time), and a cost timed in a slow (or lucky) moment does not stand for good.
 Costs timed at a context the decoding has since outgrown twice over expire (CONTEXT_SLACK): each
 such cell stands at its old cost scaled by how much dearer the cells timed since have become.
 Plain decoding, the yardstick, is timed again the same way, by a short stretch of plain rounds
@@ -101,8 +102,8 @@ burst of slow ones without resting on one or two lucky ones: with eight, a lengt
 lowest sample was lucky looked cheaper than it is, and auto spread its rounds over lengths around
 the best (in bench/policy_sim.py auto moved 0.2-0.5% nearer the best fixed k on average with
 sixteen, up to 1.6% in a cell; its lowest cell 0.937 -> 0.945 at 25% jitter). The price: a
-neighbour timed wholly in a busy moment needs four new samples, not two, before it looks as cheap
-as it is (about 64 rounds of REFRESH_INTERVAL turns); with slow spells in the simulation the two
+length timed wholly in a busy moment needs four new samples, not two, before it looks as cheap
+as it is (four re-timings, see DraftPolicy._refresh); with slow spells in the simulation the two
 balance (on average +0.2%)."""
 
 CONTEXT_SLACK = 256
@@ -177,10 +178,24 @@ where it was lucky drafting stayed off for hundreds of rounds where it paid 7% (
 from the best fixed k at B = 4 in bench/policy_sim.py); at 3 auto is where it was without pairs
 where drafting pays."""
 
-REFRESH_INTERVAL = 8
-"""Rounds between re-timings of a draft length next to the chosen one (see DraftPolicy._neighbour):
-near the best the throughput curve is flat, so one such round in eight costs well under 1%, and
-each neighbour gets a new sample every 16 rounds."""
+REFRESH_SPAN = 2
+"""Measured draft lengths within this many of the chosen one are re-timed now and then (see
+DraftPolicy._refresh). Two, not one: costs need not grow smoothly with the length (on this CPU at
+B = 4 the demo pair's k = 2 costs 25-30% more than k = 1 and nearly what k = 3 does), so the best
+length's neighbours can both lose while the length beyond one of them is the one that pays."""
+
+REFRESH_BUDGET = 0.005
+"""Most decoding time that re-timing the lengths around the chosen one may cost, by the estimated
+rates (see DraftPolicy._refresh)."""
+
+REFRESH_INTERVAL = 16
+"""Fewest rounds between two re-timings of one length: where the throughput curve is flat they cost
+next to nothing, yet a sample every 16 rounds is all a 16-sample cell needs."""
+
+REFRESH_MAX_INTERVAL = 64
+"""Most rounds between two re-timings of one length, however much it seems to lose: a length timed
+in a busy moment (at 3x its cost, say) looks like a loss for as long as it is not timed again, and
+it needs a quarter of its samples new before its cost is what it is (COST_QUANTILE)."""
 
 DRAFT_TIMING_INTERVAL = 32
 """Rounds between drafting rounds that time the drafter apart from the verify pass (see
@@ -758,6 +773,7 @@ class DraftPolicy:
         self._plain_stretch: dict[int, int] = {}  # round the last stretch re-timing plain began, by B
         self._streak = (0, 0)  # (B, rounds recorded in a row at B) as of the last round
         self._drafting: dict[int, bool] = {}  # whether the last choice by rates drafted, by B
+        self._drafted: dict[tuple[int, int], int] = {}  # round (B, k) last drafted in this process
 
     # -- measurements
 
@@ -804,6 +820,7 @@ class DraftPolicy:
             self._record_plain(batch_size, t_verify, context)
         if k > 0:
             self.acceptance.update(self.rounds, k, accepted, limits)
+            self._drafted[batch_size, k] = self.rounds
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
         self.rounds += 1
         b, n = self._streak
@@ -912,9 +929,9 @@ class DraftPolicy:
             reason = f"{compared} {verb} plain {rates[0]:.1f} tok/s{suffix}"
             if not tail and self._plain_due(batch_size, rates[best] / rates[0] - 1):
                 return Decision(0, f"k=0: re-timing plain decoding; {reason}")
-            neighbour = self._neighbour(batch_size, best)
-            if neighbour is not None:
-                return Decision(neighbour, f"refresh k={neighbour}: re-timing a neighbour of the best; {reason}")
+            refresh = self._refresh(batch_size, best, rates)
+            if refresh is not None:
+                return Decision(refresh, f"refresh k={refresh}: re-timing a length near the best; {reason}")
             return Decision(best, reason)
         self._drafting[batch_size] = False
         verb = "beats" if rates[0] >= rates[best] else f"is within {MIN_GAIN:.0%} of"
@@ -965,17 +982,28 @@ class DraftPolicy:
         self._plain_stretch[batch_size] = self.rounds
         return True
 
-    def _neighbour(self, batch_size: int, best: int) -> int | None:
-        """Once every REFRESH_INTERVAL rounds, a draft length next to ``best`` (below and above in
-        turn) whose cost is measured at this batch size, to time it again: only chosen lengths get
-        new samples, so without this a length timed during a slow moment would never be chosen
-        again, nor a lucky one ever left, while the context grows and the machine's load moves."""
-        if self.rounds % REFRESH_INTERVAL != REFRESH_INTERVAL - 1:
-            return None
-        # One side per turn, none where that side is plain decoding (timed its own way) or past
-        # k_max: the other side's turn comes REFRESH_INTERVAL rounds later all the same.
-        k = best - 1 if (self.rounds // REFRESH_INTERVAL) % 2 else best + 1
-        return k if 1 <= k <= self.k_max and self.costs.measured(batch_size, k + 1) else None
+    def _refresh(self, batch_size: int, best: int, rates: list[float]) -> int | None:
+        """A measured draft length within REFRESH_SPAN of ``best`` that is due to be timed again, the
+        one with the highest estimated rate if several are: only chosen lengths get new samples, so
+        without this a length timed during a slow moment would never be chosen again, nor a lucky
+        one ever left, while the context grows and the machine's load moves. Each is due
+        REFRESH_INTERVAL to REFRESH_MAX_INTERVAL rounds after it last drafted, spaced so that
+        together they cost at most REFRESH_BUDGET of decoding time by the estimated rates. Fixed
+        turns of the two next to the best, one round in eight, cost auto 0.6-1.4% at B = 4 in
+        bench/policy_sim.py with the demo pair's costs, where k = 2 sits in a trough between
+        k = 1 and k = 3, and never re-timed a k = 3 timed in a slow moment while auto ran k = 1."""
+        near = [k for k in range(max(1, best - REFRESH_SPAN), min(self.k_max, best + REFRESH_SPAN) + 1)
+                if k != best and self.costs.measured(batch_size, k + 1)]
+        due = None
+        for k in near:
+            loss = max(0.0, 1.0 - rates[k] / rates[best])
+            interval = min(REFRESH_MAX_INTERVAL, max(REFRESH_INTERVAL, len(near) * loss / REFRESH_BUDGET))
+            # A length not drafted in this process yet (its cost kept, or timed on the side) starts
+            # its clock when it first comes near the best.
+            if self.rounds - self._drafted.setdefault((batch_size, k), self.rounds) >= interval and (
+                    due is None or rates[k] > rates[due]):
+                due = k
+        return due
 
     def _exploration(self, batch_size: int, acceptance: list[float], t_draft: float, t_verify: list[float],
                      ratios: dict[int, float], best: float) -> tuple[int, float] | None:
