@@ -405,6 +405,7 @@ class CostModel:
         self._fits: dict[int, dict[int, float]] = {}
         self.version = 0
         self.firsts = 0  # cells measured for the first time in this process
+        self.explorations = 0  # moves whenever `explored` may have changed for some cell
         for (b, n), t in (verify or {}).items():
             self.record_verify(b, n, t)
         for b, t in (draft or {}).items():
@@ -442,6 +443,8 @@ class CostModel:
         contexts.append(context)
         if len(samples) > COST_SAMPLES:
             del samples[0], contexts[0]
+        if len(samples) == EXPLORE_SAMPLES:
+            self.explorations += 1
         self._set(key, _low(samples))
         if key[0] == "verify":
             self._pair(key[1], key[2], seconds)
@@ -480,6 +483,7 @@ class CostModel:
         for cell in [cell for cell in self._ratios if cell[0] == batch_size]:
             del self._ratios[cell]  # and so are their ratios to plain decoding
         self.version += 1
+        self.explorations += 1
         self._rescale_priors(batch_size)
 
     def _pair(self, batch_size: int, length: int, seconds: float) -> None:
@@ -767,6 +771,7 @@ class DraftPolicy:
         self.rechecks = 0  # timed drafting rounds a kept policy still owes
         self._cached: tuple | None = None  # what _estimates last derived, and from what
         self._explored: set[int] = set()  # batch sizes with no length left to explore
+        self._floor: tuple | None = None  # _exploration's last (estimates, (B, explorations), explored, floor)
         self._plain: dict[int, tuple[float, int]] = {}  # plain rounds' seconds not yet a sample, by B
         self._plain_timed: dict[int, int] = {}  # round of the last plain sample, by B
         self._started = rounds  # the clock when this process took the policy up
@@ -976,7 +981,7 @@ class DraftPolicy:
         last = max(start, self._plain_timed.get(batch_size, self._started))
         # Plain decoding is timed first at a batch size, before any drafting length: timed once
         # more after ALIGN_ROUNDS with lengths explored, so that `drift` has lengths to follow it by.
-        early = self.costs.aligned(batch_size) is False and start < last and self.rounds - last >= ALIGN_ROUNDS
+        early = start < last and self.rounds - last >= ALIGN_ROUNDS and self.costs.aligned(batch_size) is False
         if not early and self.rounds - last < (stretch * margin + SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET:
             return False
         self._plain_stretch[batch_size] = self.rounds
@@ -1005,27 +1010,14 @@ class DraftPolicy:
                 due = k
         return due
 
-    def _exploration(self, batch_size: int, acceptance: list[float], t_draft: float, t_verify: list[float],
-                     ratios: dict[int, float], best: float) -> tuple[int, float] | None:
-        """(k, its optimistic tokens/s) for the shortest unexplored verify length at this batch
-        size whose optimistic rate beats ``best`` (the best estimated rate), or None.
-        Optimistic: verifying k + 1 tokens costs what the longest explored shorter length costs
-        (a pass never costs less than a shorter one) plus EXPLORE_SLOPE of the explored drafting
-        lengths' average growth for each token past it, and no less, relative to plain decoding,
-        than at a smaller batch size (``ratios``: `CostModel.ratios_below`), so only a length that could pay is
-        tried: a batch size a server meets for the first time does not explore deep drafts that
-        already lost at a smaller one. Shortest first, because each length timed raises the bound
-        of every longer one, and only of those: the deepest length's bound is usually the highest
-        (its cost held flat while E(k) grows), so trying the most promising first went from the
-        deepest down and timed nearly every length, where climbing stops once the timed lengths
-        show that the deeper ones cannot pay (in bench/policy_sim.py those deep explorations cost
-        auto up to 2% against the best fixed k at B = 4)."""
-        if batch_size in self._explored:
-            return None
+    def _exploration_floor(self, batch_size: int, t_verify: list[float],
+                           ratios: dict[int, float]) -> tuple[list[bool] | None, list[float] | None]:
+        """(which verify lengths 1..k_max+1 are explored, each drafting length's lowest plausible
+        verify cost) for `_exploration`, or (None, None) once every length is explored."""
         explored = [self.costs.explored(batch_size, n) for n in range(1, self.k_max + 2)]
         if all(explored[1:]):
             self._explored.add(batch_size)  # cells are never forgotten: checked once
-            return None
+            return None, None
         # Past the longest timed shorter length, each token adds EXPLORE_SLOPE of the timed drafting
         # lengths' average growth per token (never more than a timed longer length costs).
         timed = [n for n in range(1, self.k_max + 1) if explored[n]]
@@ -1043,6 +1035,36 @@ class DraftPolicy:
             if explored[n]:
                 longest = max(longest, t_verify[n])
                 below = n or below
+        return explored, floor
+
+    def _exploration(self, batch_size: int, acceptance: list[float], t_draft: float, t_verify: list[float],
+                     ratios: dict[int, float], best: float) -> tuple[int, float] | None:
+        """(k, its optimistic tokens/s) for the shortest unexplored verify length at this batch
+        size whose optimistic rate beats ``best`` (the best estimated rate), or None.
+        Optimistic: verifying k + 1 tokens costs what the longest explored shorter length costs
+        (a pass never costs less than a shorter one) plus EXPLORE_SLOPE of the explored drafting
+        lengths' average growth for each token past it, and no less, relative to plain decoding,
+        than at a smaller batch size (``ratios``: `CostModel.ratios_below`), so only a length that could pay is
+        tried: a batch size a server meets for the first time does not explore deep drafts that
+        already lost at a smaller one. Shortest first, because each length timed raises the bound
+        of every longer one, and only of those: the deepest length's bound is usually the highest
+        (its cost held flat while E(k) grows), so trying the most promising first went from the
+        deepest down and timed nearly every length, where climbing stops once the timed lengths
+        show that the deeper ones cannot pay (in bench/policy_sim.py those deep explorations cost
+        auto up to 2% against the best fixed k at B = 4)."""
+        if batch_size in self._explored:
+            return None
+        # The floor moves only with the derived costs and with which cells are explored, not with
+        # acceptance: derived once for those, it spares every round that explores nothing the
+        # most expensive part of a decision (a drafter whose deep lengths never pay leaves them
+        # unexplored, and this runs every round).
+        cached, floor = self._cached, self._floor
+        if floor is None or floor[0] is not cached or floor[1] != (batch_size, self.costs.explorations):
+            floor = self._floor = (cached, (batch_size, self.costs.explorations),
+                                   *self._exploration_floor(batch_size, t_verify, ratios))
+        explored, floor = floor[2], floor[3]
+        if explored is None:
+            return None
         bounds = tokens_per_second(acceptance, t_draft, floor, batch_size)
         k = next((k for k in range(1, self.k_max + 1) if not explored[k] and bounds[k] > best * (1 + MIN_GAIN)), None)
         return None if k is None else (k, bounds[k])
