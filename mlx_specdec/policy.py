@@ -771,7 +771,7 @@ class DraftPolicy:
         self.rechecks = 0  # timed drafting rounds a kept policy still owes
         self._cached: tuple | None = None  # what _estimates last derived, and from what
         self._explored: set[int] = set()  # batch sizes with no length left to explore
-        self._floor: tuple | None = None  # _exploration's last (estimates, (B, explorations), explored, floor)
+        self._floor: tuple | None = None  # _exploration's last (estimates, explorations, explored, floor)
         self._plain: dict[int, tuple[float, int]] = {}  # plain rounds' seconds not yet a sample, by B
         self._plain_timed: dict[int, int] = {}  # round of the last plain sample, by B
         self._started = rounds  # the clock when this process took the policy up
@@ -1058,11 +1058,10 @@ class DraftPolicy:
         # acceptance: derived once for those, it spares every round that explores nothing the
         # most expensive part of a decision (a drafter whose deep lengths never pay leaves them
         # unexplored, and this runs every round).
-        cached, floor = self._cached, self._floor
-        if floor is None or floor[0] is not cached or floor[1] != (batch_size, self.costs.explorations):
-            floor = self._floor = (cached, (batch_size, self.costs.explorations),
-                                   *self._exploration_floor(batch_size, t_verify, ratios))
-        explored, floor = floor[2], floor[3]
+        # The estimates are derived for one batch size, so they key the batch size too.
+        if self._floor is None or self._floor[0] is not self._cached or self._floor[1] != self.costs.explorations:
+            self._floor = (self._cached, self.costs.explorations, *self._exploration_floor(batch_size, t_verify, ratios))
+        _, _, explored, floor = self._floor
         if explored is None:
             return None
         bounds = tokens_per_second(acceptance, t_draft, floor, batch_size)
