@@ -55,6 +55,11 @@ DRAFT_FIXED, DRAFT_PER_ROW = 2.2e-3, 0.15e-3
 # a drafting round timed apart). On the demo pair a k=1 round timed apart took 6.4 ms, one in a
 # stretch of k=1 rounds 4.7-5 ms, a plain round 3.5-4 ms: 0.3-0.5; 0.3 is what the switch cost here before.
 BUILD_WAIT = 0.3
+# Of a plain round: what the first drafting round after plain rounds costs over a steady one (its
+# drafter and the cache gone cold meanwhile). On the demo pair at B = 1 a k=1 round after 8 plain
+# rounds took 5.48 ms against 5.2 ms in its stretch, after 60 plain rounds 7.51 against 6.58 ms,
+# with plain rounds at 3.2 and 4.1 ms: 0.09-0.23.
+SWITCH_IN = 0.15
 
 
 # A target pass over L tokens in each of B rows against a plain pass at B, as measured on the demo
@@ -89,11 +94,14 @@ def draft_seconds(batch: int, measured: bool = False) -> float:
 
 class Machine:
     """Each round's slowdown: lognormal jitter (the n-th round's the same whatever the mode) times
-    spell_factor while a slow spell is on (spells placed in simulated time)."""
+    spell_factor while a slow spell is on (spells placed in simulated time), and now and then a
+    hiccup: one round 2-6x slower (this machine's other processes; a k=1 probe on the demo pair
+    took 26.75 and 10.53 ms where a steady one takes 5)."""
 
-    def __init__(self, seed: int, sigma: float, spell_factor: float, spell_seconds: float):
-        self.jitter, self.spells = random.Random(seed), random.Random(seed + 1)
+    def __init__(self, seed: int, sigma: float, spell_factor: float, spell_seconds: float, hiccups: float = 0.0):
+        self.jitter, self.spells, self.hiccup = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
         self.sigma, self.spell_factor, self.spell_seconds = sigma, spell_factor, spell_seconds
+        self.hiccups = hiccups
         self.clock, self.slow, self.switch = 0.0, False, self._next(0.0)
 
     def _next(self, now: float) -> float:
@@ -102,7 +110,10 @@ class Machine:
     def factor(self) -> float:
         while self.clock >= self.switch:
             self.slow, self.switch = not self.slow, self._next(self.switch)
-        return math.exp(self.jitter.gauss(0.0, self.sigma)) * (self.spell_factor if self.slow else 1.0)
+        factor = math.exp(self.jitter.gauss(0.0, self.sigma)) * (self.spell_factor if self.slow else 1.0)
+        if self.hiccups and self.hiccup.random() < self.hiccups:
+            factor *= self.hiccup.uniform(2.0, 6.0)
+        return factor
 
     def spend(self, seconds: float) -> None:
         self.clock += seconds
@@ -131,6 +142,8 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
         apart = policy is not None and k > 0 and policy.draft_timing_due(b)
         if (k == 0 and last_k not in (0, None)) or apart:
             verifying += BUILD_WAIT * verify_seconds(b, 1, measured) * slowdown
+        if k > 0 and last_k == 0:
+            verifying += SWITCH_IN * verify_seconds(b, 1, measured) * slowdown
         seconds += drafting + verifying
         machine.spend(drafting + verifying)
         for i, n in zip(rows, accepted):
@@ -160,7 +173,7 @@ def cell(workload: str, batch: int, args) -> dict:
         means = []
         for seed in range(args.seeds):
             rng = random.Random(seed * 1000 + batch)  # acceptance draws
-            machine = Machine(seed * 1000 + batch + 500, args.sigma, args.spell_factor, args.spell_seconds)
+            machine = Machine(seed * 1000 + batch + 500, args.sigma, args.spell_factor, args.spell_seconds, args.hiccups)
             policy = DraftPolicy() if mode == "auto" else None
             shapes: set = set()
             rates = [run(acceptance, batch, args.max_tokens, mode, policy, machine, rng, shapes,
@@ -185,6 +198,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--spell-factor", type=float, default=1.4, help="slowdown during a slow spell")
     p.add_argument("--spell-seconds", type=float, default=0.0,
                    help="mean length of a slow spell and of the quick stretch between two (0: no spells)")
+    p.add_argument("--hiccups", type=float, default=0.0, help="chance that a round is one 2-6x slower")
     p.add_argument("--verify-costs", choices=("linear", "measured"), default="linear",
                    help="target pass costs: linear in B * L, or as measured on the demo pair (MEASURED_VERIFY)")
     p.add_argument("--json", type=Path)
