@@ -167,7 +167,8 @@ so the stretch neither delays that verdict nor comes where drafting is off anywa
 PAIR_SAMPLES = 4
 """Most verify samples recorded between a plain timing and a drafting length's for the two to make
 one sample of their ratio (see CostModel.plain_cost). A drafting round records one, a plain stretch
-one every PLAIN_WINDOW rounds, so a pair is a few rounds apart: the same moment of a machine whose
+one every PLAIN_WINDOW rounds (the drafting round right after it one that pairs with nothing, see
+DraftPolicy.record), so a pair is a few rounds apart: the same moment of a machine whose
 speed moves by the minute. In bench/policy_sim.py 8 let more pairs straddle a change of speed
 (auto's worst cell against plain decoding 0.987 -> 0.981 without spells)."""
 
@@ -425,15 +426,17 @@ class CostModel:
         """Cells standing on a prior (kept, or whose samples expired) not yet timed again."""
         return sum(key not in self._samples for key in self._priors)
 
-    def record_verify(self, batch_size: int, length: int, seconds: float, context: int = 0) -> None:
+    def record_verify(self, batch_size: int, length: int, seconds: float, context: int = 0,
+                      paired: bool = True) -> None:
+        """``paired=False``: a sample of its cell that makes no ratio (see `_pair`)."""
         _check_positive(batch_size=batch_size, length=length, seconds=seconds)
-        self._record(("verify", batch_size, length), seconds, context)
+        self._record(("verify", batch_size, length), seconds, context, paired)
 
     def record_draft(self, batch_size: int, seconds_per_step: float, context: int = 0) -> None:
         _check_positive(batch_size=batch_size, seconds_per_step=seconds_per_step)
         self._record(("draft", batch_size), seconds_per_step, context)
 
-    def _record(self, key: tuple, seconds: float, context: int) -> None:
+    def _record(self, key: tuple, seconds: float, context: int, paired: bool = True) -> None:
         self._fits.clear()  # a new sample moves a fit even where the cell's quantile stays
         if _outgrown(self._oldest.get(key[1], context), context):
             self._expire(key[1], context)
@@ -447,7 +450,7 @@ class CostModel:
             self.explorations += 1
         self._set(key, _low(samples))
         if key[0] == "verify":
-            self._pair(key[1], key[2], seconds)
+            self._pair(key[1], key[2], seconds, paired)
         if len(samples) == 1:  # a new cell, or the first timing of one standing on a prior
             self.firsts += 1
             if key in self._priors:
@@ -486,11 +489,14 @@ class CostModel:
         self.explorations += 1
         self._rescale_priors(batch_size)
 
-    def _pair(self, batch_size: int, length: int, seconds: float) -> None:
+    def _pair(self, batch_size: int, length: int, seconds: float, paired: bool = True) -> None:
         """One ratio sample (see `plain_cost`) for each pair this verify sample makes: with each
         drafting length's last sample if this one times plain decoding, else with plain decoding's
-        last sample; a pair's two samples at most PAIR_SAMPLES apart."""
+        last sample; a pair's two samples at most PAIR_SAMPLES apart. An unpaired sample makes
+        none, now or later."""
         self._recorded += 1
+        if not paired:
+            return
         near = lambda cell: self._recorded - self._last[cell][0] <= PAIR_SAMPLES  # noqa: E731
         if length == 1:
             pairs = [(n, self._last[b, n][1] / seconds, self._recorded) for b, n in self._last
@@ -819,7 +825,13 @@ class DraftPolicy:
         # A clock glitch is not a measurement, and 0 says the round's times are not what such a
         # round costs (the engine's first round of a shape also traces it): acceptance only.
         if 0 < t_verify < math.inf and k > 0:
-            self.costs.record_verify(batch_size, k + 1, t_verify, context)
+            # The first drafting round after plain rounds also pays for the switch (its drafter
+            # and the cache cold behind them: 5-15% over a steady round on the demo pair), and
+            # it is the only drafting round near the plain timings of a stretch or while
+            # drafting is off. Paired with those, it made plain decoding look that much cheaper;
+            # a slow probe paired with the five plain timings after it (a probe is always such a
+            # round) outvoted the steady ratios and held drafting off for 600 rounds where it paid.
+            self.costs.record_verify(batch_size, k + 1, t_verify, context, paired=self.plain_rounds == 0)
             self.recheck, self.rechecks = False, max(0, self.rechecks - 1)
         elif 0 < t_verify < math.inf and steady:
             self._record_plain(batch_size, t_verify, context)

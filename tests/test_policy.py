@@ -616,6 +616,27 @@ def test_plain_decoding_is_costed_by_its_ratio_to_a_length_timed_beside_it():
     assert row[1] == pytest.approx(T1)
 
 
+def test_a_drafting_round_after_plain_rounds_is_a_sample_of_its_length_but_no_ratio():
+    # The first drafting round after plain rounds also pays for the switch, and a probe is always
+    # one. Paired with the plain timings after it, one slow probe outvoted the steady ratios: on
+    # the demo pair two of them put plain decoding at 0.6x its cost and held drafting off for 600
+    # rounds where it paid. Here k=1 rounds and plain stretches take turns (ratio 1.4), then a
+    # probe takes 5x and plain decoding runs on.
+    policy = DraftPolicy(k_max=1)
+    policy.record_draft_time(1, 0.1 * T1)
+    plain = lambda windows: [policy.record(1, 0, [0], None, T1) for _ in range(PLAIN_WINDOW * windows)]  # noqa: E731
+    for _ in range(3):
+        for _ in range(2):
+            policy.record(1, 1, [1], None, 1.5 * T1)
+        plain(1)
+    assert policy.costs.verify_time(1, 1) == pytest.approx(T1)
+    samples = policy.costs.samples(("verify", 1, 2))
+    policy.record(1, 1, [0], None, 5.1 * T1)
+    plain(PAIR_SAMPLES + 1)
+    assert policy.costs.samples(("verify", 1, 2)) == samples + 1
+    assert policy.costs.verify_time(1, 1) == pytest.approx(T1)
+
+
 def test_ratios_behind_fewer_than_three_plain_timings_leave_plain_decoding_as_timed():
     # Every ratio from one plain timing shares its noise: a lucky one would hold drafting off. Here
     # both are timed side by side twice in a slow moment (ratio 2), then verifying 2 tokens alone
