@@ -825,12 +825,12 @@ class DraftPolicy:
         # A clock glitch is not a measurement, and 0 says the round's times are not what such a
         # round costs (the engine's first round of a shape also traces it): acceptance only.
         if 0 < t_verify < math.inf and k > 0:
-            # The first drafting round after plain rounds also pays for the switch (its drafter
-            # and the cache cold behind them: 5-15% over a steady round on the demo pair), and
-            # it is the only drafting round near the plain timings of a stretch or while
-            # drafting is off. Paired with those, it made plain decoding look that much cheaper;
-            # a slow probe paired with the five plain timings after it (a probe is always such a
-            # round) outvoted the steady ratios and held drafting off for 600 rounds where it paid.
+            # The first drafting round after plain rounds also pays for the switch (5-15% over a
+            # steady round on the demo pair, more after longer plain stretches), and it is the
+            # only drafting round near the plain timings of a stretch or while drafting is off.
+            # Paired with those, it made plain decoding look that much cheaper; a slow probe
+            # paired with the five plain timings after it (a probe is always such a round)
+            # outvoted the steady ratios and held drafting off for 600 rounds where it paid.
             self.costs.record_verify(batch_size, k + 1, t_verify, context, paired=self.plain_rounds == 0)
             self.recheck, self.rechecks = False, max(0, self.rechecks - 1)
         elif 0 < t_verify < math.inf and steady:
