@@ -489,7 +489,7 @@ class CostModel:
         self.explorations += 1
         self._rescale_priors(batch_size)
 
-    def _pair(self, batch_size: int, length: int, seconds: float, paired: bool = True) -> None:
+    def _pair(self, batch_size: int, length: int, seconds: float, paired: bool) -> None:
         """One ratio sample (see `plain_cost`) for each pair this verify sample makes: with each
         drafting length's last sample if this one times plain decoding, else with plain decoding's
         last sample; a pair's two samples at most PAIR_SAMPLES apart. An unpaired sample makes
