@@ -110,4 +110,6 @@ def test_a_long_step_attends_by_blocks_of_queries_as_it_would_all_at_once(target
     blocked, kinds = prefill(4)
     assert not none and kinds == set(target.config.layer_types)
     assert target.config.sliding_window < max(chunks)  # the window cuts inside a step
-    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
+    # Blocks sum in another order than one pass: with OpenBLAS preloaded (as the benchmarks run)
+    # one element in 1920 moved by 1.08e-5. A wrong mask moves them by tenths.
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=5e-5)
