@@ -40,9 +40,11 @@ drafting stays on or off as it was: near break-even timing jitter alone would fl
 A drafting round times its drafter apart from its verify pass only now and then: the first timed
 one at a batch size, then one in DRAFT_TIMING_INTERVAL. Waiting for the drafts idles the device
 while the verify pass is built, so such a round costs more than the others and gives the drafter's
-cost alone; the others' verify cost is their whole time less k drafter steps at that cost. A
-length's cost, its verify cell plus k steps, is then what its rounds took, whatever the drafter's
-estimate: an error there moves between the two parts and cancels.
+cost alone; the others' verify cost is their whole time less k drafter steps at that cost as it
+stands whenever the cell is read. A length's cost, its verify cell plus k steps, is then what its
+rounds took, whatever the drafter's estimate: an error there moves between the two parts and
+cancels. What a drafter estimate cannot cancel in is kept out of its reach: lengths are fitted to
+grow as whole rounds, and plain decoding's cost is taken from ratios of whole rounds to it.
 
 The policy object is meant to be owned by the loaded model and reused across requests, so what it
 has measured carries over; `to_json` / `from_json` save it per model and machine. What a new process
@@ -391,14 +393,17 @@ class CostModel:
         self.draft: dict[int, float] = {}
         self._samples: dict[tuple, list[float]] = {}  # ("verify", B, L) or ("draft", B): this process's
         self._contexts: dict[tuple, list[int]] = {}  # the context of each of those samples
+        # Drafter steps each verify sample's seconds still hold (see `record_verify`).
+        self._steps: dict[tuple, list[int]] = {}
         self._oldest: dict[int, int] = {}  # by B: the shortest context any sample there was timed at
         self._priors: dict[tuple, float] = {}  # kept, or expired (see above), until measured again
         # By B: the drafting lengths' costs as of plain decoding's last timing there (see `drift`).
         self._yardstick: dict[int, dict[int, float]] = {}
         # (B, L) -> t_verify(B, L) / t_verify(B, 1) from pairs of samples timed PAIR_SAMPLES apart
         # at most (see `plain_cost`), and what pairing needs: the samples recorded so far, and
-        # each verify cell's last sample as (its number, seconds).
-        self._ratios: dict[tuple[int, int], list[float]] = {}
+        # each verify cell's last sample as (its number, seconds). A drafting round's seconds
+        # are its whole time where it holds its drafter steps (see `_round_cost`).
+        self._ratios: dict[tuple[int, int], list[tuple[float, int]]] = {}
         self._recorded = 0
         self._last: dict[tuple[int, int], tuple[int, float]] = {}
         # `lengths` by B until the next sample: one derivation fits each batch size's row many
@@ -427,28 +432,40 @@ class CostModel:
         return sum(key not in self._samples for key in self._priors)
 
     def record_verify(self, batch_size: int, length: int, seconds: float, context: int = 0,
-                      paired: bool = True) -> None:
-        """``paired=False``: a sample of its cell that makes no ratio (see `_pair`)."""
+                      paired: bool = True, draft_steps: int = 0) -> None:
+        """``paired=False``: a sample of its cell that makes no ratio (see `_pair`).
+        ``draft_steps``: drafter steps that ``seconds`` also holds (a drafting round that did not
+        time its drafts apart). The cell takes them off at the drafter's cost as it stands whenever
+        it is read (`_value`), not as it stood when the round ran: the first drafter timing at a
+        batch size comes from the round that leaves plain decoding, 1.25-1.5x the next ones on the
+        demo pair, and every sample until the next timing (up to DRAFT_TIMING_INTERVAL rounds
+        later) lost that much too much. Mixed with later ones, one length's ratios to plain
+        decoding ran from 1.2 to 2.5 in one process. Ratios and `drift` take the round whole
+        (`_round_cost`), which no drafter estimate moves."""
         _check_positive(batch_size=batch_size, length=length, seconds=seconds)
-        self._record(("verify", batch_size, length), seconds, context, paired)
+        if not 0 <= draft_steps < length:
+            raise ValueError(f"draft_steps must be in 0..{length - 1} for a pass over {length} tokens, got {draft_steps}")
+        self._record(("verify", batch_size, length), seconds, context, paired, draft_steps)
 
     def record_draft(self, batch_size: int, seconds_per_step: float, context: int = 0) -> None:
         _check_positive(batch_size=batch_size, seconds_per_step=seconds_per_step)
         self._record(("draft", batch_size), seconds_per_step, context)
 
-    def _record(self, key: tuple, seconds: float, context: int, paired: bool = True) -> None:
+    def _record(self, key: tuple, seconds: float, context: int, paired: bool = True, steps: int = 0) -> None:
         self._fits.clear()  # a new sample moves a fit even where the cell's quantile stays
         if _outgrown(self._oldest.get(key[1], context), context):
             self._expire(key[1], context)
         self._oldest[key[1]] = min(self._oldest.get(key[1], context), context)
         samples, contexts = self._samples.setdefault(key, []), self._contexts.setdefault(key, [])
+        drafts = self._steps.setdefault(key, [])
         samples.append(seconds)
         contexts.append(context)
+        drafts.append(steps)
         if len(samples) > COST_SAMPLES:
-            del samples[0], contexts[0]
+            del samples[0], contexts[0], drafts[0]
         if len(samples) == EXPLORE_SAMPLES:
             self.explorations += 1
-        self._set(key, _low(samples))
+        self._set(key, self._value(key))
         if key[0] == "verify":
             self._pair(key[1], key[2], seconds, paired)
         if len(samples) == 1:  # a new cell, or the first timing of one standing on a prior
@@ -475,13 +492,14 @@ class CostModel:
             return  # those samples had already left their cells (COST_SAMPLES)
         self._priors.update({key: self._get(key) for key in here})
         for key, contexts in timed.items():
-            kept = [(t, c) for t, c in zip(self._samples[key], contexts) if not outgrown(c)]
+            kept = [(t, c, n) for t, c, n in zip(self._samples[key], contexts, self._steps[key]) if not outgrown(c)]
             if kept:
-                samples = self._samples[key] = [t for t, _ in kept]
-                self._contexts[key] = [c for _, c in kept]
-                self._set(key, _low(samples))
+                self._samples[key] = [t for t, _, _ in kept]
+                self._contexts[key] = [c for _, c, _ in kept]
+                self._steps[key] = [n for _, _, n in kept]
+                self._set(key, self._value(key))
             else:
-                del self._samples[key], self._contexts[key]
+                del self._samples[key], self._contexts[key], self._steps[key]
         self._yardstick.pop(batch_size, None)  # its lengths' costs are from the old context
         for cell in [cell for cell in self._ratios if cell[0] == batch_size]:
             del self._ratios[cell]  # and so are their ratios to plain decoding
@@ -542,13 +560,23 @@ class CostModel:
         by_timing: dict[int, list[float]] = {}
         for ratio, sample in self._ratios[batch_size, length]:
             by_timing.setdefault(sample, []).append(ratio)
-        return self.verify[batch_size, length] / statistics.median(map(statistics.median, by_timing.values()))
+        return self._round_cost(batch_size, length) / statistics.median(map(statistics.median, by_timing.values()))
 
     def _timed_lengths(self, batch_size: int) -> dict[int, float]:
         """The drafting lengths with EXPLORE_SAMPLES timings in this process at this batch size, by
-        length, at their current cost."""
-        return {n: t for (b, n), t in self.verify.items()
+        length, at their current cost as `_round_cost` reads it."""
+        return {n: self._round_cost(b, n) for (b, n) in self.verify
                 if b == batch_size and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES}
+
+    def _round_cost(self, batch_size: int, length: int) -> float:
+        """A verify cell with the drafter steps its samples hold (see `record_verify`) put back at
+        the drafter's current cost: the low quantile of those rounds' whole times, which no drafter
+        estimate moves. Ratios to plain decoding are of whole rounds too (`_pair` takes the
+        samples as recorded), and `drift` compares these. A cell whose samples hold no drafting
+        (recorded so by a caller) is its verify cost alone."""
+        key = ("verify", batch_size, length)
+        held = length - 1 if any(self._steps.get(key, ())) else 0
+        return self.verify[batch_size, length] + held * (self.draft_time(batch_size) or 0.0)
 
     def drift(self, batch_size: int) -> float:
         """How much dearer the drafting lengths at this batch size are now than when plain decoding
@@ -562,8 +590,8 @@ class CostModel:
         uses this only until ratios from paired timings take over: a cell's cost is a quantile of
         sixteen samples and trails the machine's speed, so a yardstick read from it mixes
         moments too."""
-        then = self._yardstick.get(batch_size) or {}
-        ratios = sorted(self.verify[batch_size, n] / t for n, t in then.items())
+        then, now = self._yardstick.get(batch_size) or {}, self._timed_lengths(batch_size)
+        ratios = sorted(now[n] / t for n, t in then.items() if n in now)
         return ratios[len(ratios) // 2] if ratios else 1.0
 
     def aligned(self, batch_size: int) -> bool | None:
@@ -587,6 +615,18 @@ class CostModel:
             cells[cell] = value
             self.version += 1
             self._fits.clear()
+            if key[0] == "draft":  # verify samples holding drafter steps are read at its new cost
+                for held in [k for k, steps in self._steps.items() if any(steps)]:
+                    self._set(held, self._value(held))
+
+    def _value(self, key: tuple) -> float:
+        """A cell's cost from its samples: the COST_QUANTILE of them, each less the drafter steps
+        it holds at the drafter's current cost (see `record_verify`)."""
+        samples, steps = self._samples[key], self._steps[key]
+        if any(steps):
+            step = self.draft_time(key[1]) or 0.0
+            samples = [_less_drafting(t, n, step) for t, n in zip(samples, steps)]
+        return _low(samples)
 
     def _rescale_priors(self, batch_size: int) -> None:
         """Costs standing on a prior at this batch size (kept, or expired): scaled by the median
@@ -617,7 +657,8 @@ class CostModel:
         return self.samples(key) >= EXPLORE_SAMPLES or key in self._priors
 
     def lengths(self, batch_size: int) -> dict[int, float]:
-        """Measured verify times at this batch size, by length, made to grow with length.
+        """Measured verify times at this batch size, by length, made to grow with length as rounds
+        (each with its drafter steps at the drafter's cost, see `_fit`).
 
         A longer pass never costs less than a shorter one, but noisy cells can say so. Raising
         each cell to the costliest shorter one would let one slow cell make every longer length
@@ -634,15 +675,22 @@ class CostModel:
     def _fit(self, batch_size: int) -> dict[int, float]:
         row = sorted((n, t) for (b, n), t in self.verify.items() if b == batch_size)
         plain = self.plain_cost(batch_size, row[0][1]) if row and row[0][0] == 1 else 0.0
-        blocks: list[list] = []  # [mean, weight, lengths] of pooled cells, means non-decreasing
+        # Fitted as rounds: each length with its drafter steps. A drafter step timed apart costs
+        # more than one inside a round, where it overlaps the building of the verify pass, so the
+        # verify cells left after taking steps off need not grow with the length where the rounds
+        # do. In one logged process on the demo pair at B = 1 the drafter took 0.9 ms a step
+        # apart, and the k = 2 cell's rounds were 0.25 ms dearer than the k = 1 cell's; pooled as
+        # verify passes, k = 2 took k = 1's and was costed 5% above its rounds.
+        step = self.draft_time(batch_size) or 0.0
+        blocks: list[list] = []  # [mean, weight, lengths] of pooled rounds, means non-decreasing
         for n, t in row:
             if n == 1:
                 continue
-            blocks.append([t, max(1, self.samples(("verify", batch_size, n))), [n]])
+            blocks.append([t + (n - 1) * step, max(1, self.samples(("verify", batch_size, n))), [n]])
             while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
                 (m1, w1, n1), (m2, w2, n2) = blocks.pop(-2), blocks.pop()
                 blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-        fitted = {n: max(mean, plain) for mean, _, ns in blocks for n in ns}
+        fitted = {n: max(mean - (n - 1) * step, plain) for mean, _, ns in blocks for n in ns}
         return ({1: plain} if plain else {}) | fitted
 
     def ratios_below(self, batch_size: int) -> dict[int, float]:
@@ -677,7 +725,9 @@ class CostModel:
             estimate = _interpolate(row, length, scale_below=True)
         if estimate is None:
             return None
-        return max([estimate] + [t for n, t in row.items() if n < length])
+        # A round never costs less than a shorter one (see `lengths`: as rounds, drafter steps in).
+        step = self.draft_time(batch_size) or 0.0
+        return max([estimate] + [t - (length - n) * step for n, t in row.items() if n < length])
 
     def _within(self, batch_size: int, row: dict[int, float], length: int) -> float | None:
         """Rule 1 at one batch size (`row`: its `lengths`), plain decoding there by `_plain_by_ratio`
@@ -712,6 +762,13 @@ class CostModel:
 def _outgrown(timed_at: int, context: int) -> bool:
     """Whether a sample timed at context ``timed_at`` has expired at ``context`` (CONTEXT_SLACK)."""
     return context >= 2 * timed_at and context - timed_at >= CONTEXT_SLACK
+
+
+def _less_drafting(seconds: float, steps: int, step: float) -> float:
+    """A drafting round's seconds less its drafter steps at ``step`` each: its verify pass. Never
+    below a millionth of the round, should the drafter's cost have risen past it since (the fit
+    then holds the cell at plain decoding's cost, see CostModel.lengths)."""
+    return max(seconds - steps * step, seconds * 1e-6)
 
 
 def _low(samples: list[float]) -> float:
@@ -809,11 +866,14 @@ class DraftPolicy:
         (costs timed at a context it has outgrown expire, see CostModel)."""
         if len(accepted) != batch_size:
             raise ValueError(f"accepted has {len(accepted)} rows, batch_size is {batch_size}")
+        steps = 0
         if t_draft is None and k > 0:
             # Drafting not timed apart (see draft_timing_due): the verify pass is what the round
-            # cost beyond its drafting. Unmeasured, nothing is learned.
-            drafting = self.drafting_seconds(batch_size, k)
-            t_verify = t_verify - drafting if drafting is not None else 0.0
+            # cost beyond its drafting, taken off by the cost model at the drafter's cost as it
+            # stands when read (CostModel.record_verify). Unmeasured, nothing is learned.
+            steps = k
+            if self.costs.draft_time(batch_size) is None:
+                t_verify = 0.0
         elif k > 0:
             # Timed apart, the round cost more than drafting rounds do: the verify pass was built
             # while the device idled. Its drafter time is a measurement, its verify time is not
@@ -831,7 +891,7 @@ class DraftPolicy:
             # Paired with those, it made plain decoding look that much cheaper; a slow probe
             # paired with the five plain timings after it (a probe is always such a round)
             # outvoted the steady ratios and held drafting off for 600 rounds where it paid.
-            self.costs.record_verify(batch_size, k + 1, t_verify, context, paired=self.plain_rounds == 0)
+            self.costs.record_verify(batch_size, k + 1, t_verify, context, self.plain_rounds == 0, steps)
             self.recheck, self.rechecks = False, max(0, self.rechecks - 1)
         elif 0 < t_verify < math.inf and steady:
             self._record_plain(batch_size, t_verify, context)

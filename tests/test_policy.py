@@ -637,6 +637,43 @@ def test_a_drafting_round_after_plain_rounds_is_a_sample_of_its_length_but_no_ra
     assert policy.costs.verify_time(1, 1) == pytest.approx(T1)
 
 
+def test_a_new_drafter_timing_moves_neither_what_drafting_rounds_cost_nor_plain_decoding():
+    # Every k=2 round takes 8 T1 whole and every plain round 4 T1. The drafter is first timed on
+    # the round that leaves plain decoding, at 1.9 T1 a step, later at 0.9 (on the demo pair the
+    # first timing is 1.25-1.5x the next). Taken off at the cost of the moment, the early rounds'
+    # verify samples were 2 T1 cheaper than the later ones: the cell's low quantile took them,
+    # and their ratios to plain decoding set its cost apart from the rounds'.
+    policy = DraftPolicy(k_max=2)
+    plain = lambda: [policy.record(1, 0, [0], None, 4 * T1) for _ in range(PLAIN_WINDOW)]  # noqa: E731
+    drafting = lambda: [policy.record(1, 2, [2], None, 8 * T1) for _ in range(3)]  # noqa: E731
+    plain()
+    policy.record(1, 2, [2], 3.8 * T1, 6 * T1)  # timed apart
+    drafting(), plain(), drafting()
+    policy.record(1, 2, [2], 1.8 * T1, 6 * T1)  # timed apart again
+    drafting(), plain(), drafting(), plain()
+    costs = policy.costs
+    assert costs.draft_time(1) == pytest.approx(0.9 * T1)
+    assert 2 * costs.draft_time(1) + costs.verify_time(1, 3) == pytest.approx(8 * T1)
+    assert costs.verify_time(1, 1) == pytest.approx(4 * T1)
+
+
+def test_lengths_grow_as_rounds_where_a_drafter_step_timed_apart_costs_more_than_inside_one():
+    # A drafter step timed apart costs 1 T1; inside a round it overlaps the verify pass, so k=2
+    # rounds (6.6 T1) are dearer than k=1 rounds (6.4) by less than a step. Less their steps the
+    # verify passes shrink with length (5.4 against 4.6); fitted to grow as passes they pooled,
+    # and k=2 was costed at 7 T1, k=1 at 6.
+    policy = DraftPolicy(k_max=2)
+    for _ in range(PLAIN_WINDOW):
+        policy.record(1, 0, [0], None, 4 * T1)
+    policy.record(1, 1, [1], 1 * T1, 6 * T1)  # timed apart
+    for k, seconds in [(1, 6.4 * T1), (2, 6.6 * T1)]:
+        for _ in range(4):
+            policy.record(1, k, [k], None, seconds)
+    costs = policy.costs
+    assert costs.draft_time(1) + costs.verify_time(1, 2) == pytest.approx(6.4 * T1)
+    assert 2 * costs.draft_time(1) + costs.verify_time(1, 3) == pytest.approx(6.6 * T1)
+
+
 def test_ratios_behind_fewer_than_three_plain_timings_leave_plain_decoding_as_timed():
     # Every ratio from one plain timing shares its noise: a lucky one would hold drafting off. Here
     # both are timed side by side twice in a slow moment (ratio 2), then verifying 2 tokens alone
