@@ -616,7 +616,7 @@ class CostModel:
             self.version += 1
             self._fits.clear()
             if key[0] == "draft":  # verify samples holding drafter steps are read at its new cost
-                for held in [k for k, steps in self._steps.items() if any(steps)]:
+                for held in [cell for cell, steps in self._steps.items() if any(steps)]:
                     self._set(held, self._value(held))
 
     def _value(self, key: tuple) -> float:
