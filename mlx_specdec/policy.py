@@ -576,7 +576,7 @@ class CostModel:
         (recorded so by a caller) is its verify cost alone."""
         key = ("verify", batch_size, length)
         held = length - 1 if any(self._steps.get(key, ())) else 0
-        return self.verify[batch_size, length] + held * (self.draft_time(batch_size) or 0.0)
+        return self.verify[batch_size, length] + held * (self._step(batch_size))
 
     def drift(self, batch_size: int) -> float:
         """How much dearer the drafting lengths at this batch size are now than when plain decoding
@@ -624,7 +624,7 @@ class CostModel:
         it holds at the drafter's current cost (see `record_verify`)."""
         samples, steps = self._samples[key], self._steps[key]
         if any(steps):
-            step = self.draft_time(key[1]) or 0.0
+            step = self._step(key[1])
             samples = [_less_drafting(t, n, step) for t, n in zip(samples, steps)]
         return _low(samples)
 
@@ -681,7 +681,7 @@ class CostModel:
         # do. In one logged process on the demo pair at B = 1 the drafter took 0.9 ms a step
         # apart, and the k = 2 cell's rounds were 0.25 ms dearer than the k = 1 cell's; pooled as
         # verify passes, k = 2 took k = 1's and was costed 5% above its rounds.
-        step = self.draft_time(batch_size) or 0.0
+        step = self._step(batch_size)
         blocks: list[list] = []  # [mean, weight, lengths] of pooled rounds, means non-decreasing
         for n, t in row:
             if n == 1:
@@ -726,7 +726,7 @@ class CostModel:
         if estimate is None:
             return None
         # A round never costs less than a shorter one (see `lengths`: as rounds, drafter steps in).
-        step = self.draft_time(batch_size) or 0.0
+        step = self._step(batch_size)
         return max([estimate] + [t - (length - n) * step for n, t in row.items() if n < length])
 
     def _within(self, batch_size: int, row: dict[int, float], length: int) -> float | None:
@@ -757,6 +757,10 @@ class CostModel:
     def draft_time(self, batch_size: int) -> float | None:
         """Estimated seconds per drafter step at `batch_size`; None if no drafter step is measured."""
         return _interpolate(self.draft, batch_size, scale_below=False)
+
+    def _step(self, batch_size: int) -> float:
+        """`draft_time`, or 0 before any drafter step is measured (then no sample holds steps)."""
+        return self.draft_time(batch_size) or 0.0
 
 
 def _outgrown(timed_at: int, context: int) -> bool:
