@@ -76,6 +76,11 @@ MEASURED_VERIFY = {
     4: [1.0, 1.39, 1.87, 1.94, 2.42, 2.66, 3.06, 3.11, 3.47],
 }
 MEASURED_DRAFT = 0.2  # a drafter step, of a plain pass at the same B (0.18-0.22 timed at B = 4)
+# ROUND_OVERHEAD_NOTE: plain decoding has got quicker since MEASURED_VERIFY was taken, drafting
+# rounds less so. In a decision log of `mlx-specdec bench -w prose -b 1` on 31833f7's code, rounds
+# at B = 1 took 3.6-3.7 ms plain and 6.57, 7.8, 9.3 and 10.7 ms at k = 1..4: 1.80, 2.14, 2.55 and
+# 2.93 plain rounds, where MEASURED_VERIFY and MEASURED_DRAFT give 1.52, 1.89, 2.23 and 2.71.
+# `--round-overhead 0.27` adds the difference to every drafting round.
 
 
 def verify_seconds(batch: int, length: int, measured: bool = False) -> float:
@@ -122,7 +127,8 @@ class Machine:
 
 
 def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: DraftPolicy | None,
-        machine: Machine, rng: random.Random, shapes: set, measured: bool = False) -> float:
+        machine: Machine, rng: random.Random, shapes: set, measured: bool = False,
+        round_overhead: float = 0.0) -> float:
     """One run of `batch` rows to max_tokens each: tokens per simulated second."""
     remaining = [max_tokens] * batch
     tokens, seconds, last_k = 0, 0.0, None
@@ -146,6 +152,8 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
             verifying += BUILD_WAIT * verify_seconds(b, 1, measured) * slowdown
         if k > 0 and last_k == 0:  # the drafter pays it (timed apart, its steps show it)
             drafting += SWITCH_IN * verify_seconds(b, 1, measured) * slowdown
+        if k > 0:
+            verifying += round_overhead * verify_seconds(b, 1, measured) * slowdown
         seconds += drafting + verifying
         machine.spend(drafting + verifying)
         for i, n in zip(rows, accepted):
@@ -179,7 +187,7 @@ def cell(workload: str, batch: int, args) -> dict:
             policy = DraftPolicy() if mode == "auto" else None
             shapes: set = set()
             rates = [run(acceptance, batch, args.max_tokens, mode, policy, machine, rng, shapes,
-                         args.verify_costs == "measured")
+                         args.verify_costs == "measured", args.round_overhead)
                      for _ in range(1 + args.runs)]
             means.append(statistics.mean(rates[1:]))  # the first run warms up
         out["plain" if mode == 0 else mode if mode == "auto" else f"k={mode}"] = statistics.mean(means)
@@ -203,6 +211,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--hiccups", type=float, default=0.0, help="chance that a round is one 2-6x slower")
     p.add_argument("--verify-costs", choices=("linear", "measured"), default="linear",
                    help="target pass costs: linear in B * L, or as measured on the demo pair (MEASURED_VERIFY)")
+    p.add_argument("--round-overhead", type=float, default=0.0,
+                   help="what every drafting round costs beyond its drafter steps and verify pass, of a plain "
+                        "round (the demo pair at B = 1 on 31833f7: about 0.27, see ROUND_OVERHEAD_NOTE)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     cells = []
