@@ -31,11 +31,13 @@ such cell stands at its old cost scaled by how much dearer the cells timed since
 Plain decoding, the yardstick, is timed again the same way, by a short stretch of plain rounds
 spaced to cost at most PLAIN_REFRESH_BUDGET (1.5%) of decoding time by the measured gain.
 
-While drafting is off the policy probes with PROBE_K drafts now and then so it can come back,
-spaced so that, by the measured costs and acceptance, probes add at most PROBE_OVERHEAD_BUDGET
-(1.5%) to plain decoding time, also when no draft is ever accepted; a probe's cost includes leaving
-the pipelined plain rounds and coming back (SWITCH_ROUNDS). Within MIN_GAIN of plain either way,
-drafting stays on or off as it was: near break-even timing jitter alone would flip it.
+While drafting is off the policy probes, PROBE_ROUNDS drafting rounds at the best length by the
+estimates, so it can come back: every PROBE_GAP_ROUNDS plain rounds until RECHECK_ROUNDS drafting
+rounds are timed (a first decision rests on a few rows), then spaced so that, by the measured
+costs and acceptance, probes add at most PROBE_OVERHEAD_BUDGET (1.5%) to plain decoding time, also
+when no draft is ever accepted; a probe's cost includes leaving the pipelined plain rounds and
+coming back (SWITCH_ROUNDS). Within MIN_GAIN of plain either way, drafting stays on or off as it
+was: near break-even timing jitter alone would flip it.
 
 A drafting round times its drafter apart from its verify pass only now and then: the first timed
 one at a batch size, then one in DRAFT_TIMING_INTERVAL. Waiting for the drafts idles the device
@@ -50,9 +52,9 @@ The policy object is meant to be owned by the loaded model and reused across req
 has measured carries over; `to_json` / `from_json` save it per model and machine. What a new process
 reads back is a prior, not a verdict: each kept cost stands until this process measures that cell
 (then only its own samples count), kept costs not yet re-measured are scaled by how this process's
-measurements compare with the kept ones, and a kept decision not to draft is re-checked with one
+measurements compare with the kept ones, and a kept decision not to draft is re-checked with a
 probe in the first round that would decode plainly, and again every PROBE_GAP_ROUNDS until
-RECHECK_ROUNDS probes are timed (the kept numbers may come from a busy machine). Per-request
+RECHECK_ROUNDS drafting rounds are timed (the kept numbers may come from a busy machine). Per-request
 overrides (a fixed k, or 0 = off) bypass `decide` with `fixed_decision`, and still `record`.
 """
 
@@ -86,10 +88,16 @@ drafting) still averages out the coin flips of single rows."""
 _DECAY = 0.5 ** (1.0 / ACCEPTANCE_HALF_LIFE_ROUNDS)
 
 RECHECK_ROUNDS = 4
-"""Timed drafting rounds a policy read back from disk probes for, PROBE_GAP_ROUNDS apart (the first
-at once), before its probes are spaced by their cost: the kept numbers may come from a busy
-machine, and one probe's single row is too little to turn drafting back on by. Four probes in
-the first 64 tokens cost a few plain rounds once per process."""
+"""Timed drafting rounds a policy owes before a decision not to draft waits out the probe interval:
+until then such a decision probes every PROBE_GAP_ROUNDS plain rounds (a kept policy's first at
+once). A kept policy's numbers may come from a busy machine; a new one's first decision rests on
+its few exploring rounds, and one round's row is too little to turn drafting back on by. At B = 1
+on the demo pair a k = 1 round costs about 1.8 plain rounds, so drafting pays only deep, and is
+seen to only once acceptance is known: in bench/policy_sim.py with those costs
+(`--round-overhead 0.27`), an exploration that saw 2 of 4 drafts accepted (of a drafter right
+81% of the time) held drafting off for whole cells, auto at 0.77x the best fixed k. Exploring
+rounds count, so a new policy that drafts owes nothing after its first few rounds; one more probe
+in the first 64 tokens costs a few plain rounds once per process."""
 
 PROBE_GAP_ROUNDS = 16
 """Most rounds by which a new observation of draft position 1 ages the ones before it. Probes come
@@ -211,13 +219,22 @@ TAIL_ROUNDS = 16
 """Rounds a batch size smaller than a timed one may run on costs held from it before it times
 plain decoding of its own (see DraftPolicy._tail)."""
 
-PROBE_K = 1
-"""Drafts per probe: one is the cheapest round that measures a_1, and a_1 bounds every E(k)."""
+PROBE_ROUNDS = 3
+"""Drafting rounds in a probe, all at the best length by the estimates. The first leaves the
+pipelined plain rounds and pays for the switch, so its time pairs with no plain timing (see
+DraftPolicy.record); the two after it are steady rounds, timed as any drafting round and paired
+with the plain timing before them. While drafting is off they are the only new samples of what
+drafting costs and of its ratio to plain decoding: one-round probes gave neither (a switching
+round's time only), so a choice made on a few early samples, or on ratios from before drafting
+went off, stood for good. With drafting off on timings that said it lost and its rounds then
+1.25x plain decoding, one-round probes had it back for 2 rounds of the next 3000, three-round
+ones for good after three probes (tests/test_policy.py). In a `mlx-specdec bench` run on the
+demo pair drafting was off in 99% of the prose rounds at B = 1, where k = 4 paid 1.27x."""
 
 PROBE_OVERHEAD_BUDGET = 0.015
 """Most time probes may add to plain decoding: the interval between probes is at least
-(probe cost + SWITCH_ROUNDS plain rounds - E(PROBE_K) plain rounds) / (PROBE_OVERHEAD_BUDGET *
-plain round cost): at least SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET (134) plain rounds. Half of what
+(PROBE_ROUNDS * (a probe round's cost - E(k) plain rounds) + SWITCH_ROUNDS plain rounds) /
+(PROBE_OVERHEAD_BUDGET * plain round cost): at least SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET (134) plain rounds. Half of what
 a user would notice: a probe also costs what the model leaves out (acceptance, sampling)."""
 
 
@@ -830,12 +847,12 @@ class DraftPolicy:
         self.costs = costs or CostModel()
         self.rounds = rounds  # the clock acceptance ages by: rounds recorded
         self.plain_rounds = plain_rounds  # k=0 rounds since the last drafting round
-        # Read back from an earlier process (from_json): until this process times a drafting
-        # round, a decision not to draft probes at once instead of waiting out the probe interval,
-        # and until it has timed RECHECK_ROUNDS, every PROBE_GAP_ROUNDS plain rounds.
+        # Until this process has timed RECHECK_ROUNDS drafting rounds, a decision not to draft
+        # probes every PROBE_GAP_ROUNDS plain rounds; read back from an earlier process (from_json),
+        # also at once until it times one.
         self.kept = False
         self.recheck = False
-        self.rechecks = 0  # timed drafting rounds a kept policy still owes
+        self.rechecks = RECHECK_ROUNDS
         self._cached: tuple | None = None  # what _estimates last derived, and from what
         self._explored: set[int] = set()  # batch sizes with no length left to explore
         self._floor: tuple | None = None  # _exploration's last (estimates, explorations, explored, floor)
@@ -846,6 +863,7 @@ class DraftPolicy:
         self._streak = (0, 0)  # (B, rounds recorded in a row at B) as of the last round
         self._drafting: dict[int, bool] = {}  # whether the last choice by rates drafted, by B
         self._drafted: dict[tuple[int, int], int] = {}  # round (B, k) last drafted in this process
+        self._probing: tuple[int, int, int, str] | None = None  # a probe under way: (B, k, rounds decided, why)
 
     # -- measurements
 
@@ -960,21 +978,23 @@ class DraftPolicy:
                                      costs.ratios_below(batch_size))
         return self.acceptance.rates(self.rounds), cached[4], cached[5], cached[7]
 
-    def probe_interval(self, batch_size: int) -> int:
-        """Plain rounds before the next probe, spaced so that probes add at most
-        PROBE_OVERHEAD_BUDGET to plain decoding time at the measured acceptance. A probe costs what
-        its round costs beyond the plain rounds its accepted tokens save, plus SWITCH_ROUNDS for
-        breaking the pipelined plain rounds: the most when it accepts nothing (a drafter that never
-        agrees drives the estimate there, and probes apart), least where drafting only just loses,
-        so there they come oftenest, to see the day it pays again: the drafting costs get new
-        samples only from probes while off. Counted without the switch, probes every 16 rounds cost
-        the never-agreeing drafter of bench/policy_bench.py 3-5% of plain decoding."""
+    def probe_interval(self, batch_size: int, k: int | None = None) -> int:
+        """Plain rounds before the next probe of k drafts (by default the best length by the
+        estimates), spaced so that probes add at most PROBE_OVERHEAD_BUDGET to plain decoding time
+        at the measured acceptance. A probe costs what its PROBE_ROUNDS rounds cost beyond the
+        plain rounds their accepted tokens save, plus SWITCH_ROUNDS for breaking the pipelined
+        plain rounds: the most when they accept nothing (a drafter that never agrees drives the
+        estimate there, and probes apart), least where drafting only just loses, so there they come
+        oftenest, to see the day it pays again. Counted without the switch, probes every 16 rounds
+        cost the never-agreeing drafter of bench/policy_bench.py 3-5% of plain decoding."""
         estimates = self._estimates(batch_size)
-        k = min(PROBE_K, self.k_max)
-        if estimates is None or k == 0:  # no plain timing yet, so no probe is due before one
+        if estimates is None:  # no plain timing yet, so no probe is due before one
             return math.ceil(SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET)
         acceptance, t_draft, t_verify, _ = estimates
-        extra = k * t_draft + t_verify[k] - expected_tokens(acceptance, k) * t_verify[0]
+        if k is None:
+            rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
+            k = max(range(1, len(rates)), key=lambda n: (rates[n], -n))
+        extra = PROBE_ROUNDS * (k * t_draft + t_verify[k] - expected_tokens(acceptance, k) * t_verify[0])
         return math.ceil(max(0.0, extra / t_verify[0] + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
 
     def decide(self, batch_size: int) -> Decision:
@@ -984,6 +1004,8 @@ class DraftPolicy:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.k_max == 0:
             return Decision(0, "k=0: k_max is 0")
+        # A probe under way goes on only while nothing else was chosen in between.
+        probing, self._probing = self._probing, None
         tail = self._tail(batch_size)
         if not tail and not self.costs.measured(batch_size, 1):
             # Plain rounds time plain decoding at this batch size first, losing nothing: every
@@ -1017,13 +1039,16 @@ class DraftPolicy:
         self._drafting[batch_size] = False
         verb = "beats" if rates[0] >= rates[best] else f"is within {MIN_GAIN:.0%} of"
         reason = f"k=0: plain {rates[0]:.1f} tok/s {verb} {compared}{suffix}"
-        if self.recheck or (self.rechecks and self.plain_rounds >= PROBE_GAP_ROUNDS):
-            k = min(PROBE_K, self.k_max)
-            return Decision(k, f"probe k={k}: re-checking the kept policy; {reason}", True)
-        if self.plain_rounds >= self.probe_interval(batch_size):
-            k = min(PROBE_K, self.k_max)
-            return Decision(k, f"probe k={k} after {self.plain_rounds} plain rounds; {reason}", True)
-        return Decision(0, reason)
+        if probing is not None and probing[0] == batch_size and self.plain_rounds == 0 and probing[2] < PROBE_ROUNDS:
+            _, k, done, why = probing
+        elif self.recheck or (self.rechecks and self.plain_rounds >= PROBE_GAP_ROUNDS):
+            k, done, why = best, 0, "re-checking the kept policy" if self.kept else "re-checking an early decision"
+        elif self.plain_rounds >= self.probe_interval(batch_size, best):
+            k, done, why = best, 0, f"after {self.plain_rounds} plain rounds"
+        else:
+            return Decision(0, reason)
+        self._probing = (batch_size, k, done + 1, why)
+        return Decision(k, f"probe k={k}, round {done + 1} of {PROBE_ROUNDS}, {why}; {reason}", True)
 
     def _tail(self, batch_size: int) -> bool:
         """Whether this batch size has no plain timing of its own but a larger one has, and the

@@ -13,6 +13,7 @@ from mlx_specdec.policy import (
     K_MAX,
     PLAIN_WINDOW,
     PROBE_GAP_ROUNDS,
+    PROBE_ROUNDS,
     RECHECK_ROUNDS,
     Decision,
     DraftPolicy,
@@ -127,18 +128,21 @@ def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
     busy, kept = kept_from_a_busy_period()
     assert all(kept.costs.explored(1, n) for n in range(1, K_MAX + 2))  # kept cells need no exploring
     first = kept.decide(1)
-    assert first.k == 1 and first.probe and "re-checking the kept policy" in first.reason
+    k = first.k
+    assert k >= 1 and first.probe and "round 1 of" in first.reason and "re-checking the kept policy" in first.reason
     # The probe measures this process. Its first timed drafting round times the drafter apart,
     # which is no measure of what a round costs (the verify pass is built while the device idles):
-    # the drafter's cost only, so the next plain decision probes again.
-    kept.record(1, 1, [1], 0.1 * T1, 1.5 * T1)
+    # the drafter's cost only.
+    kept.record(1, k, [k], 0.1 * T1 * k, 1.5 * T1)
     assert kept.costs.draft[1] == pytest.approx(0.1 * T1)
-    assert kept.costs.samples(("verify", 1, 2)) == 0 and kept.recheck  # (kept cells rescale by the drafter)
-    # The next, overlapped, gives its whole time; its cells replace the kept ones, the others are rescaled.
-    assert kept.decide(1).probe and not kept.draft_timing_due(1)
-    kept.record(1, 1, [1], None, 0.1 * T1 + 1.05 * T1)
-    assert kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
-    assert kept.costs.verify[1, 3] < busy.costs.verify[1, 3] / 3
+    assert kept.costs.samples(("verify", 1, k + 1)) == 0 and kept.recheck  # (kept cells rescale by the drafter)
+    # The probe's next round, overlapped, gives its whole time; its cell replaces the kept one,
+    # the others are rescaled.
+    second = kept.decide(1)
+    assert second.probe and second.k == k and "round 2 of" in second.reason and not kept.draft_timing_due(1)
+    kept.record(1, k, [k], None, 0.1 * T1 * k + (1 + 0.05 * k) * T1)
+    assert kept.costs.verify[1, k + 1] == pytest.approx((1 + 0.05 * k) * T1)
+    assert kept.costs.verify[1, k + 2] < busy.costs.verify[1, k + 2] / 3
     for _ in range(PLAIN_WINDOW):  # and plain rounds measure plain decoding (their mean: one sample)
         kept.record(1, 0, [0], 0.0, T1)
     assert kept.decide(1).k > 1
@@ -154,36 +158,43 @@ def test_a_recheck_probe_that_could_not_be_timed_probes_again():
     for n in range(1, K_MAX + 2):
         busy.record_verify_time(1, n, T1 * (1 if n == 1 else 5))
     kept = DraftPolicy.from_json(busy.to_json())
-    assert kept.decide(1).probe
-    kept.record(1, 1, [1], 0.0, 0.0)
-    assert kept.recheck and kept.costs.verify[1, 2] == pytest.approx(5 * T1)
-    for t_draft, t_verify in ((0.1 * T1, 1.5 * T1), (None, 0.1 * T1 + 1.05 * T1)):  # apart, then overlapped
+    for _ in range(PROBE_ROUNDS):  # a whole probe, none of it timed, nothing accepted
+        d = kept.decide(1)
+        assert d.probe and "re-checking the kept policy" in d.reason
+        kept.record(1, d.k, [0], 0.0, 0.0)
+    assert kept.recheck and all(kept.costs.verify[1, n] == pytest.approx(5 * T1) for n in range(2, K_MAX + 2))
+    for n in (1, 2):  # the next decision probes again at once: drafts timed apart, then overlapped
         again = kept.decide(1)
-        assert again.probe and "re-checking the kept policy" in again.reason
-        kept.record(1, 1, [1], t_draft, t_verify)
-    assert not kept.recheck and kept.costs.verify[1, 2] == pytest.approx(1.05 * T1)
+        assert again.probe and f"round {n} of" in again.reason and "re-checking the kept policy" in again.reason
+        k = again.k
+        kept.record(1, k, [k], *((0.1 * T1 * k, 1.5 * T1) if n == 1 else (None, 0.1 * T1 * k + 1.05 * T1)))
+    assert not kept.recheck and kept.costs.verify[1, k + 1] == pytest.approx(1.05 * T1)
 
 
 def test_a_kept_decision_not_to_draft_is_rechecked_by_a_few_probes_early_on():
-    # One probe's single row is too little to turn drafting back on by: a kept policy probes every
-    # PROBE_GAP_ROUNDS plain rounds until RECHECK_ROUNDS probes are timed (the first at once), so a
-    # process after a loaded one learns within its first 64 tokens; then probes are spaced by cost.
+    # One round's single row is too little to turn drafting back on by: a kept policy probes every
+    # PROBE_GAP_ROUNDS plain rounds until RECHECK_ROUNDS drafting rounds are timed (the first probe
+    # at once), so a process after a loaded one learns within its first 64 tokens; then probes are
+    # spaced by cost.
     _, kept = kept_from_a_busy_period()
-    probes = []
-    for i in range(400):
+    drafted = []
+    for i in range(2500):
         d = kept.decide(1)
         if d.k:
-            probes.append(i)
+            assert d.probe
+            drafted.append(i)
             record_round(kept, 1, d.k, [0], 0.5 * T1, 5.25 * T1)  # nothing accepted: it stays off
         else:
             kept.record(1, 0, [0], 0.0, T1)
-    # The first probe times the drafter apart, so the second follows at once (see
-    # test_a_kept_decision_not_to_draft_is_rechecked_at_once).
-    rechecks = probes[:RECHECK_ROUNDS + 1]
-    assert rechecks == [0] + [1 + i * (PROBE_GAP_ROUNDS + 1) for i in range(RECHECK_ROUNDS)]
-    assert rechecks[-1] < 64 and not kept.rechecks
-    assert all(b - a > 100 for a, b in zip(probes[RECHECK_ROUNDS:], probes[RECHECK_ROUNDS + 1:]))
-    assert DraftPolicy().rechecks == 0  # a fresh policy has nothing kept to re-check
+    starts = [i for i in drafted if i - 1 not in drafted]
+    assert all(i + n in drafted for i in starts for n in range(PROBE_ROUNDS))  # whole probes
+    # The first probe's first round times the drafter apart (no verify sample, see
+    # test_a_kept_decision_not_to_draft_is_rechecked_at_once): two timed rounds, then a second probe.
+    assert starts[:2] == [0, PROBE_ROUNDS + PROBE_GAP_ROUNDS] and RECHECK_ROUNDS <= 2 * PROBE_ROUNDS - 1
+    assert starts[1] + PROBE_ROUNDS < 64 and not kept.rechecks
+    assert len(starts) >= 3 and all(b - a > 100 for a, b in zip(starts[1:], starts[2:]))
+    fresh = DraftPolicy()  # a new policy owes as many, but has nothing kept to probe at once for
+    assert fresh.rechecks == RECHECK_ROUNDS and not fresh.recheck
 
 
 def test_kept_costs_are_priors_scaled_by_what_this_process_measures():
