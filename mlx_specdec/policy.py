@@ -234,8 +234,9 @@ demo pair drafting was off in 99% of the prose rounds at B = 1, where k = 4 paid
 PROBE_OVERHEAD_BUDGET = 0.015
 """Most time probes may add to plain decoding: the interval between probes is at least
 (PROBE_ROUNDS * (a probe round's cost - E(k) plain rounds) + SWITCH_ROUNDS plain rounds) /
-(PROBE_OVERHEAD_BUDGET * plain round cost): at least SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET (134) plain rounds. Half of what
-a user would notice: a probe also costs what the model leaves out (acceptance, sampling)."""
+(PROBE_OVERHEAD_BUDGET * plain round cost): at least SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET (134)
+plain rounds. Half of what a user would notice: a probe also costs what the model leaves out
+(acceptance, sampling)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1039,7 +1040,7 @@ class DraftPolicy:
         self._drafting[batch_size] = False
         verb = "beats" if rates[0] >= rates[best] else f"is within {MIN_GAIN:.0%} of"
         reason = f"k=0: plain {rates[0]:.1f} tok/s {verb} {compared}{suffix}"
-        if probing is not None and probing[0] == batch_size and self.plain_rounds == 0 and probing[2] < PROBE_ROUNDS:
+        if probing and probing[0] == batch_size and probing[2] < PROBE_ROUNDS and self.plain_rounds == 0:
             _, k, done, why = probing
         elif self.recheck or (self.rechecks and self.plain_rounds >= PROBE_GAP_ROUNDS):
             k, done, why = best, 0, "re-checking the kept policy" if self.kept else "re-checking an early decision"
