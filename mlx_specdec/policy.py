@@ -979,9 +979,9 @@ class DraftPolicy:
                                      costs.ratios_below(batch_size))
         return self.acceptance.rates(self.rounds), cached[4], cached[5], cached[7]
 
-    def probe_interval(self, batch_size: int, k: int | None = None) -> int:
-        """Plain rounds before the next probe of k drafts (by default the best length by the
-        estimates), spaced so that probes add at most PROBE_OVERHEAD_BUDGET to plain decoding time
+    def probe_interval(self, batch_size: int, k: int) -> int:
+        """Plain rounds before the next probe of k drafts (`decide` probes at the best length by
+        the estimates), spaced so that probes add at most PROBE_OVERHEAD_BUDGET to plain decoding time
         at the measured acceptance. A probe costs what its PROBE_ROUNDS rounds cost beyond the
         plain rounds their accepted tokens save, plus SWITCH_ROUNDS for breaking the pipelined
         plain rounds: the most when they accept nothing (a drafter that never agrees drives the
@@ -992,9 +992,6 @@ class DraftPolicy:
         if estimates is None:  # no plain timing yet, so no probe is due before one
             return math.ceil(SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET)
         acceptance, t_draft, t_verify, _ = estimates
-        if k is None:
-            rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
-            k = max(range(1, len(rates)), key=lambda n: (rates[n], -n))
         extra = PROBE_ROUNDS * (k * t_draft + t_verify[k] - expected_tokens(acceptance, k) * t_verify[0])
         return math.ceil(max(0.0, extra / t_verify[0] + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
 

@@ -191,7 +191,7 @@ def test_probing_costs_at_most_the_documented_bound_when_nothing_is_accepted():
     plain = (settled[-1][0] - settled[0][0]) * T1
     assert len(settled) >= 5 and extra <= PROBE_OVERHEAD_BUDGET * plain
     interval = (PROBE_ROUNDS * 0.9 + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET  # 0.9 T1 a round, and the switch
-    assert abs(policy.probe_interval(1) - interval) <= 1  # float rounding, and a_1 is near 0, not 0
+    assert abs(policy.probe_interval(1, 1) - interval) <= 1  # float rounding, and a_1 is near 0, not 0
 
 
 def probe_stretches(decisions, after):
@@ -212,7 +212,7 @@ def test_cheap_probes_still_pay_for_leaving_the_pipelined_plain_rounds():
     # switch in and out of pipelined plain rounds is what spaces them (16 rounds cost 3-5%).
     policy = calibrated(cheap)
     decisions = run(policy, 1000, accepts=lambda i: False)
-    interval = policy.probe_interval(1)
+    interval = policy.probe_interval(1, 1)
     round_extra = 0.1 + cheap(2) - cheap(1)
     # a_1's estimate is near 0 after 1000 rounds, not 0: a few rounds short of the limit
     assert 0 <= math.ceil((SWITCH_ROUNDS + PROBE_ROUNDS * round_extra) / PROBE_OVERHEAD_BUDGET) - interval <= 3
@@ -230,10 +230,10 @@ def test_where_drafting_only_just_loses_probes_come_oftenest():
     policy = calibrated(profile, batch_size=2)
     feed(policy, rate=0.5, rounds=200, batch_size=2, k=1)
     assert policy.decide(2).k == 0
-    assert policy.probe_interval(2) == math.ceil((PROBE_ROUNDS * 0.05 + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
+    assert policy.probe_interval(2, 1) == math.ceil((PROBE_ROUNDS * 0.05 + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
     never = calibrated(profile, batch_size=2)
     feed(never, rate=0.0, rounds=200, batch_size=2, k=1)
-    assert never.probe_interval(2) == math.ceil((PROBE_ROUNDS * 0.55 + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
+    assert never.probe_interval(2, 1) == math.ceil((PROBE_ROUNDS * 0.55 + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
 
 
 def test_one_probe_after_a_long_plain_stretch_does_not_outweigh_the_ones_before():
@@ -299,7 +299,7 @@ def test_drafting_comes_back_within_three_probe_intervals_once_text_is_predictab
     policy = calibrated(profile)
     hard = run(policy, 500, accepts=lambda i: False, profile=profile)
     assert hard[-1].k == 0 or hard[-1].probe
-    interval = policy.probe_interval(1)
+    interval = policy.probe_interval(1, 1)
     easy = run(policy, 3 * (interval + 1), accepts=lambda i: True, profile=profile)
     back = [i for i, d in enumerate(easy) if d.k > 0 and not d.probe]
     assert back, [d.reason for d in easy]
