@@ -18,11 +18,16 @@ apart (the others build the verify pass while the drafts compute).
 A cell runs as `mlx-specdec bench` runs one: a fresh policy, one warm-up run and ``--runs`` timed
 ones, every row to ``--max-tokens`` (rows that finish leave the batch), for plain decoding, each
 fixed k and auto, over ``--seeds`` worlds; reported are auto against plain and against the best
-fixed k (the ratio of mean tokens/s, the best k known, not picked from noisy runs).
+fixed k (the ratio of mean tokens/s, the best k known, not picked from noisy runs). Rows draw
+their drafts' fates alike, or, with ``--row-spread``, each row with its own acceptance (a
+lognormal factor on the workload's, the same in every run and mode): the bench's rows are
+different prompts, and a batch lasts as long as its slowest row, whose last rounds run with
+the others gone at a smaller batch's cost per token. Plain decoding has no such tail.
 
     python bench/policy_sim.py                        # jitter only
     python bench/policy_sim.py --spell-seconds 0.7    # slow spells of about 50 rounds
     python bench/policy_sim.py --verify-costs measured --k-max 8
+    python bench/policy_sim.py --verify-costs measured --k-max 8 --batch-sizes 4 --row-spread 0.25
 """
 
 from __future__ import annotations
@@ -128,9 +133,12 @@ class Machine:
 
 def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: DraftPolicy | None,
         machine: Machine, rng: random.Random, shapes: set, measured: bool = False,
-        round_overhead: float = 0.0) -> float:
-    """One run of `batch` rows to max_tokens each: tokens per simulated second."""
+        round_overhead: float = 0.0, row_factors: list[float] | None = None) -> float:
+    """One run of `batch` rows to max_tokens each: tokens per simulated second. Row r accepts
+    each position with row_factors[r] times the workload's probability (at most 0.99), if given."""
     remaining = [max_tokens] * batch
+    by_row = [acceptance if row_factors is None else [min(0.99, a * row_factors[r]) for a in acceptance]
+              for r in range(batch)]
     tokens, seconds, last_k = 0, 0.0, None
     while any(remaining):
         rows = [i for i, left in enumerate(remaining) if left]
@@ -139,9 +147,9 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
         limits = [min(wanted, remaining[i] - 1) for i in rows]  # no row drafts past its max_tokens
         k = max(limits)
         accepted = []
-        for limit in limits:
+        for i, limit in zip(rows, limits):
             n = 0
-            while n < limit and rng.random() < acceptance[n]:
+            while n < limit and rng.random() < by_row[i][n]:
                 n += 1
             accepted.append(n)
         slowdown = machine.factor()
@@ -186,8 +194,11 @@ def cell(workload: str, batch: int, args) -> dict:
             machine = Machine(seed * 1000 + batch + 500, args.sigma, args.spell_factor, args.spell_seconds, args.hiccups)
             policy = DraftPolicy() if mode == "auto" else None
             shapes: set = set()
+            # Each row a prompt of its own, the same in every run and mode: how well it is drafted.
+            spread = random.Random(seed * 1000 + batch + 700)
+            factors = [math.exp(spread.gauss(0.0, args.row_spread)) for _ in range(batch)] if args.row_spread else None
             rates = [run(acceptance, batch, args.max_tokens, mode, policy, machine, rng, shapes,
-                         args.verify_costs == "measured", args.round_overhead)
+                         args.verify_costs == "measured", args.round_overhead, factors)
                      for _ in range(1 + args.runs)]
             means.append(statistics.mean(rates[1:]))  # the first run warms up
         out["plain" if mode == 0 else mode if mode == "auto" else f"k={mode}"] = statistics.mean(means)
@@ -214,6 +225,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--round-overhead", type=float, default=0.0,
                    help="what every drafting round costs beyond its drafter steps and verify pass, of a plain "
                         "round (the demo pair at B = 1 on 31833f7: about 0.27, see ROUND_OVERHEAD_NOTE)")
+    p.add_argument("--row-spread", type=float, default=0.0,
+                   help="lognormal spread of each row's acceptance around the workload's (rows are different "
+                        "prompts; a batch waits for its slowest row). 0: every row alike")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     cells = []

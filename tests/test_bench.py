@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,34 @@ def test_policy_sim_holds_the_floor_and_the_ceiling_in_a_world_without_noise(tmp
             cells["never", b]["tokens_per_second"]["plain"]
         # Where drafting pays, auto comes within 5% of the best fixed k, known here, not guessed from noisy runs.
         assert cells["prose", b]["auto_vs_plain"] > 1.0 and cells["prose", b]["auto_vs_best"] >= 0.95
+
+
+def test_policy_sim_batch_waits_for_its_slowest_row(monkeypatch):
+    sim = _bench_script(POLICY_SIM, monkeypatch)
+
+    def rounds(factors):
+        batch_sizes = []
+
+        class Counting(sim.Machine):
+            def factor(self):
+                return 1.0
+
+        class Rounds:  # a fixed k's run asks a policy only whether to time drafts apart, and tells it each round
+            def draft_timing_due(self, b):
+                return False
+
+            def record(self, b, *args, **kwargs):
+                batch_sizes.append(b)
+
+        machine = Counting(0, 0.0, 1.0, 0.0)
+        sim.run([0.9] * 8, 2, 40, 3, Rounds(), machine, random.Random(0), set(), row_factors=factors)
+        return batch_sizes
+
+    alike = rounds(None)
+    assert len(alike) < 20  # both rows accept 90% of drafts: about 3.4 tokens a round each
+    # A row whose drafts are all rejected takes one token a round, 40 rounds, the last ones alone.
+    held = rounds([1.0, 0.0])
+    assert len(held) == 40 and held.count(2) < 20 and held[-1] == 1
 
 
 # bench/serve_bench.py: the requests of a run and the paired ratios it reports (no server).
