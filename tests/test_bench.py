@@ -174,6 +174,25 @@ def test_peers_runs_mlx_vlm_mtp_on_the_multimodal_demo_exactly(tmp_path):
     assert "| demo | 8 | 2 | ours auto vs mlx-vlm MTP default | ours auto | mlx-vlm MTP default |" in markdown
 
 
+BATCH_TAIL = Path(__file__).resolve().parent.parent / "bench" / "batch_tail.py"
+
+
+def test_batch_tail_reports_rounds_after_the_first_row_finished():
+    run = subprocess.run([sys.executable, str(BATCH_TAIL), "--prompt", "8", "--batch", "3", "--max-tokens", "12",
+                          "--repeats", "2", "--warmup", "0", "--modes", "2,auto"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ") for line in run.stdout.splitlines()
+            if line.startswith(("| plain", "| k=", "| auto"))}
+    assert set(rows) == {"plain", "k=2", "auto"}
+    # Plain decoding moves every row a token a round: the first token comes from the prefill.
+    assert rows["plain"][3] == "11, 11, 11" and rows["plain"][5].startswith("0.00 ") and rows["plain"][2] == "1.00x"
+    for mode, cells in rows.items():
+        finished = [int(n) for n in cells[3].split(", ")]
+        # No tail without rows finishing apart, and the rows that finish first leave one.
+        assert (len(set(finished)) == 1) == cells[5].startswith("0.00 "), (mode, cells)
+
+
 def _bench_script(path: Path, monkeypatch):
     """A script of bench/ imported as a module under its own name."""
     import importlib.util
