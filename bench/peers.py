@@ -1,7 +1,8 @@
 """mlx-specdec against its peers on the same checkpoints: plain and speculative decoding, prefill and memory.
 
-Systems, taking turns run by run in one process (greedy, fp32, EOS ignored so every system
-times the same tokens; every output is checked against ours plain at the same batch size):
+Systems, taking turns run by run in one process, each turn starting one system further on
+(greedy, fp32, EOS ignored so every system times the same tokens; every output is checked
+against ours plain at the same batch size):
 
   ours plain              decode() with draft_tokens=0
   ours k=N                a fixed draft length (targets with a drafter)
@@ -292,10 +293,14 @@ def bench_target(name, spec, lm_model, vlm, prompt_lengths, batch, n, repeats, m
         for run in systems.values():  # warm-up: shapes, allocations, auto's first measurements
             run()
         runs = {s: [] for s in systems}
-        for _ in range(repeats):
-            for system, run in systems.items():
+        names = list(systems)
+        for i in range(repeats):
+            # Each repeat starts one system further on, so that no system always runs right after
+            # the same other one: on the large target at 512 tokens the run after mlx-vlm's plain
+            # run was 3-7% slower than the same system later in the turn.
+            for system in names[i % len(names):] + names[:i % len(names)]:
                 wall, cpu = time.perf_counter(), time.process_time()
-                tokens, prefill, rest, rest_cpu = run()
+                tokens, prefill, rest, rest_cpu = systems[system]()
                 runs[system].append(dict(tokens=tokens, prefill=prefill, decode=rest, decode_cpu=rest_cpu,
                                          wall=time.perf_counter() - wall, cpu=time.process_time() - cpu))
         reference = runs["ours plain"][0]["tokens"]
@@ -499,7 +504,7 @@ def main():
     header = [
         f"command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
         f"MLX {mx.__version__} ({mx.default_device()}), {platform.machine()}, {args.max_tokens} new tokens, "
-        f"greedy, fp32, medians of {args.repeats} runs taking turns; ratios are run-by-run against the row's base "
+        f"greedy, fp32, medians of {args.repeats} runs taking turns (each turn starting one system further on); ratios are run-by-run against the row's base "
         "(>1: faster than it): mlx-lm plain at B=1, ours plain at B>1 (mlx-lm's and mlx-vlm's plain "
         "generate_step decode one sequence; mlx-vlm's MTP path takes a batch)",
         vlm_line,
