@@ -13,7 +13,8 @@ modes taking turns run by run; per mode: its speed against plain decoding (media
 run-by-run ratios of decode time, with their range), its speed round for round while the whole
 batch ran (tokens a round, each row at its own average, over the time a round took until the
 first row finished; against plain decoding's, median), the round in which each row finished and
-the share of its drafts it accepted, and the tail: the share of the batch's decode time after
+the share of its drafts it accepted (in the last run; the same in every run of a fixed k, greedy
+decoding being deterministic), and the tail: the share of the batch's decode time after
 its first row finished (median and range). "auto" has a policy of its own, fresh when the
 script starts and learning through the warm-up runs, as in `mlx-specdec bench`.
 

@@ -504,7 +504,8 @@ def main():
     header = [
         f"command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
         f"MLX {mx.__version__} ({mx.default_device()}), {platform.machine()}, {args.max_tokens} new tokens, "
-        f"greedy, fp32, medians of {args.repeats} runs taking turns (each turn starting one system further on); ratios are run-by-run against the row's base "
+        f"greedy, fp32, medians of {args.repeats} runs taking turns (each turn starting one system further on); "
+        "ratios are run-by-run against the row's base "
         "(>1: faster than it): mlx-lm plain at B=1, ours plain at B>1 (mlx-lm's and mlx-vlm's plain "
         "generate_step decode one sequence; mlx-vlm's MTP path takes a batch)",
         vlm_line,
