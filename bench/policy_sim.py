@@ -53,6 +53,12 @@ WORKLOADS = {
     "marginal": [0.44] * 8,
     "never": [0.0] * 8,
 }
+# Not run unless named: the demo pair on bench/peers.py's 512-token prompts (slices of one source
+# file; a_1 0.61-0.67 and a_2 0.68-0.82 by decision logs), whose rows spread about 0.25 in the log
+# of their acceptance (bench/batch_tail.py). With `--workloads source512 --batch-sizes 4
+# --max-tokens 64 --verify-costs measured --k-max 8 --row-spread 0.25` the simulation gives k = 1
+# 0.954x plain and auto 0.947x (30 seeds), where batch_tail measured 0.91-0.96x and 0.87-0.91x.
+CALIBRATED = {"source512": [0.64, 0.78, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75]}
 
 VERIFY_FIXED, VERIFY_PER_TOKEN = 6.8e-3, 1.17e-3  # seconds: w, and c per row-token
 DRAFT_FIXED, DRAFT_PER_ROW = 2.2e-3, 0.15e-3
@@ -184,7 +190,7 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
 
 def cell(workload: str, batch: int, args) -> dict:
     """Mean tokens/s of every mode over the seeds' timed runs."""
-    acceptance = WORKLOADS[workload]
+    acceptance = (WORKLOADS | CALIBRATED)[workload]
     modes = [0, *range(1, args.k_max + 1), "auto"]
     out = {}
     for mode in modes:
@@ -209,7 +215,8 @@ def cell(workload: str, batch: int, args) -> dict:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, of {', '.join(WORKLOADS | CALIBRATED)} (default: all but {', '.join(CALIBRATED)})")
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--runs", type=int, default=9, help="timed runs per seed, after one warm-up")
@@ -230,6 +237,9 @@ def main(argv=None) -> list[dict]:
                         "prompts; a batch waits for its slowest row). 0: every row alike")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    unknown = [w for w in args.workloads.split(",") if w not in WORKLOADS | CALIBRATED]
+    if unknown:
+        p.error(f"unknown workload {unknown[0]!r}: choose from {', '.join(WORKLOADS | CALIBRATED)}")
     cells = []
     for workload in args.workloads.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
