@@ -781,6 +781,12 @@ class CostModel:
         return self.draft_time(batch_size) or 0.0
 
 
+def _probe_interval(acceptance: Sequence[float], t_draft: float, t_verify: Sequence[float], k: int) -> int:
+    """`DraftPolicy.probe_interval` from the estimates (`DraftPolicy._estimates`)."""
+    extra = PROBE_ROUNDS * (k * t_draft + t_verify[k] - expected_tokens(acceptance, k) * t_verify[0])
+    return math.ceil(max(0.0, extra / t_verify[0] + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
+
+
 def _outgrown(timed_at: int, context: int) -> bool:
     """Whether a sample timed at context ``timed_at`` has expired at ``context`` (CONTEXT_SLACK)."""
     return context >= 2 * timed_at and context - timed_at >= CONTEXT_SLACK
@@ -991,9 +997,7 @@ class DraftPolicy:
         estimates = self._estimates(batch_size)
         if estimates is None:  # no plain timing yet, so no probe is due before one
             return math.ceil(SWITCH_ROUNDS / PROBE_OVERHEAD_BUDGET)
-        acceptance, t_draft, t_verify, _ = estimates
-        extra = PROBE_ROUNDS * (k * t_draft + t_verify[k] - expected_tokens(acceptance, k) * t_verify[0])
-        return math.ceil(max(0.0, extra / t_verify[0] + SWITCH_ROUNDS) / PROBE_OVERHEAD_BUDGET)
+        return _probe_interval(*estimates[:3], k)
 
     def decide(self, batch_size: int) -> Decision:
         """The k with the highest expected throughput at this batch size, an exploration of a
@@ -1041,7 +1045,7 @@ class DraftPolicy:
             _, k, done, why = probing
         elif self.recheck or (self.rechecks and self.plain_rounds >= PROBE_GAP_ROUNDS):
             k, done, why = best, 0, "re-checking the kept policy" if self.kept else "re-checking an early decision"
-        elif self.plain_rounds >= self.probe_interval(batch_size, best):
+        elif self.plain_rounds >= _probe_interval(acceptance, t_draft, t_verify, best):  # the estimates in hand
             k, done, why = best, 0, f"after {self.plain_rounds} plain rounds"
         else:
             return Decision(0, reason)
@@ -1227,8 +1231,7 @@ class DraftPolicy:
         _check(all(_is_int(x) and 0 <= x <= rounds for x in last_round), "acceptance.last_round must be in 0..rounds")
         acceptance = AcceptanceEstimate(accepted, reached, list(last_round), _count(a["prior_weight"]))
         policy = cls(K_MAX, acceptance, CostModel.from_prior(verify, draft), rounds, plain_rounds)
-        policy.kept = policy.recheck = True
-        policy.rechecks = RECHECK_ROUNDS
+        policy.kept = policy.recheck = True  # and it owes RECHECK_ROUNDS, as every new policy does
         return policy
 
 
