@@ -22,7 +22,9 @@ fixed k (the ratio of mean tokens/s, the best k known, not picked from noisy run
 their drafts' fates alike, or, with ``--row-spread``, each row with its own acceptance (a
 lognormal factor on the workload's, the same in every run and mode): the bench's rows are
 different prompts, and a batch lasts as long as its slowest row, whose last rounds run with
-the others gone at a smaller batch's cost per token. Plain decoding has no such tail.
+the others gone at a smaller batch's cost per token. Plain decoding has no such tail. Each run is a
+static batch to auto's policy, as `generate_batch`'s rows are to the engine's: it decides knowing
+that, and is told what a run that drafted lost finishing apart (DraftPolicy.record_finish).
 
     python bench/policy_sim.py                        # jitter only
     python bench/policy_sim.py --spell-seconds 0.7    # slow spells of about 50 rounds
@@ -40,7 +42,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from mlx_specdec.policy import DraftPolicy
+from mlx_specdec.policy import DraftPolicy, finishing_loss
 
 # Conditional acceptance of draft positions 1..8, by workload: roughly the demo pair's on the
 # built-in workloads (`mlx-specdec bench`), a drafter at the break-even point at B = 1 that loses
@@ -146,10 +148,11 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
     by_row = [acceptance if row_factors is None else [min(0.99, a * row_factors[r]) for a in acceptance]
               for r in range(batch)]
     tokens, seconds, last_k = 0, 0.0, None
+    first, full, drafting_full = None, 0, 0  # (seconds, tokens) when a row first finished; rounds of all rows
     while any(remaining):
         rows = [i for i, left in enumerate(remaining) if left]
         b = len(rows)
-        wanted = policy.decide(b).k if mode == "auto" else mode
+        wanted = policy.decide(b, static=True).k if mode == "auto" else mode
         limits = [min(wanted, remaining[i] - 1) for i in rows]  # no row drafts past its max_tokens
         k = max(limits)
         accepted = []
@@ -174,6 +177,9 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
             got = min(n + 1, remaining[i])
             remaining[i] -= got
             tokens += got
+        full, drafting_full = full + (b == batch), drafting_full + (b == batch and k > 0)
+        if first is None and not all(remaining[i] for i in rows):
+            first = (seconds, tokens)
         if policy is not None:
             # As the engine records: a shape's first round traces it (no times), a drafting round
             # times its drafts apart only when the policy asks, a plain round counts as timing
@@ -185,6 +191,9 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
             policy.record(b, k, accepted, t_draft if k else None, t_verify, 0.0, limits,
                           steady=k == 0 and last_k == 0)
         last_k = k
+    # As the engine does for a static batch that drafted in most of its rounds of all rows.
+    if mode == "auto" and batch > 1 and 2 * drafting_full >= full and first[0] < seconds:
+        policy.record_finish(batch, finishing_loss(seconds, tokens, *first))
     return tokens / seconds
 
 

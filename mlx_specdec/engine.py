@@ -51,7 +51,7 @@ from .cache import GROW_STEP, Cache, Step
 from .decode import Options, Round, Rows, Sampler, Stats, check_prompt, new_cache, speculative_round
 from .errors import InputError
 from .loading import SpecModel
-from .policy import K_MAX, Decision, fixed_decision
+from .policy import K_MAX, Decision, finishing_loss, fixed_decision
 
 PREFIX_CACHE_TOKENS = 32_768
 """Positions the prefix store may hold, all entries together (each entry counted by the slots its
@@ -108,6 +108,19 @@ class _Launch:
     start: float
     context: int  # tokens in its longest row when launched: what its passes attend over
     seconds: float | None = None  # from the last read (its launch, after a prefill pass) to its read
+
+
+@dataclass
+class _Static:
+    """A static batch being decoded: rows that joined an empty batch together, each with as many
+    tokens to go, and that nothing has joined since (DraftPolicy.record_finish)."""
+
+    rows: int
+    seconds: float = 0.0  # its rounds' times so far, read to read
+    tokens: int = 0  # emitted by those rounds
+    first: tuple[float, int] | None = None  # (seconds, tokens) through the round its first row finished in
+    full: int = 0  # rounds with every row
+    drafting: int = 0  # of those, rounds that drafted
 
 
 @dataclass
@@ -296,6 +309,7 @@ class Engine:
         # round is charged with the engine's (and its caller's) work between two rounds.
         self._read_done = 0.0
         self._live: dict[int, _Request] = {}
+        self._static: _Static | None = None  # the live rows, while they are a static batch
         self._rows: Rows | None = None
         self._sampler: Sampler | None = None
         self._kv: _KVSize | None = None  # measured from the first prefilled cache
@@ -409,7 +423,7 @@ class Engine:
         failed = list(self._live.values()) + [r for g in self._joining for r in g.requests]
         failed += self._admitting.requests if self._admitting is not None else []
         self._live, self._rows, self._sampler, self._ahead = {}, None, None, None
-        self._admitting, self._joining = None, []
+        self._admitting, self._joining, self._static = None, [], None
         for request in failed:
             if request.finish is None:
                 request.finish = "error"
@@ -466,6 +480,8 @@ class Engine:
         live = [r for r in self._live.values() if r.id in cancelled]
         for request in live:
             request.finish = "cancelled"
+        if live:
+            self._static = None
         self._retire(events, live)
 
     def _close(self, events: dict[int, Event], request: _Request) -> None:
@@ -509,6 +525,10 @@ class Engine:
             if group.requests:
                 joining.append(group)
         if joining:
+            joined = [r for g in joining for r in g.requests]
+            positions = self.spec.target.config.max_position_embeddings
+            alike = len({r.budget(positions) - r.emitted for r in joined}) == 1
+            self._static = _Static(len(joined)) if self._rows is None and len(joined) > 1 and alike else None
             parts = ([] if self._rows is None else [self._rows]) + [g.rows for g in joining]
             samplers = ([] if self._sampler is None else [self._sampler]) + [g.sampler for g in joining]
             self._rows, self._sampler = Rows.stack(parts), Sampler.stack(samplers)
@@ -657,8 +677,10 @@ class Engine:
         else:
             auto = None
             if any(r.options.draft_tokens == "auto" for r in requests):
+                with self._lock:
+                    static = self._static is not None and not self._waiting  # no request to take a row's place
                 # Over a group, rank 0's policy decides for all (each rank measures its own times).
-                auto = distributed.agree(spec.group, spec.policy.decide(B))
+                auto = distributed.agree(spec.group, spec.policy.decide(B, static=static))
             decisions = [auto if r.options.draft_tokens == "auto" else fixed_decision(r.options.draft_tokens)
                          for r in requests]
         # The cache's rings bound k whatever the policy says.
@@ -710,6 +732,7 @@ class Engine:
         self._read(current)
         result, seconds = current.result, current.seconds
         requests = [self._live.get(i) for i in current.ids]  # None: it left while the round ran
+        emitted = sum(r.emitted for r in requests if r is not None)
         # A round that did not time its drafts apart (see DraftPolicy.draft_timing_due) is split
         # for the stats at the drafter's measured cost; the policy takes that cost off itself.
         drafting = result.draft_seconds
@@ -743,7 +766,31 @@ class Engine:
             for i in range(min(limit, n + 1)):
                 self._reached[i] += 1
                 self._accepted[i] += int(i < n)
-        self._retire(events, [r for r in requests if r is not None and r.finish is not None])
+        finished = [r for r in requests if r is not None and r.finish is not None]
+        self._retire(events, finished)
+        if self._static is not None:
+            self._time_static(current, seconds, sum(r.emitted for r in requests if r is not None) - emitted, finished)
+
+    def _time_static(self, launch: "_Launch", seconds: float, tokens: int, finished: list[_Request]) -> None:
+        """Count a round of the static batch, and tell the policy what the batch lost finishing
+        apart once its last row has left. A row that ended early ("stop": EOS) makes it a batch
+        whose rows plain decoding would not have ended together either."""
+        static = self._static
+        if any(r.finish != "length" for r in finished):
+            self._static = None
+            return
+        static.seconds += seconds
+        static.tokens += tokens
+        if len(launch.ids) == static.rows:
+            static.full += 1
+            static.drafting += launch.k > 0
+        if finished and static.first is None:
+            static.first = (static.seconds, static.tokens)
+        if not self._live:
+            self._static = None
+            # Only a batch that drafted in most of its rounds of all rows shows what drafting loses.
+            if static.first[0] < static.seconds and 2 * static.drafting >= static.full:
+                self.spec.policy.record_finish(static.rows, finishing_loss(static.seconds, static.tokens, *static.first))
 
     def _retire(self, events: dict[int, Event], leaving: list[_Request]) -> None:
         """Rows leave the batch (and any round in flight); their caches go to the prefix store."""

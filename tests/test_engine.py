@@ -463,3 +463,49 @@ def test_a_round_launches_everything_its_read_waits_for(checkpoints, monkeypatch
     launched.clear()
     _, result = decode_module.speculative_round(spec, rows, k, sampler)
     assert all(any(a is b for b in launched) for a in result._arrays)
+
+
+def _guessing(checkpoints, prompts, error_rate=0.4):
+    """A pair whose drafter guesses each row's greedy continuation, wrong now and then: rows of a
+    batch accept different numbers of drafts and move apart."""
+    base = _spec(checkpoints.target("e2b"), None)
+    endless = SpecModel(target=base.target, drafter=None, tokenizer=None)
+    seqs = [p + _alone(endless, p, 40, draft_tokens=0)[0] for p in prompts]
+    return SpecModel(target=base.target, drafter=StandInDrafter(base.target, seqs, error_rate=error_rate),
+                     tokenizer=None, eos_token_ids=frozenset())
+
+
+@pytest.mark.parametrize("arrivals, recorded", [
+    ([(0, 20), (0, 20), (0, 20)], True),  # a static batch
+    ([(0, 20), (0, 20), (0, 14)], False),  # rows with different budgets: plain decoding ends them apart too
+    ([(0, 20), (0, 20), (3, 20)], False),  # a row that joined later
+])
+def test_a_static_batch_that_drafted_tells_the_policy_what_its_rows_finishing_apart_lost(
+        checkpoints, monkeypatch, arrivals, recorded):
+    # Rows that start together with as many tokens to go, and that nothing joins, end in the same
+    # round decoded plainly; drafted, they finish apart (DraftPolicy.record_finish).
+    prompts = [prompt(6, seed=s) for s in range(len(arrivals))]
+    spec = _guessing(checkpoints, prompts)
+    finishes = []
+    monkeypatch.setattr(spec.policy, "record_finish", lambda b, lost: finishes.append((b, lost)))
+    got = run(Engine(spec, max_batch=4), [(at, p, _options(m, 3)) for p, (at, m) in zip(prompts, arrivals)])
+    assert [g["tokens"] for g in got] == [_alone(spec, p, m, draft_tokens=0)[0] for p, (_, m) in zip(prompts, arrivals)]
+    ends = {g["steps"][-1] for g in got}
+    if recorded:
+        assert len(ends) > 1, "the rows should finish apart"
+        assert len(finishes) == 1 and finishes[0][0] == 3 and 0 < finishes[0][1] < 1
+    else:
+        assert finishes == []
+
+
+def test_auto_rows_are_a_static_batch_only_while_no_request_waits_for_a_row(checkpoints, monkeypatch):
+    prompts = [prompt(6, seed=s) for s in range(3)]
+    spec = _guessing(checkpoints, prompts)
+    seen, decide = [], spec.policy.decide
+    monkeypatch.setattr(spec.policy, "decide", lambda b, static=False: (seen.append((b, static)), decide(b, static))[1])
+    run(Engine(spec, max_batch=3), [(0, p, _options(16)) for p in prompts])
+    assert seen and all(static for _, static in seen)
+    seen.clear()
+    # Two rows at a time: the third request waits for one to leave, then joins the other.
+    run(Engine(spec, max_batch=2), [(0, p, _options(16)) for p in prompts])
+    assert seen and not any(static for _, static in seen)

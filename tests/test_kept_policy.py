@@ -97,7 +97,7 @@ def test_an_invalid_kept_file_is_ignored_with_one_line_naming_it_and_replaced(ca
 class Reckless(DraftPolicy):
     """A policy that asks for more drafts than any cache ring holds."""
 
-    def decide(self, batch_size: int) -> Decision:
+    def decide(self, batch_size: int, static: bool = False) -> Decision:
         return Decision(20, "k=20 from a corrupt policy")
 
 

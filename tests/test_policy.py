@@ -32,6 +32,7 @@ from mlx_specdec.policy import (
     Decision,
     DraftPolicy,
     expected_tokens,
+    finishing_loss,
     fixed_decision,
     position_counts,
 )
@@ -171,6 +172,36 @@ def test_moe_like_costs_turn_drafting_off_at_batch_1_only():
     at_1, at_8 = policy.decide(1), policy.decide(8)
     assert at_1.k == 0 and "(B=1)" in at_1.reason
     assert at_8.k > 0 and "(B=8)" in at_8.reason
+
+
+def test_a_static_batch_drafts_only_where_drafting_pays_after_its_rows_finish_apart():
+    # Drafting pays 1.21x round for round (k=8 at a_1 = 0.75); static batches at B=4 lost 20% of
+    # their time to the rounds after their first row finished (DraftPolicy.record_finish).
+    policy = calibrated(lambda n: 1 + 0.5 * (n - 1), batch_size=4)
+    feed(policy, rate=0.75, rounds=100, batch_size=4)
+    assert policy.decide(4, static=True).k > 0  # nothing lost yet
+    for lost in (0.25, 0.2, -0.05):  # a batch whose tail kept the full batch's pace lost nothing
+        policy.record_finish(4, lost)
+    d = policy.decide(4, static=True)  # the median: 20%
+    assert d.k == 0 and "with 20.0% lost to rows finishing apart" in d.reason
+    # Its probes are spaced by what they cost with that loss, not at once: round for round they pay.
+    for _ in range(20):
+        assert policy.decide(4, static=True).k == 0
+        record_round(policy, 4, 0, [0] * 4, 0.0, T1)
+    # A batch that rows join as others leave, and a batch size with no such record, draft on.
+    assert policy.decide(4).k > 0
+    policy.record_finish(2, 0.5)
+    assert policy.decide(4).k > 0
+    with pytest.raises(ValueError):
+        policy.record_finish(4, 1.0)
+
+
+def test_finishing_loss_is_the_tails_time_beyond_its_tokens_at_the_full_batchs_pace():
+    # 90 tokens in 8 s until the first row finished, then 10 tokens in 2 s where 8/9 s would do.
+    assert finishing_loss(10.0, 100, 8.0, 90) == pytest.approx((2 - 10 / 11.25) / 10)
+    assert finishing_loss(10.0, 100, 10.0, 100) == 0.0
+    with pytest.raises(ValueError):
+        finishing_loss(10.0, 100, 11.0, 90)
 
 
 # --- probing
