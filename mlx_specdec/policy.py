@@ -440,6 +440,8 @@ class CostModel:
         self._steps: dict[tuple, list[int]] = {}
         self._oldest: dict[int, int] = {}  # by B: the shortest context any sample there was timed at
         self._priors: dict[tuple, float] = {}  # kept, or expired (see above), until measured again
+        self._kept: set[tuple] = set()  # the priors read back from an earlier process, until a cell expires
+        self.expiries = 0  # moves whenever cells expire (`explored` turns false for some)
         # By B: the drafting lengths' costs as of plain decoding's last timing there (see `drift`).
         self._yardstick: dict[int, dict[int, float]] = {}
         # (B, L) -> t_verify(B, L) / t_verify(B, 1) from pairs of samples timed PAIR_SAMPLES apart
@@ -466,6 +468,7 @@ class CostModel:
         costs = cls()
         costs._priors = {("verify", b, n): t for (b, n), t in verify.items()}
         costs._priors.update({("draft", b): t for b, t in draft.items()})
+        costs._kept = set(costs._priors)
         costs.verify, costs.draft = dict(verify), dict(draft)
         return costs
 
@@ -534,6 +537,7 @@ class CostModel:
         if not any(outgrown(c) for cs in timed.values() for c in cs):
             return  # those samples had already left their cells (COST_SAMPLES)
         self._priors.update({key: self._get(key) for key in here})
+        self._kept -= here
         for key, contexts in timed.items():
             kept = [(t, c, n) for t, c, n in zip(self._samples[key], contexts, self._steps[key]) if not outgrown(c)]
             if kept:
@@ -548,6 +552,7 @@ class CostModel:
             del self._ratios[cell]  # and so are their ratios to plain decoding
         self.version += 1
         self.explorations += 1
+        self.expiries += 1
         self._rescale_priors(batch_size)
 
     def _pair(self, batch_size: int, length: int, seconds: float, paired: bool) -> None:
@@ -695,9 +700,15 @@ class CostModel:
         return key in self._samples or key in self._priors
 
     def explored(self, batch_size: int, length: int) -> bool:
-        """Whether this cell needs no exploring: EXPLORE_SAMPLES timings in this process, or a kept prior."""
+        """Whether this cell needs no exploring: EXPLORE_SAMPLES timings in this process (at a
+        context none has outgrown), or a kept prior. A cell whose samples expired is explored
+        again: it stands at its old cost scaled by the median growth of the cells timed since,
+        which are the lengths in use, and the context weighs on a long pass more than on a short
+        one. On the demo pair at B = 1 the lengths in use after 32-token prompts were 5-9 tokens,
+        and at 512 tokens the cost of verifying 2 stood 35-50% above what k = 1's rounds took:
+        auto drafted 4-8 a round at 0.97x plain where k = 1 paid 1.13x."""
         key = ("verify", batch_size, length)
-        return self.samples(key) >= EXPLORE_SAMPLES or key in self._priors
+        return self.samples(key) >= EXPLORE_SAMPLES or key in self._kept
 
     def lengths(self, batch_size: int) -> dict[int, float]:
         """Measured verify times at this batch size, by length, made to grow with length as rounds
@@ -889,7 +900,7 @@ class DraftPolicy:
         self.recheck = False
         self.rechecks = RECHECK_ROUNDS
         self._cached: tuple | None = None  # what _estimates last derived, and from what
-        self._explored: set[int] = set()  # batch sizes with no length left to explore
+        self._explored: dict[int, int] = {}  # batch sizes with no length left to explore, as of costs.expiries
         self._floor: tuple | None = None  # _exploration's last (estimates, explorations, explored, floor)
         self._plain: dict[int, tuple[float, int]] = {}  # plain rounds' seconds not yet a sample, by B
         self._plain_timed: dict[int, int] = {}  # round of the last plain sample, by B
@@ -1175,7 +1186,7 @@ class DraftPolicy:
         verify cost) for `_exploration`, or (None, None) once every length is explored."""
         explored = [self.costs.explored(batch_size, n) for n in range(1, self.k_max + 2)]
         if all(explored[1:]):
-            self._explored.add(batch_size)  # cells are never forgotten: checked once
+            self._explored[batch_size] = self.costs.expiries  # checked again only once cells expire
             return None, None
         # Past the longest timed shorter length, each token adds EXPLORE_SLOPE of the timed drafting
         # lengths' average growth per token (never more than a timed longer length costs).
@@ -1211,7 +1222,7 @@ class DraftPolicy:
         deepest down and timed nearly every length, where climbing stops once the timed lengths
         show that the deeper ones cannot pay (in bench/policy_sim.py those deep explorations cost
         auto up to 2% against the best fixed k at B = 4)."""
-        if batch_size in self._explored:
+        if self._explored.get(batch_size) == self.costs.expiries:
             return None
         # The floor moves only with the derived costs and with which cells are explored, not with
         # acceptance: derived once for those, it spares every round that explores nothing the

@@ -567,7 +567,8 @@ def test_costs_timed_at_a_context_since_outgrown_expire_and_stand_as_rescaled_pr
     assert costs.samples(("verify", 1, 1)) == costs.samples(("verify", 1, 5)) == 0
     assert costs.verify_time(1, 1) == pytest.approx(1.5) and costs.verify_time(1, 5) == pytest.approx(7.5)
     assert costs.draft_time(1) == pytest.approx(0.75)
-    assert costs.measured(1, 5) and costs.explored(1, 5) and costs.kept == 3  # nothing to re-explore
+    # Standing on a cost rescaled by other cells' growth, a cell is explored again at the new context.
+    assert costs.measured(1, 5) and not costs.explored(1, 5) and costs.kept == 3
     assert costs.verify_time(2, 2) == pytest.approx(7.0)  # another batch size: its own contexts
     # Plain decoding timed again at the new context, at 2x the old cost: the cells timed since
     # (1.5x and 2x; of two ratios, the higher) now scale the rest.
@@ -579,6 +580,24 @@ def test_costs_timed_at_a_context_since_outgrown_expire_and_stand_as_rescaled_pr
     costs.record_verify(1, 2, 2.5, context=40)
     assert costs.samples(("verify", 1, 2)) == 3 and costs.verify_time(1, 2) == pytest.approx(2.5)
 
+
+
+def test_a_length_whose_costs_expired_is_explored_again_at_the_new_context():
+    # Timed at a 32-token prompt, every length cheap; at 600 tokens plain decoding costs what it
+    # did and the long passes three times as much: the short pass's expired cost, scaled by the
+    # median growth of the cells timed since, looks dear, so it is timed again before it is judged.
+    policy = DraftPolicy(8)
+    for n in [*range(2, 10), 1]:
+        for _ in range(EXPLORE_SAMPLES):
+            policy.record_verify_time(1, n, T1 * cheap(n), context=32)
+    policy.record_draft_time(1, 0.1 * T1, context=32)
+    feed(policy, rate=1.0, rounds=20)
+    for n in [1, *range(5, 10)]:
+        for _ in range(EXPLORE_SAMPLES):
+            policy.record_verify_time(1, n, T1 * (1 if n == 1 else 3 * cheap(n)), context=600)
+    policy.record_draft_time(1, 0.1 * T1, context=600)
+    assert not policy.costs.explored(1, 2)
+    assert policy.decide(1).reason.startswith("explore k=1: ")
 
 
 def test_a_length_timed_in_a_slow_moment_is_timed_again_and_chosen_once_it_pays():
