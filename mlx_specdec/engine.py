@@ -527,8 +527,8 @@ class Engine:
         if joining:
             joined = [r for g in joining for r in g.requests]
             positions = self.spec.target.config.max_position_embeddings
-            alike = len({r.budget(positions) - r.emitted for r in joined}) == 1
-            self._static = _Static(len(joined)) if self._rows is None and len(joined) > 1 and alike else None
+            alike = self._rows is None and len({r.budget(positions) - r.emitted for r in joined}) == 1
+            self._static = _Static(len(joined)) if alike and len(joined) > 1 else None
             parts = ([] if self._rows is None else [self._rows]) + [g.rows for g in joining]
             samplers = ([] if self._sampler is None else [self._sampler]) + [g.sampler for g in joining]
             self._rows, self._sampler = Rows.stack(parts), Sampler.stack(samplers)
@@ -732,7 +732,7 @@ class Engine:
         self._read(current)
         result, seconds = current.result, current.seconds
         requests = [self._live.get(i) for i in current.ids]  # None: it left while the round ran
-        emitted = sum(r.emitted for r in requests if r is not None)
+        emitted = sum(r.emitted for r in requests if r is not None) if self._static is not None else 0
         # A round that did not time its drafts apart (see DraftPolicy.draft_timing_due) is split
         # for the stats at the drafter's measured cost; the policy takes that cost off itself.
         drafting = result.draft_seconds

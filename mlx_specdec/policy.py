@@ -440,7 +440,7 @@ class CostModel:
         self._steps: dict[tuple, list[int]] = {}
         self._oldest: dict[int, int] = {}  # by B: the shortest context any sample there was timed at
         self._priors: dict[tuple, float] = {}  # kept, or expired (see above), until measured again
-        self._kept: set[tuple] = set()  # the priors read back from an earlier process, until a cell expires
+        self._read_back: set[tuple] = set()  # the priors from an earlier process, until their cells expire
         self.expiries = 0  # moves whenever cells expire (`explored` turns false for some)
         # By B: the drafting lengths' costs as of plain decoding's last timing there (see `drift`).
         self._yardstick: dict[int, dict[int, float]] = {}
@@ -468,7 +468,7 @@ class CostModel:
         costs = cls()
         costs._priors = {("verify", b, n): t for (b, n), t in verify.items()}
         costs._priors.update({("draft", b): t for b, t in draft.items()})
-        costs._kept = set(costs._priors)
+        costs._read_back = set(costs._priors)
         costs.verify, costs.draft = dict(verify), dict(draft)
         return costs
 
@@ -537,7 +537,7 @@ class CostModel:
         if not any(outgrown(c) for cs in timed.values() for c in cs):
             return  # those samples had already left their cells (COST_SAMPLES)
         self._priors.update({key: self._get(key) for key in here})
-        self._kept -= here
+        self._read_back -= here
         for key, contexts in timed.items():
             kept = [(t, c, n) for t, c, n in zip(self._samples[key], contexts, self._steps[key]) if not outgrown(c)]
             if kept:
@@ -708,7 +708,7 @@ class CostModel:
         and at 512 tokens the cost of verifying 2 stood 35-50% above what k = 1's rounds took:
         auto drafted 4-8 a round at 0.97x plain where k = 1 paid 1.13x."""
         key = ("verify", batch_size, length)
-        return self.samples(key) >= EXPLORE_SAMPLES or key in self._kept
+        return self.samples(key) >= EXPLORE_SAMPLES or key in self._read_back
 
     def lengths(self, batch_size: int) -> dict[int, float]:
         """Measured verify times at this batch size, by length, made to grow with length as rounds
@@ -911,6 +911,7 @@ class DraftPolicy:
         self._drafted: dict[tuple[int, int], int] = {}  # round (B, k) last drafted in this process
         self._probing: tuple[int, int, int, str] | None = None  # a probe under way: (B, k, rounds decided, why)
         self._finishes: dict[int, list[float]] = {}  # by B: static batches' shares lost finishing apart
+        self._lost: dict[int, float] = {}  # by B: their median, what `decide` weighs
 
     # -- measurements
 
@@ -988,6 +989,7 @@ class DraftPolicy:
         samples = self._finishes.setdefault(batch_size, [])
         samples.append(max(0.0, lost))  # a tail at the full batch's pace or quicker lost nothing
         del samples[:-FINISH_SAMPLES]
+        self._lost[batch_size] = statistics.median(samples)
 
     def drafting_seconds(self, batch_size: int, k: int) -> float | None:
         """What k drafter steps cost at this batch size by the measured drafter cost (None before
@@ -1090,8 +1092,7 @@ class DraftPolicy:
         # Only on or off: the choice between lengths, the spacing of plain timings and refreshes
         # stay by the round-by-round rates (those weighed down too timed plain decoding oftener
         # where drafting paid, and lost 0.2-0.9% there in bench/policy_sim.py).
-        finishing = self._finishes.get(batch_size) if static else None
-        lost = statistics.median(finishing) if finishing else 0.0
+        lost = self._lost.get(batch_size, 0.0) if static else 0.0
         paid = rates[best] * (1 - lost)
         if lost:
             compared += f", {paid:.1f} with {lost:.1%} lost to rows finishing apart"
