@@ -645,10 +645,13 @@ class CostModel:
     def aligned(self, batch_size: int) -> bool | None:
         """Whether plain decoding at this batch size was timed in this process since a drafting
         length had EXPLORE_SAMPLES timings there (so `drift` can follow it); None while no length
-        has them yet."""
-        if not self._timed_lengths(batch_size):
-            return None
-        return bool(self._yardstick.get(batch_size))
+        has them yet. Asked every round: the yardstick answers first, without costing a length
+        (one is set only from such lengths, and dropped when their samples expire)."""
+        if self._yardstick.get(batch_size):
+            return True
+        timed = any(b == batch_size and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES
+                    for b, n in self.verify)
+        return False if timed else None
 
     def samples(self, key: tuple) -> int:
         """Timings this process has of a cell: ("verify", B, L) or ("draft", B)."""
