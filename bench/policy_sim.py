@@ -75,6 +75,11 @@ BUILD_WAIT = 0.3
 # 30 plain rounds, its step took 1.88 ms in the first drafting round, 1.50, 1.37 and 1.26 in the
 # next three (plain rounds about 3.7 ms), so the simulation charges it to the drafting.
 SWITCH_IN = 0.15
+# Of a plain round: what the second plain round after drafting rounds costs over a steady one (the
+# first is BUILD_WAIT's). Steady plain rounds of auto's stretches on the demo pair at B = 1 took
+# 4.11, 3.9, 3.8 and 3.48 ms, the first to the fourth, where a plain run's took 3.54 (low quartile)
+# and 3.9 (median): about 0.1.
+SETTLE_WAIT = 0.1
 
 
 # A target pass over L tokens in each of B rows against a plain pass at B, as measured on the demo
@@ -147,7 +152,7 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
     remaining = [max_tokens] * batch
     by_row = [acceptance if row_factors is None else [min(0.99, a * row_factors[r]) for a in acceptance]
               for r in range(batch)]
-    tokens, seconds, last_k = 0, 0.0, None
+    tokens, seconds, last_k, since = 0, 0.0, None, math.inf  # since: rounds since the last drafting round
     first, full, drafting_full = None, 0, 0  # (seconds, tokens) when a row first finished; rounds of all rows
     while any(remaining):
         rows = [i for i, left in enumerate(remaining) if left]
@@ -167,6 +172,8 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
         apart = policy is not None and k > 0 and policy.draft_timing_due(b)
         if (k == 0 and last_k not in (0, None)) or apart:
             verifying += BUILD_WAIT * verify_seconds(b, 1, measured) * slowdown
+        if k == 0 and since == 1:
+            verifying += SETTLE_WAIT * verify_seconds(b, 1, measured) * slowdown
         if k > 0 and last_k == 0:  # the drafter pays it (timed apart, its steps show it)
             drafting += SWITCH_IN * verify_seconds(b, 1, measured) * slowdown
         if k > 0:
@@ -190,7 +197,7 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
             t_verify = (verifying if apart or k == 0 else drafting + verifying) if timed else 0.0
             policy.record(b, k, accepted, t_draft if k else None, t_verify, 0.0, limits,
                           steady=k == 0 and last_k == 0)
-        last_k = k
+        last_k, since = k, 0 if k > 0 else since + 1
     # As the engine does for a static batch that drafted in most of its rounds of all rows.
     if mode == "auto" and batch > 1 and 2 * drafting_full >= full and first[0] < seconds:
         policy.record_finish(batch, finishing_loss(seconds, tokens, *first))
