@@ -167,6 +167,14 @@ rule a length out."""
 PLAIN_WINDOW = 4
 """Plain rounds whose mean time makes one cost sample (see DraftPolicy._record_plain)."""
 
+PLAIN_SETTLE = 2
+"""Plain rounds after a drafting round before one times plain decoding. The first is never steady
+(it waits for its own graph); the second still runs slow: on the demo pair at B = 1 the
+steady plain rounds of auto's stretches took 4.11, 3.9, 3.8 and 3.48 ms, the first to the fourth,
+against 3.54 ms (low quartile) in a plain run. With it in every sample, plain decoding was costed
+at 5.1-5.3 ms a round at a 512-token prompt where a plain run's rounds took 4.5-4.9 (median), and
+auto drafted where every fixed k lost 0-16%."""
+
 PLAIN_REFRESH_BUDGET = 0.015
 """Most decoding time that stretches re-timing plain decoding while drafting is on may cost, by
 the measured costs (see DraftPolicy._plain_due)."""
@@ -912,6 +920,7 @@ class DraftPolicy:
         self._streak = (0, 0)  # (B, rounds recorded in a row at B) as of the last round
         self._drafting: dict[int, bool] = {}  # whether the last choice by rates drafted, by B
         self._drafted: dict[tuple[int, int], int] = {}  # round (B, k) last drafted in this process
+        self._drafted_last = -math.inf  # round any length last drafted (see PLAIN_SETTLE)
         self._probing: tuple[int, int, int, str] | None = None  # a probe under way: (B, k, rounds decided, why)
         self._finishes: dict[int, list[float]] = {}  # by B: static batches' shares lost finishing apart
         self._lost: dict[int, float] = {}  # by B: their median, what `decide` weighs
@@ -966,9 +975,10 @@ class DraftPolicy:
             # outvoted the steady ratios and held drafting off for 600 rounds where it paid.
             self.costs.record_verify(batch_size, k + 1, t_verify, context, self.plain_rounds == 0, steps)
             self.recheck, self.rechecks = False, max(0, self.rechecks - 1)
-        elif 0 < t_verify < math.inf and steady:
+        elif 0 < t_verify < math.inf and steady and self.rounds - self._drafted_last > PLAIN_SETTLE:
             self._record_plain(batch_size, t_verify, context)
         if k > 0:
+            self._drafted_last = self.rounds
             self.acceptance.update(self.rounds, k, accepted, limits)
             self._drafted[batch_size, k] = self.rounds
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
@@ -1017,7 +1027,8 @@ class DraftPolicy:
         round of a plain stretch (the first of all, one between drafting rounds, one forced by a
         row's last token) also waits for its own graph to be built, twice a steady interval on a
         small model, and taken as the cost of plain decoding it sent the policy drafting, and
-        drafting deep, where plain decoding was faster; the last round's interval is only a tail."""
+        drafting deep, where plain decoding was faster; the last round's interval is only a tail.
+        After drafting rounds the caller leaves out the second too (PLAIN_SETTLE)."""
         total, count = self._plain.get(batch_size, (0.0, 0))
         total, count = total + seconds, count + 1
         if count == PLAIN_WINDOW:
@@ -1142,13 +1153,14 @@ class DraftPolicy:
         while drafting is on. Plain decoding is the yardstick of every choice, and it is timed only
         while the policy decodes plainly: one early sample from a busy moment would otherwise stand
         for good, and drafting that does not pay would look as if it did. A stretch is
-        PLAIN_WINDOW + 2 rounds (its first and last are not steady) that each forgo ``margin``,
+        PLAIN_WINDOW + PLAIN_SETTLE + 1 rounds (its first PLAIN_SETTLE and its last time
+        nothing) that each forgo ``margin``,
         drafting's expected gain over plain, plus SWITCH_ROUNDS for leaving the drafting
         rounds and coming back; stretches are spaced to cost at most PLAIN_REFRESH_BUDGET of
         decoding time: often where drafting only just pays and the
         yardstick decides, rarely where it pays well. A plain cost kept from an earlier process counts
         as timed when this one began (and is rescaled with the cells this process times)."""
-        stretch = PLAIN_WINDOW + 2
+        stretch = PLAIN_WINDOW + PLAIN_SETTLE + 1
         start = self._plain_stretch.get(batch_size, -math.inf)
         if self.rounds - start < stretch:
             return True

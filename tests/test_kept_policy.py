@@ -11,6 +11,7 @@ from mlx_specdec import generate, load
 from mlx_specdec.loading import load_policy
 from mlx_specdec.policy import (
     K_MAX,
+    PLAIN_SETTLE,
     PLAIN_WINDOW,
     PROBE_GAP_ROUNDS,
     PROBE_ROUNDS,
@@ -144,7 +145,8 @@ def test_a_kept_decision_not_to_draft_is_rechecked_at_once():
     kept.record(1, k, [k], None, 0.1 * T1 * k + (1 + 0.05 * k) * T1)
     assert kept.costs.verify[1, k + 1] == pytest.approx((1 + 0.05 * k) * T1)
     assert kept.costs.verify[1, k + 2] < busy.costs.verify[1, k + 2] / 3
-    for _ in range(PLAIN_WINDOW):  # and plain rounds measure plain decoding (their mean: one sample)
+    # And plain rounds measure plain decoding (their mean: one sample), past the first PLAIN_SETTLE.
+    for _ in range(PLAIN_SETTLE + PLAIN_WINDOW):
         kept.record(1, 0, [0], 0.0, T1)
     assert kept.decide(1).k > 1
     # Once it has drafted, a decision not to draft waits out the probe interval as usual.

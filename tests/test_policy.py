@@ -19,6 +19,7 @@ from mlx_specdec.policy import (
     MIN_GAIN,
     PAIR_SAMPLES,
     PLAIN_REFRESH_BUDGET,
+    PLAIN_SETTLE,
     PLAIN_WINDOW,
     PROBE_GAP_ROUNDS,
     PROBE_OVERHEAD_BUDGET,
@@ -362,13 +363,28 @@ def test_only_steady_plain_rounds_time_plain_decoding():
     assert policy.costs.verify_time(1, 1) == pytest.approx(T1)
 
 
+def test_the_second_plain_round_after_drafting_does_not_time_plain_decoding():
+    # After drafting rounds the first steady plain round still runs slow (10-15% on the demo pair
+    # at B = 1); in every sample, it made plain decoding look dearer than drafting at a 512-token
+    # prompt where every fixed k lost. The first PLAIN_SETTLE rounds after drafting time nothing.
+    policy = calibrated(cheap)
+    feed(policy, rate=1.0, rounds=4, k=3)
+    policy.record(1, 0, [0], 0.0, 2 * T1, steady=False)  # waits for its own graph
+    for _ in range(PLAIN_SETTLE - 1):
+        policy.record(1, 0, [0], 0.0, 1.5 * T1)  # steady, but still slow
+    for _ in range(PLAIN_WINDOW):
+        policy.record(1, 0, [0], 0.0, 0.9 * T1)
+    assert policy.costs.samples(("verify", 1, 1)) == EXPLORE_SAMPLES + 1
+    assert policy.costs._samples["verify", 1, 1][-1] == pytest.approx(0.9 * T1)
+
+
 def test_a_new_batch_size_times_plain_decoding_before_it_drafts():
     # A neighbour's plain cost scaled by rows (2 T1 at B=2 from T1 at B=1) would overstate plain
     # decoding where batching is nearly free, and every draft length would look cheap beside it.
     policy = calibrated(cheap)
     feed(policy, rate=1.0, rounds=10, k=3)
     assert policy.decide(1).k > 0
-    for _ in range(PLAIN_WINDOW):
+    for _ in range(PLAIN_SETTLE + PLAIN_WINDOW):  # after drafting rounds, the first PLAIN_SETTLE time nothing
         assert policy.decide(2) == Decision(0, "k=0: timing plain decoding at B=2 first")
         policy.record(2, 0, [0, 0], 0.0, 1.1 * T1)
     assert policy.decide(2).k > 0
@@ -938,13 +954,13 @@ def test_a_new_batch_size_does_not_explore_lengths_that_lost_relative_to_plain_a
     policy = calibrated(profile, batch_size=2)
     feed(policy, rate=0.6, rounds=50, batch_size=2, k=1)
     assert policy.decide(2).k == 0 or policy.decide(2).probe
-    for _ in range(PLAIN_WINDOW + 1):
+    for _ in range(PLAIN_SETTLE + PLAIN_WINDOW + 1):
         policy.record(8, 0, [0] * 8, 0.0, 2 * T1)
     decisions = [policy.decide(8) for _ in range(20)]
     assert not any(d.reason.startswith("explore") for d in decisions), decisions[0].reason
     # Where the same acceptance pays at B=2 (cheap extra tokens), B=8 still explores.
     policy = calibrated(cheap, batch_size=2)
     feed(policy, rate=0.6, rounds=50, batch_size=2, k=1)
-    for _ in range(PLAIN_WINDOW + 1):
+    for _ in range(PLAIN_SETTLE + PLAIN_WINDOW + 1):
         policy.record(8, 0, [0] * 8, 0.0, 2 * T1)
     assert policy.decide(8).reason.startswith("explore")
