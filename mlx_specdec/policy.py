@@ -618,11 +618,14 @@ class CostModel:
             by_timing.setdefault(sample, []).append(ratio)
         return self._round_cost(batch_size, length) / statistics.median(map(statistics.median, by_timing.values()))
 
+    def _timed(self, batch_size: int):
+        """The drafting lengths with EXPLORE_SAMPLES timings in this process at this batch size."""
+        return (n for b, n in self.verify
+                if b == batch_size and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES)
+
     def _timed_lengths(self, batch_size: int) -> dict[int, float]:
-        """The drafting lengths with EXPLORE_SAMPLES timings in this process at this batch size, by
-        length, at their current cost as `_round_cost` reads it."""
-        return {n: self._round_cost(b, n) for (b, n) in self.verify
-                if b == batch_size and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES}
+        """`_timed`, by length, at their current cost as `_round_cost` reads it."""
+        return {n: self._round_cost(batch_size, n) for n in self._timed(batch_size)}
 
     def _round_cost(self, batch_size: int, length: int) -> float:
         """A verify cell with the drafter steps its samples hold (see `record_verify`) put back at
@@ -657,9 +660,7 @@ class CostModel:
         (one is set only from such lengths, and dropped when their samples expire)."""
         if self._yardstick.get(batch_size):
             return True
-        timed = any(b == batch_size and n > 1 and self.samples(("verify", b, n)) >= EXPLORE_SAMPLES
-                    for b, n in self.verify)
-        return False if timed else None
+        return False if next(self._timed(batch_size), None) else None
 
     def samples(self, key: tuple) -> int:
         """Timings this process has of a cell: ("verify", B, L) or ("draft", B)."""
