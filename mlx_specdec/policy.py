@@ -1084,6 +1084,8 @@ class DraftPolicy:
             return Decision(0, "k=0: k_max is 0")
         # A probe under way goes on only while nothing else was chosen in between.
         probing, self._probing = self._probing, None
+        probe_goes_on = (probing is not None and probing[0] == batch_size and probing[2] < PROBE_ROUNDS
+                         and self.plain_rounds == 0)
         tail = self._tail(batch_size)
         if not tail and not self.costs.measured(batch_size, 1):
             # Plain rounds time plain decoding at this batch size first, losing nothing: every
@@ -1095,7 +1097,13 @@ class DraftPolicy:
         compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "
                     f"acceptance {_rates_text(acceptance[:best])})")
         suffix = f" (B={batch_size})"
-        explore = None if tail else self._exploration(batch_size, acceptance, t_draft, t_verify, ratios, max(rates))
+        # A probe's rounds are not cut short by exploring: its first round alone leaves the plain
+        # rounds and pays for the switch, so only its steady rounds time drafting while it is off.
+        # A probe whose first round accepted every draft made a deeper length look worth a try;
+        # that one untimed round ended the probe, and in bench/policy_sim.py (Q&A at B = 1, the
+        # demo pair's costs) drafting then stayed off for 200 more plain rounds where it paid 1.27x.
+        explore = (None if tail or probe_goes_on
+                   else self._exploration(batch_size, acceptance, t_draft, t_verify, ratios, max(rates)))
         if explore is not None:
             k, bound = explore
             return Decision(k, f"explore k={k}: {bound:.1f} tok/s if verifying {k + 1} tokens costs no more than "
@@ -1124,7 +1132,7 @@ class DraftPolicy:
         self._drafting[batch_size] = False
         verb = "beats" if rates[0] >= paid else f"is within {MIN_GAIN:.0%} of"
         reason = f"k=0: plain {rates[0]:.1f} tok/s {verb} {compared}{suffix}"
-        if probing and probing[0] == batch_size and probing[2] < PROBE_ROUNDS and self.plain_rounds == 0:
+        if probe_goes_on:
             _, k, done, why = probing
         elif self.recheck or (self.rechecks and self.plain_rounds >= PROBE_GAP_ROUNDS):
             k, done, why = best, 0, "re-checking the kept policy" if self.kept else "re-checking an early decision"

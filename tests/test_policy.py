@@ -279,6 +279,31 @@ def test_one_probe_after_a_long_plain_stretch_does_not_outweigh_the_ones_before(
     assert PROBE_GAP_ROUNDS < ACCEPTANCE_HALF_LIFE_ROUNDS
 
 
+def test_a_probe_runs_all_its_rounds_before_a_deeper_length_is_explored():
+    # k=1 rounds cost 1.6 T1 and 2 drafts in 5 are accepted: drafting goes off, k=2 unexplored.
+    # The probe's first round accepts, which makes k=2 worth a try; exploring it then (one round,
+    # untimed as its shape's first) ended the probe, whose steady rounds are the only timings of
+    # drafting while it is off. The probe goes on, and k=2 is explored after it.
+    policy, decisions, last, probed = DraftPolicy(k_max=2), [], 0, False
+    cost = {1: 1.6, 2: 1.7}
+    for i in range(400):
+        d = policy.decide(1)
+        decisions.append(d)
+        if probed and not d.probe:
+            break
+        if d.k:
+            probed = probed or d.probe
+            accepted = d.k if probed or i % 5 in (1, 3) else 0
+            record_round(policy, 1, d.k, [accepted], 0.1 * T1 * d.k, (cost[d.k] - 0.1 * d.k) * T1)
+        else:
+            policy.record(1, 0, [0], None, T1, steady=last == 0)
+        last = d.k
+    first = next(i for i, d in enumerate(decisions) if d.probe)
+    assert [d.probe and d.k == 1 for d in decisions[first:first + PROBE_ROUNDS]] == [True] * PROBE_ROUNDS
+    after = decisions[first + PROBE_ROUNDS]
+    assert after.k == 2 and after.reason.startswith("explore k=2"), after.reason
+
+
 def test_drafting_turned_off_by_paired_timings_comes_back_once_its_rounds_pay():
     # k=2 rounds cost 3 T1 and k=1 rounds 2 T1 beside plain rounds of T1, timed side by side (the
     # ratios set plain decoding's cost): at a_1 = 0.75 drafting loses and goes off. Then drafting
