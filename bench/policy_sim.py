@@ -154,6 +154,7 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
               for r in range(batch)]
     tokens, seconds, last_k, since = 0, 0.0, None, math.inf  # since: rounds since the last drafting round
     first, full, drafting_full = None, 0, 0  # (seconds, tokens) when a row first finished; rounds of all rows
+    variance = 0.0  # as the engine sums it (DraftPolicy.record_finish's spread)
     while any(remaining):
         rows = [i for i, left in enumerate(remaining) if left]
         b = len(rows)
@@ -180,10 +181,13 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
             verifying += round_overhead * verify_seconds(b, 1, measured) * slowdown
         seconds += drafting + verifying
         machine.spend(drafting + verifying)
-        for i, n in zip(rows, accepted):
-            got = min(n + 1, remaining[i])
+        took = [min(n + 1, remaining[i]) for i, n in zip(rows, accepted)]
+        for i, got in zip(rows, took):
             remaining[i] -= got
             tokens += got
+        if b == batch > 1 and first is None:
+            mean = sum(took) / b
+            variance += sum((n - mean) ** 2 for n in took) / (b - 1)
         full, drafting_full = full + (b == batch), drafting_full + (b == batch and k > 0)
         if first is None and not all(remaining[i] for i in rows):
             first = (seconds, tokens)
@@ -200,7 +204,7 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
         last_k, since = k, 0 if k > 0 else since + 1
     # As the engine does for a static batch that drafted in most of its rounds of all rows.
     if mode == "auto" and batch > 1 and 2 * drafting_full >= full and first[0] < seconds:
-        policy.record_finish(batch, finishing_loss(seconds, tokens, *first))
+        policy.record_finish(batch, finishing_loss(seconds, tokens, *first), math.sqrt(variance * batch / tokens))
     return tokens / seconds
 
 

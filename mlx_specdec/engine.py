@@ -37,6 +37,7 @@ verifying the longest row's drafts for all rows.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -121,6 +122,7 @@ class _Static:
     first: tuple[float, int] | None = None  # (seconds, tokens) through the round its first row finished in
     full: int = 0  # rounds with every row
     drafting: int = 0  # of those, rounds that drafted
+    variance: float = 0.0  # through the first row's finish: the rounds' variances of the tokens each row took
 
 
 @dataclass
@@ -732,7 +734,8 @@ class Engine:
         self._read(current)
         result, seconds = current.result, current.seconds
         requests = [self._live.get(i) for i in current.ids]  # None: it left while the round ran
-        emitted = sum(r.emitted for r in requests if r is not None) if self._static is not None else 0
+        present = [r for r in requests if r is not None]
+        before = [r.emitted for r in present]
         # A round that did not time its drafts apart (see DraftPolicy.draft_timing_due) is split
         # for the stats at the drafter's measured cost; the policy takes that cost off itself.
         drafting = result.draft_seconds
@@ -769,28 +772,34 @@ class Engine:
         finished = [r for r in requests if r is not None and r.finish is not None]
         self._retire(events, finished)
         if self._static is not None:
-            self._time_static(current, seconds, sum(r.emitted for r in requests if r is not None) - emitted, finished)
+            self._time_static(current, seconds, [r.emitted - n for r, n in zip(present, before)], finished)
 
-    def _time_static(self, launch: "_Launch", seconds: float, tokens: int, finished: list[_Request]) -> None:
-        """Count a round of the static batch, and tell the policy what the batch lost finishing
-        apart once its last row has left. A row that ended early ("stop": EOS) makes it a batch
-        whose rows plain decoding would not have ended together either."""
+    def _time_static(self, launch: "_Launch", seconds: float, took: list[int], finished: list[_Request]) -> None:
+        """Count a round of the static batch (``took``: the tokens each row took), and tell the
+        policy what the batch lost finishing apart, and how far apart its rows drifted, once its
+        last row has left. A row that ended early ("stop": EOS) makes it a batch whose rows plain
+        decoding would not have ended together either."""
         static = self._static
         if any(r.finish != "length" for r in finished):
             self._static = None
             return
         static.seconds += seconds
-        static.tokens += tokens
+        static.tokens += sum(took)
         if len(launch.ids) == static.rows:
             static.full += 1
             static.drafting += launch.k > 0
+            if static.first is None and len(took) > 1:
+                mean = sum(took) / len(took)
+                static.variance += sum((n - mean) ** 2 for n in took) / (len(took) - 1)
         if finished and static.first is None:
             static.first = (static.seconds, static.tokens)
         if not self._live:
             self._static = None
             # Only a batch that drafted in most of its rounds of all rows shows what drafting loses.
             if static.first[0] < static.seconds and 2 * static.drafting >= static.full:
-                self.spec.policy.record_finish(static.rows, finishing_loss(static.seconds, static.tokens, *static.first))
+                spread = math.sqrt(static.variance * static.rows / static.tokens)  # per row: tokens / rows
+                self.spec.policy.record_finish(static.rows, finishing_loss(static.seconds, static.tokens, *static.first),
+                                               spread)
 
     def _retire(self, events: dict[int, Event], leaving: list[_Request]) -> None:
         """Rows leave the batch (and any round in flight); their caches go to the prefix store."""

@@ -52,10 +52,11 @@ A static batch (rows that started together with as many tokens to go, and that n
 to join) lasts as long as its last row. Plain decoding ends such rows in the same round; drafting
 moves each row by its own accepted drafts, so they finish apart, and the batch's last rounds run
 with fewer rows at nearly a full round's cost. The engine measures what each static batch that
-drafted lost that way (`record_finish`), and for such batches the choice to draft at all (not the
-length) weighs drafting's rate less the median loss of the last FINISH_SAMPLES of them at that
-batch size, as do the probes while drafting is off there. A batch whose rows are replaced as they
-leave (a busy server) loses nothing of the kind and decides as before.
+drafted lost that way and how far apart its rows drifted (`record_finish`); for such batches each
+length's rate is weighed less the loss the last FINISH_SAMPLES of them at that batch size put on
+it (deeper drafts spread rows further, see `round_spreads`), in the choice of length and of
+drafting at all, as in the probes while drafting is off there. A batch whose rows are replaced as
+they leave (a busy server) loses nothing of the kind and decides as before.
 
 The policy object is meant to be owned by the loaded model and reused across requests, so what it
 has measured carries over; `to_json` / `from_json` save it per model and machine. What a new process
@@ -238,8 +239,8 @@ plain decoding of its own (see DraftPolicy._tail)."""
 
 FINISH_SAMPLES = 8
 """Static batches (see DraftPolicy.record_finish) whose finishing losses make the estimate at their
-batch size: their median, so one batch whose rows happened to finish far apart does not hold
-drafting off for the next."""
+batch size: the median of their losses per unit of spread, so one batch whose rows happened to
+finish far apart does not hold drafting off for the next."""
 
 PROBE_ROUNDS = 3
 """Drafting rounds in a probe, all at the best length by the estimates. The first leaves the
@@ -304,6 +305,20 @@ def tokens_per_second(
             reach *= acceptance[k - 1]
             total += reach
         out.append(batch_size * total / (k * t_draft + t))
+    return out
+
+
+def round_spreads(acceptance: Sequence[float], k_max: int) -> list[float]:
+    """For k = 0..k_max: sqrt(Var(X) / E(X)) of X, the tokens a row takes from a round that drafts
+    k at these acceptances. Rows that take X a round apart drift apart by sqrt(Var(X) / E(X)) times
+    the square root of their tokens, so a static batch's rows finish that far apart (see
+    DraftPolicy.record_finish): 0 for plain decoding, more the deeper the drafts."""
+    out, mean, square, reach = [0.0], 1.0, 1.0, 1.0  # P(X > j) is a_1 ... a_j
+    for j, a in enumerate(acceptance[:k_max], start=1):
+        reach *= a
+        mean += reach
+        square += (2 * j + 1) * reach  # E(X^2) = sum over j of (2j + 1) P(X > j)
+        out.append(math.sqrt(max(0.0, square - mean * mean) / mean))
     return out
 
 
@@ -923,8 +938,8 @@ class DraftPolicy:
         self._drafted: dict[tuple[int, int], int] = {}  # round (B, k) last drafted in this process
         self._drafted_last = -math.inf  # round any length last drafted (see PLAIN_SETTLE)
         self._probing: tuple[int, int, int, str] | None = None  # a probe under way: (B, k, rounds decided, why)
-        self._finishes: dict[int, list[float]] = {}  # by B: static batches' shares lost finishing apart
-        self._lost: dict[int, float] = {}  # by B: their median, what `decide` weighs
+        self._finishes: dict[int, list[float]] = {}  # by B: static batches' shares lost finishing apart, per spread
+        self._lost: dict[int, float] = {}  # by B: their median, what `decide` weighs (times a length's spread)
 
     # -- measurements
 
@@ -987,7 +1002,7 @@ class DraftPolicy:
         b, n = self._streak
         self._streak = (batch_size, n + 1 if b == batch_size else 1)
 
-    def record_finish(self, batch_size: int, lost: float) -> None:
+    def record_finish(self, batch_size: int, lost: float, spread: float) -> None:
         """One static batch of `batch_size` rows that drafted: rows that started together with as
         many tokens to go and that nothing joined. Plain decoding ends such rows in the same
         round; drafting moves each row by its own accepted drafts, so they finish apart and the
@@ -997,11 +1012,24 @@ class DraftPolicy:
         their tokens cost at the full batch's pace. The round-by-round estimates cannot see it,
         and it is where drafting that pays round for round lost to plain decoding: the demo pair
         on 512-token slices of one source file at B = 4 (bench/batch_tail.py), k = 1 at 1.05x
-        plain round for round and 0.96x in all, 14% of its time after the first row finished."""
+        plain round for round and 0.96x in all, 14% of its time after the first row finished.
+
+        ``spread``: how far apart its rows drifted, as `round_spreads` has it for a length, from the
+        batch's rounds of all rows through the one its first row finished in: the square root of
+        the sum of their variances across rows of the tokens each row took, over the tokens per
+        row. Deeper drafts spread rows further and lose more: on 16 code prompts at B = 4
+        (bench/workloads_wide.json) fixed k = 1 lost 7% this way, k = 3 16% and k = 5 22%. One
+        median over batches that explored deep lengths put 21% on k = 1, and auto decoded plainly
+        in 98% of its rounds where k = 1 paid 1.16x. So each batch's loss counts per unit of its
+        spread, and a length's loss is that times its own spread."""
         if not lost < 1.0:
             raise ValueError(f"lost must be below 1, got {lost}")
+        if not spread >= 0.0:
+            raise ValueError(f"spread must be >= 0, got {spread}")
         samples = self._finishes.setdefault(batch_size, [])
-        samples.append(max(0.0, lost))  # a tail at the full batch's pace or quicker lost nothing
+        # A tail at the full batch's pace or quicker lost nothing; rows that never drifted apart
+        # lost nothing to drafting (they finish in one round).
+        samples.append(max(0.0, lost) / spread if spread > 0 else 0.0)
         del samples[:-FINISH_SAMPLES]
         self._lost[batch_size] = statistics.median(samples)
 
@@ -1076,8 +1104,8 @@ class DraftPolicy:
     def decide(self, batch_size: int, static: bool = False) -> Decision:
         """The k with the highest expected throughput at this batch size, an exploration of a
         length that might beat it, or a probe while off. ``static``: the rows are a static batch
-        (see `record_finish`) that nothing waits to join, so whether to draft at all weighs what
-        such batches lost finishing apart."""
+        (see `record_finish`) that nothing waits to join, so each length weighs what such batches
+        lose finishing apart at its spread."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.k_max == 0:
@@ -1093,7 +1121,12 @@ class DraftPolicy:
             return Decision(0, f"k=0: timing plain decoding at B={batch_size} first")
         acceptance, t_draft, t_verify, ratios = self._estimates(batch_size)  # cached: the hot path re-derives nothing
         rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
-        best = max(range(1, len(rates)), key=lambda k: (rates[k], -k))
+        # A static batch's rows finish apart, the further the deeper it drafts (see `record_finish`):
+        # its lengths are weighed at what they pay after that.
+        per_spread = self._lost.get(batch_size, 0.0) if static else 0.0
+        losses = ([min(1.0, per_spread * g) for g in round_spreads(acceptance, len(rates) - 1)]
+                  if per_spread else [0.0] * len(rates))
+        best = max(range(1, len(rates)), key=lambda k: (rates[k] * (1 - losses[k]), -k))
         compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "
                     f"acceptance {_rates_text(acceptance[:best])})")
         suffix = f" (B={batch_size})"
@@ -1112,10 +1145,10 @@ class DraftPolicy:
         # rates leave out (the first plain round after drafting waits for its own graph), and
         # near break-even the timings' jitter alone would flip it back and forth.
         on = self._drafting.get(batch_size, False)
-        # Only on or off: the choice between lengths, the spacing of plain timings and refreshes
-        # stay by the round-by-round rates (those weighed down too timed plain decoding oftener
-        # where drafting paid, and lost 0.2-0.9% there in bench/policy_sim.py).
-        lost = self._lost.get(batch_size, 0.0) if static else 0.0
+        # The losses weigh on or off and the choice between lengths only: the spacing of plain
+        # timings and refreshes stay by the round-by-round rates (those weighed down too timed
+        # plain decoding oftener where drafting paid, and lost 0.2-0.9% there in bench/policy_sim.py).
+        lost = losses[best]
         paid = rates[best] * (1 - lost)
         if lost:
             compared += f", {paid:.1f} with {lost:.1%} lost to rows finishing apart"

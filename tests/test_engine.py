@@ -487,13 +487,13 @@ def test_a_static_batch_that_drafted_tells_the_policy_what_its_rows_finishing_ap
     prompts = [prompt(6, seed=s) for s in range(len(arrivals))]
     spec = _guessing(checkpoints, prompts)
     finishes = []
-    monkeypatch.setattr(spec.policy, "record_finish", lambda b, lost: finishes.append((b, lost)))
+    monkeypatch.setattr(spec.policy, "record_finish", lambda b, lost, spread: finishes.append((b, lost, spread)))
     got = run(Engine(spec, max_batch=4), [(at, p, _options(m, 3)) for p, (at, m) in zip(prompts, arrivals)])
     assert [g["tokens"] for g in got] == [_alone(spec, p, m, draft_tokens=0)[0] for p, (_, m) in zip(prompts, arrivals)]
     ends = {g["steps"][-1] for g in got}
     if recorded:
         assert len(ends) > 1, "the rows should finish apart"
-        assert len(finishes) == 1 and finishes[0][0] == 3 and 0 < finishes[0][1] < 1
+        assert len(finishes) == 1 and finishes[0][0] == 3 and 0 < finishes[0][1] < 1 and finishes[0][2] > 0
     else:
         assert finishes == []
 

@@ -36,6 +36,7 @@ from mlx_specdec.policy import (
     finishing_loss,
     fixed_decision,
     position_counts,
+    round_spreads,
 )
 from tests.helpers import record_round
 
@@ -176,25 +177,64 @@ def test_moe_like_costs_turn_drafting_off_at_batch_1_only():
 
 
 def test_a_static_batch_drafts_only_where_drafting_pays_after_its_rows_finish_apart():
-    # Drafting pays 1.21x round for round (k=8 at a_1 = 0.75); static batches at B=4 lost 20% of
-    # their time to the rounds after their first row finished (DraftPolicy.record_finish).
+    # Drafting pays 1.21x round for round (k=8 at a_1 = 0.75); static batches at B=4 that drafted
+    # 8 lost half their time to the rounds after their first row finished
+    # (DraftPolicy.record_finish), and shorter drafts, whose rows drift apart less, lose too much too.
     policy = calibrated(lambda n: 1 + 0.5 * (n - 1), batch_size=4)
     feed(policy, rate=0.75, rounds=100, batch_size=4)
-    assert policy.decide(4, static=True).k > 0  # nothing lost yet
-    for lost in (0.25, 0.2, -0.05):  # a batch whose tail kept the full batch's pace lost nothing
-        policy.record_finish(4, lost)
-    d = policy.decide(4, static=True)  # the median: 20%
-    assert d.k == 0 and "with 20.0% lost to rows finishing apart" in d.reason
+    assert policy.decide(4, static=True).k == 8  # nothing lost yet
+    spread = round_spreads(policy.acceptance.rates(policy.rounds), 8)[8]
+    for lost in (0.6, 0.5, -0.05):  # a batch whose tail kept the full batch's pace lost nothing
+        policy.record_finish(4, lost, spread)
+    d = policy.decide(4, static=True)
+    assert d.k == 0 and "lost to rows finishing apart" in d.reason
     # Its probes are spaced by what they cost with that loss, not at once: round for round they pay.
     for _ in range(20):
         assert policy.decide(4, static=True).k == 0
         record_round(policy, 4, 0, [0] * 4, 0.0, T1)
     # A batch that rows join as others leave, and a batch size with no such record, draft on.
     assert policy.decide(4).k > 0
-    policy.record_finish(2, 0.5)
+    policy.record_finish(2, 0.5, spread)
     assert policy.decide(4).k > 0
     with pytest.raises(ValueError):
-        policy.record_finish(4, 1.0)
+        policy.record_finish(4, 1.0, spread)
+    with pytest.raises(ValueError):
+        policy.record_finish(4, 0.1, -1.0)
+
+
+def test_a_static_batchs_finishing_loss_grows_with_how_far_apart_a_length_spreads_its_rows():
+    # Batches that drafted 8 lost 20% finishing apart. Shorter drafts spread rows less and lose
+    # less: one median put 20% on every length and kept drafting off where k = 1 paid 1.16x
+    # (16 code prompts at B = 4, bench/workloads_wide.json).
+    policy = calibrated(lambda n: 1 + 0.5 * (n - 1), batch_size=4)
+    feed(policy, rate=0.75, rounds=100, batch_size=4)
+    spreads = round_spreads(policy.acceptance.rates(policy.rounds), 8)
+    for _ in range(3):
+        policy.record_finish(4, 0.2, spreads[8])
+    d = policy.decide(4, static=True)
+    assert 0 < d.k < 8  # drafts, shorter than round for round
+    assert f"with {0.2 * spreads[d.k] / spreads[8]:.1%} lost to rows finishing apart" in d.reason
+    assert policy.decide(4).k == 8  # a batch that rows join as others leave loses nothing of the kind
+    # Rows that never drifted apart lost nothing to drafting, whatever their tail took.
+    fresh = calibrated(lambda n: 1 + 0.5 * (n - 1), batch_size=4)
+    feed(fresh, rate=0.75, rounds=100, batch_size=4)
+    for _ in range(3):
+        fresh.record_finish(4, 0.3, 0.0)
+    assert fresh.decide(4, static=True).k == 8
+
+
+def test_round_spreads_are_the_spread_of_the_tokens_a_round_takes():
+    acceptance = [0.9, 0.7, 0.5, 0.8]
+    for k, got in enumerate(round_spreads(acceptance, 4)):
+        # X = 1 + accepted drafts: P(X = j + 1) = a_1 ... a_j (1 - a_{j+1}), the last one all k accepted.
+        probs, reach = [], 1.0
+        for j in range(k + 1):
+            probs.append(reach * (1 - acceptance[j] if j < k else 1.0))
+            reach *= acceptance[j] if j < k else 1.0
+        mean = sum((j + 1) * p for j, p in enumerate(probs))
+        variance = sum((j + 1 - mean) ** 2 * p for j, p in enumerate(probs))
+        assert got == pytest.approx(math.sqrt(variance / mean))
+    assert round_spreads(acceptance, 4)[0] == 0.0 and round_spreads([1.0] * 3, 3) == [0.0] * 4
 
 
 def test_finishing_loss_is_the_tails_time_beyond_its_tokens_at_the_full_batchs_pace():
