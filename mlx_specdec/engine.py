@@ -735,7 +735,7 @@ class Engine:
         result, seconds = current.result, current.seconds
         requests = [self._live.get(i) for i in current.ids]  # None: it left while the round ran
         present = [r for r in requests if r is not None]
-        before = [r.emitted for r in present]
+        before = [r.emitted for r in present] if self._static is not None else []  # see _time_static
         # A round that did not time its drafts apart (see DraftPolicy.draft_timing_due) is split
         # for the stats at the drafter's measured cost; the policy takes that cost off itself.
         drafting = result.draft_seconds
