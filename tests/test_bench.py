@@ -90,6 +90,15 @@ def test_modes_and_workloads_parse():
         load_workloads(names=["poetry"])
 
 
+def test_wide_workloads_follow_the_built_in_recipes_with_sixteen_prompts_each():
+    # bench/workloads_wide.json (bench/wide_workloads.py): what --workload-file reads.
+    wide = load_workloads(Path(__file__).resolve().parent.parent / "bench" / "workloads_wide.json")
+    built_in = load_workloads()
+    assert [(w.name, w.chat, w.max_tokens) for w in wide] == [(w.name, w.chat, w.max_tokens) for w in built_in]
+    for w in wide:
+        assert len(set(w.prompts)) == 16 and all(p.strip() for p in w.prompts)
+
+
 def test_reference_blas_is_detected_and_openblas_named(monkeypatch):
     monkeypatch.setattr(common, "openblas_loaded", lambda: False)
     monkeypatch.setattr(common, "matmul_seconds", lambda: 0.09)
