@@ -42,7 +42,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from mlx_specdec.policy import DraftPolicy, finishing_loss
+from mlx_specdec.policy import DraftPolicy, finishing_loss, finishing_spread, token_variance
 
 # Conditional acceptance of draft positions 1..8, by workload: roughly the demo pair's on the
 # built-in workloads (`mlx-specdec bench`), a drafter at the break-even point at B = 1 that loses
@@ -154,7 +154,7 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
               for r in range(batch)]
     tokens, seconds, last_k, since = 0, 0.0, None, math.inf  # since: rounds since the last drafting round
     first, full, drafting_full = None, 0, 0  # (seconds, tokens) when a row first finished; rounds of all rows
-    variance = 0.0  # as the engine sums it (DraftPolicy.record_finish's spread)
+    variance = 0.0  # summed token_variance, as the engine sums it (DraftPolicy.record_finish's spread)
     while any(remaining):
         rows = [i for i, left in enumerate(remaining) if left]
         b = len(rows)
@@ -186,8 +186,7 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
             remaining[i] -= got
             tokens += got
         if b == batch > 1 and first is None:
-            mean = sum(took) / b
-            variance += sum((n - mean) ** 2 for n in took) / (b - 1)
+            variance += token_variance(took)
         full, drafting_full = full + (b == batch), drafting_full + (b == batch and k > 0)
         if first is None and not all(remaining[i] for i in rows):
             first = (seconds, tokens)
@@ -204,7 +203,7 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
         last_k, since = k, 0 if k > 0 else since + 1
     # As the engine does for a static batch that drafted in most of its rounds of all rows.
     if mode == "auto" and batch > 1 and 2 * drafting_full >= full and first[0] < seconds:
-        policy.record_finish(batch, finishing_loss(seconds, tokens, *first), math.sqrt(variance * batch / tokens))
+        policy.record_finish(batch, finishing_loss(seconds, tokens, *first), finishing_spread(variance, batch, tokens))
     return tokens / seconds
 
 

@@ -37,7 +37,6 @@ verifying the longest row's drafts for all rows.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 import time
@@ -52,7 +51,7 @@ from .cache import GROW_STEP, Cache, Step
 from .decode import Options, Round, Rows, Sampler, Stats, check_prompt, new_cache, speculative_round
 from .errors import InputError
 from .loading import SpecModel
-from .policy import K_MAX, Decision, finishing_loss, fixed_decision
+from .policy import K_MAX, Decision, finishing_loss, finishing_spread, fixed_decision, token_variance
 
 PREFIX_CACHE_TOKENS = 32_768
 """Positions the prefix store may hold, all entries together (each entry counted by the slots its
@@ -789,17 +788,15 @@ class Engine:
             static.full += 1
             static.drafting += launch.k > 0
             if static.first is None and len(took) > 1:
-                mean = sum(took) / len(took)
-                static.variance += sum((n - mean) ** 2 for n in took) / (len(took) - 1)
+                static.variance += token_variance(took)
         if finished and static.first is None:
             static.first = (static.seconds, static.tokens)
         if not self._live:
             self._static = None
             # Only a batch that drafted in most of its rounds of all rows shows what drafting loses.
             if static.first[0] < static.seconds and 2 * static.drafting >= static.full:
-                spread = math.sqrt(static.variance * static.rows / static.tokens)  # per row: tokens / rows
                 self.spec.policy.record_finish(static.rows, finishing_loss(static.seconds, static.tokens, *static.first),
-                                               spread)
+                                               finishing_spread(static.variance, static.rows, static.tokens))
 
     def _retire(self, events: dict[int, Event], leaving: list[_Request]) -> None:
         """Rows leave the batch (and any round in flight); their caches go to the prefix store."""

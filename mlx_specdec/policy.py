@@ -322,6 +322,21 @@ def round_spreads(acceptance: Sequence[float], k_max: int) -> list[float]:
     return out
 
 
+def token_variance(took: Sequence[int]) -> float:
+    """The variance across rows (over n - 1) of the tokens each row took in one round of a static
+    batch: summed over its rounds of all rows through the one its first row finished in, what
+    `finishing_spread` reads."""
+    mean = sum(took) / len(took)
+    return sum((n - mean) ** 2 for n in took) / (len(took) - 1)
+
+
+def finishing_spread(variance: float, rows: int, tokens: int) -> float:
+    """`DraftPolicy.record_finish`'s `spread` for a static batch of `rows` rows that decoded
+    `tokens` in all, from its summed `token_variance`: the rows' drift per token, as
+    `round_spreads` has it for a length."""
+    return math.sqrt(variance * rows / tokens)
+
+
 def finishing_loss(seconds: float, tokens: int, first_seconds: float, first_tokens: int) -> float:
     """`DraftPolicy.record_finish`'s `lost` for a static batch that decoded `tokens` in `seconds`,
     `first_tokens` of them in the `first_seconds` through the round its first row finished in:
@@ -1124,9 +1139,9 @@ class DraftPolicy:
         # A static batch's rows finish apart, the further the deeper it drafts (see `record_finish`):
         # its lengths are weighed at what they pay after that.
         per_spread = self._lost.get(batch_size, 0.0) if static else 0.0
-        losses = ([min(1.0, per_spread * g) for g in round_spreads(acceptance, len(rates) - 1)]
-                  if per_spread else [0.0] * len(rates))
-        best = max(range(1, len(rates)), key=lambda k: (rates[k] * (1 - losses[k]), -k))
+        losses = [min(1.0, per_spread * g) for g in round_spreads(acceptance, len(rates) - 1)] if per_spread else None
+        paying = rates if losses is None else [r * (1 - lost) for r, lost in zip(rates, losses)]
+        best = max(range(1, len(rates)), key=lambda k: (paying[k], -k))
         compared = (f"k={best} {rates[best]:.1f} tok/s (E={expected_tokens(acceptance, best):.2f} at "
                     f"acceptance {_rates_text(acceptance[:best])})")
         suffix = f" (B={batch_size})"
@@ -1148,8 +1163,8 @@ class DraftPolicy:
         # The losses weigh on or off and the choice between lengths only: the spacing of plain
         # timings and refreshes stay by the round-by-round rates (those weighed down too timed
         # plain decoding oftener where drafting paid, and lost 0.2-0.9% there in bench/policy_sim.py).
-        lost = losses[best]
-        paid = rates[best] * (1 - lost)
+        lost = losses[best] if losses else 0.0
+        paid = paying[best]
         if lost:
             compared += f", {paid:.1f} with {lost:.1%} lost to rows finishing apart"
         if paid > rates[0] * (1 + MIN_GAIN) or (on and paid * (1 + MIN_GAIN) > rates[0]):
