@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,29 @@ def test_batch_tail_reports_rounds_after_the_first_row_finished():
         finished = [int(n) for n in cells[3].split(", ")]
         # No tail without rows finishing apart, and the rows that finish first leave one.
         assert (len(set(finished)) == 1) == cells[5].startswith("0.00 "), (mode, cells)
+
+
+BATCH_GROUPS = Path(__file__).resolve().parent.parent / "bench" / "batch_groups.py"
+
+
+def test_batch_groups_times_each_static_batch_of_a_workload():
+    run = subprocess.run([sys.executable, str(BATCH_GROUPS), "--workload", "short", "--batch", "3", "--max-tokens", "10",
+                          "--repeats", "2", "--warmup", "0", "--modes", "2,auto"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    header = next(line for line in run.stdout.splitlines() if line.startswith("| batch |"))
+    assert header == "| batch | k=2 vs plain | auto vs plain | k=2 lost / spread | auto lost / spread | auto chose |"
+    rows = [line.strip("|").split(" | ") for line in run.stdout.splitlines() if re.match(r"\| (\d+|all) \|", line)]
+    # The built-in short workload's four prompts, three at a time: a batch of three and one of one.
+    assert [r[0].strip() for r in rows] == ["0", "1", "all"]
+    for cells in rows:
+        for ratio in cells[1:3]:
+            median, low, high = map(float, re.fullmatch(r"([\d.]+)x \(([\d.]+)-([\d.]+)\)", ratio).groups())
+            assert 0 < low <= median <= high
+    # A batch of one row has no rows to finish apart: nothing lost per unit of spread.
+    assert rows[1][3] in ("0.00", "-") and rows[1][4] in ("0.00", "-")
+    for cells in rows[:2]:
+        assert all(0 <= int(k) <= 8 for k in re.findall(r"k=(\d+):", cells[5])) and cells[5] != "-"
 
 
 def _bench_script(path: Path, monkeypatch):
