@@ -794,7 +794,9 @@ class Engine:
         if not self._live:
             self._static = None
             # Only a batch that drafted in most of its rounds of all rows shows what drafting loses.
-            if static.first[0] < static.seconds and 2 * static.drafting >= static.full:
+            if 2 * static.drafting < static.full:
+                self.spec.policy.record_plain_batch(static.rows)
+            elif static.first[0] < static.seconds:
                 self.spec.policy.record_finish(static.rows, finishing_loss(static.seconds, static.tokens, *static.first),
                                                finishing_spread(static.variance, static.rows, static.tokens))
 

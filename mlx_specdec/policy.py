@@ -955,6 +955,7 @@ class DraftPolicy:
         self._probing: tuple[int, int, int, str] | None = None  # a probe under way: (B, k, rounds decided, why)
         self._finishes: dict[int, list[float]] = {}  # by B: static batches' shares lost finishing apart, per spread
         self._lost: dict[int, float] = {}  # by B: their median, what `decide` weighs (times a length's spread)
+        self._plain_batches: dict[int, int] = {}  # by B: static batches in a row that decoded plainly since then
 
     # -- measurements
 
@@ -1041,12 +1042,23 @@ class DraftPolicy:
             raise ValueError(f"lost must be below 1, got {lost}")
         if not spread >= 0.0:
             raise ValueError(f"spread must be >= 0, got {spread}")
+        self._plain_batches[batch_size] = 0
         samples = self._finishes.setdefault(batch_size, [])
         # A tail at the full batch's pace or quicker lost nothing; rows that never drifted apart
         # lost nothing to drafting (they finish in one round).
         samples.append(max(0.0, lost) / spread if spread > 0 else 0.0)
         del samples[:-FINISH_SAMPLES]
         self._lost[batch_size] = statistics.median(samples)
+
+    def record_plain_batch(self, batch_size: int) -> None:
+        """One static batch of `batch_size` rows (see `record_finish`) that decoded plainly in most
+        of its rounds of all rows: it shows nothing of what drafting loses finishing apart. While
+        such losses keep drafting off, such batches are all that come, so the losses would stand
+        for good: on 16 code prompts at B = 4 (bench/workloads_wide.json) three batches' 0.16,
+        0.34 and 0.34 per unit of spread held drafting off for the 30 batches after them, where
+        fixed k = 1 paid 1.06x. After FINISH_SAMPLES of them in a row the next static batch is
+        weighed round for round (see `decide`), so it drafts where that pays and is measured."""
+        self._plain_batches[batch_size] = self._plain_batches.get(batch_size, 0) + 1
 
     def drafting_seconds(self, batch_size: int, k: int) -> float | None:
         """What k drafter steps cost at this batch size by the measured drafter cost (None before
@@ -1138,7 +1150,10 @@ class DraftPolicy:
         rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
         # A static batch's rows finish apart, the further the deeper it drafts (see `record_finish`):
         # its lengths are weighed at what they pay after that.
-        per_spread = self._lost.get(batch_size, 0.0) if static else 0.0
+        # After FINISH_SAMPLES static batches in a row that did not draft, those losses are measured
+        # again rather than believed (see `record_plain_batch`).
+        remeasure = self._plain_batches.get(batch_size, 0) >= FINISH_SAMPLES
+        per_spread = self._lost.get(batch_size, 0.0) if static and not remeasure else 0.0
         losses = [min(1.0, per_spread * g) for g in round_spreads(acceptance, len(rates) - 1)] if per_spread else None
         paying = rates if losses is None else [r * (1 - lost) for r, lost in zip(rates, losses)]
         best = max(range(1, len(rates)), key=lambda k: (paying[k], -k))
@@ -1167,6 +1182,8 @@ class DraftPolicy:
         paid = paying[best]
         if lost:
             compared += f", {paid:.1f} with {lost:.1%} lost to rows finishing apart"
+        elif static and remeasure and self._lost.get(batch_size):
+            compared += f" (losses to rows finishing apart measured again after {FINISH_SAMPLES} plain batches)"
         if paid > rates[0] * (1 + MIN_GAIN) or (on and paid * (1 + MIN_GAIN) > rates[0]):
             self._drafting[batch_size] = True
             verb = "beats" if paid > rates[0] else f"is within {MIN_GAIN:.0%} of"

@@ -16,6 +16,7 @@ from mlx_specdec.policy import (
     COST_SAMPLES,
     DRAFT_TIMING_INTERVAL,
     EXPLORE_SAMPLES,
+    FINISH_SAMPLES,
     MIN_GAIN,
     PAIR_SAMPLES,
     PLAIN_REFRESH_BUDGET,
@@ -200,6 +201,28 @@ def test_a_static_batch_drafts_only_where_drafting_pays_after_its_rows_finish_ap
         policy.record_finish(4, 1.0, spread)
     with pytest.raises(ValueError):
         policy.record_finish(4, 0.1, -1.0)
+
+
+def test_losses_that_hold_a_static_batch_off_are_measured_again_after_plain_batches():
+    # While what static batches lose finishing apart keeps drafting off, no batch drafts to say
+    # otherwise (DraftPolicy.record_plain_batch): three losses held the 16 code prompts plain at
+    # B = 4 for 30 batches where k = 1 paid 1.06x.
+    policy = calibrated(lambda n: 1 + 0.5 * (n - 1), batch_size=4)
+    feed(policy, rate=0.75, rounds=100, batch_size=4)
+    spread = round_spreads(policy.acceptance.rates(policy.rounds), 8)[8]
+    for lost in (0.6, 0.5, 0.55):
+        policy.record_finish(4, lost, spread)
+    for _ in range(FINISH_SAMPLES):
+        assert policy.decide(4, static=True).k == 0
+        policy.record_plain_batch(4)
+        policy.record_plain_batch(2)  # another batch size's count is its own
+    d = policy.decide(4, static=True)
+    assert d.k == 8 and f"measured again after {FINISH_SAMPLES} plain batches" in d.reason
+    # The batch that drafted tells what it lost, and the losses weigh again.
+    policy.record_finish(4, 0.6, spread)
+    assert policy.decide(4, static=True).k == 0
+    policy.record_plain_batch(4)
+    assert policy.decide(4, static=True).k == 0
 
 
 def test_a_static_batchs_finishing_loss_grows_with_how_far_apart_a_length_spreads_its_rows():
