@@ -486,9 +486,11 @@ def test_a_static_batch_that_drafted_tells_the_policy_what_its_rows_finishing_ap
     # round decoded plainly; drafted, they finish apart (DraftPolicy.record_finish).
     prompts = [prompt(6, seed=s) for s in range(len(arrivals))]
     spec = _guessing(checkpoints, prompts)
-    finishes = []
+    finishes, plain = [], []
     monkeypatch.setattr(spec.policy, "record_finish", lambda b, lost, spread: finishes.append((b, lost, spread)))
+    monkeypatch.setattr(spec.policy, "record_plain_batch", plain.append)
     got = run(Engine(spec, max_batch=4), [(at, p, _options(m, 3)) for p, (at, m) in zip(prompts, arrivals)])
+    assert plain == []  # a batch that drafted, or no static batch
     assert [g["tokens"] for g in got] == [_alone(spec, p, m, draft_tokens=0)[0] for p, (_, m) in zip(prompts, arrivals)]
     ends = {g["steps"][-1] for g in got}
     if recorded:
@@ -496,6 +498,18 @@ def test_a_static_batch_that_drafted_tells_the_policy_what_its_rows_finishing_ap
         assert len(finishes) == 1 and finishes[0][0] == 3 and 0 < finishes[0][1] < 1 and finishes[0][2] > 0
     else:
         assert finishes == []
+
+
+def test_a_static_batch_decoded_plainly_tells_the_policy_it_measured_no_finishing_loss(checkpoints, monkeypatch):
+    # While finishing losses hold drafting off, plain batches are all that come
+    # (DraftPolicy.record_plain_batch): the policy counts them to measure those losses again.
+    prompts = [prompt(6, seed=s) for s in range(3)]
+    spec = _guessing(checkpoints, prompts)
+    finishes, plain = [], []
+    monkeypatch.setattr(spec.policy, "record_finish", lambda b, lost, spread: finishes.append(b))
+    monkeypatch.setattr(spec.policy, "record_plain_batch", plain.append)
+    run(Engine(spec, max_batch=4), [(0, p, _options(12, 0)) for p in prompts])
+    assert plain == [3] and finishes == []
 
 
 def test_auto_rows_are_a_static_batch_only_while_no_request_waits_for_a_row(checkpoints, monkeypatch):
