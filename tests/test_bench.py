@@ -187,12 +187,17 @@ def test_peers_runs_mlx_vlm_mtp_on_the_multimodal_demo_exactly(tmp_path):
 BATCH_TAIL = Path(__file__).resolve().parent.parent / "bench" / "batch_tail.py"
 
 
-def test_batch_tail_reports_rounds_after_the_first_row_finished():
-    run = subprocess.run([sys.executable, str(BATCH_TAIL), "--prompt", "8", "--batch", "3", "--max-tokens", "12",
-                          "--repeats", "2", "--warmup", "0", "--modes", "2,auto"],
-                         capture_output=True, text=True, timeout=300)
+def _run_script(path: Path, *args: str) -> str:
+    """A bench/ script run as a user runs it: its stdout, once it exited cleanly."""
+    run = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    rows = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ") for line in run.stdout.splitlines()
+    return run.stdout
+
+
+def test_batch_tail_reports_rounds_after_the_first_row_finished():
+    out = _run_script(BATCH_TAIL, "--prompt", "8", "--batch", "3", "--max-tokens", "12", "--repeats", "2",
+                      "--warmup", "0", "--modes", "2,auto")
+    rows = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ") for line in out.splitlines()
             if line.startswith(("| plain", "| k=", "| auto"))}
     assert set(rows) == {"plain", "k=2", "auto"}
     # Plain decoding moves every row a token a round: the first token comes from the prefill.
@@ -207,13 +212,11 @@ BATCH_GROUPS = Path(__file__).resolve().parent.parent / "bench" / "batch_groups.
 
 
 def test_batch_groups_times_each_static_batch_of_a_workload():
-    run = subprocess.run([sys.executable, str(BATCH_GROUPS), "--workload", "short", "--batch", "3", "--max-tokens", "10",
-                          "--repeats", "2", "--warmup", "0", "--modes", "2,auto"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    header = next(line for line in run.stdout.splitlines() if line.startswith("| batch |"))
+    out = _run_script(BATCH_GROUPS, "--workload", "short", "--batch", "3", "--max-tokens", "10", "--repeats", "2",
+                      "--warmup", "0", "--modes", "2,auto")
+    header = next(line for line in out.splitlines() if line.startswith("| batch |"))
     assert header == "| batch | k=2 vs plain | auto vs plain | k=2 lost / spread | auto lost / spread | auto chose |"
-    rows = [line.strip("|").split(" | ") for line in run.stdout.splitlines() if re.match(r"\| (\d+|all) \|", line)]
+    rows = [line.strip("|").split(" | ") for line in out.splitlines() if re.match(r"\| (\d+|all) \|", line)]
     # The built-in short workload's four prompts, three at a time: a batch of three and one of one.
     assert [r[0].strip() for r in rows] == ["0", "1", "all"]
     for cells in rows:
