@@ -1,6 +1,7 @@
 """Which draft length pays in each static batch of a workload, and what auto drafted there.
 
-`mlx-specdec bench` sends a workload's prompts ``--batch`` at a time: each group is a static batch
+`mlx-specdec bench` sends a workload's prompts ``--batch`` at a time (it fills a last short batch
+from the first prompts again; this script leaves it short): each group is a static batch
 whose rows finish apart when drafting moves them by their own accepted drafts (see
 `bench/batch_tail.py`). A cell's speed is the sum of its groups', and the best fixed k of the
 cell need not be the best in every group: rows whose drafts are accepted alike finish nearly
@@ -29,7 +30,7 @@ from pathlib import Path
 from mlx_specdec import generate_batch, load
 from mlx_specdec.commands.bench import encode_prompts, load_workloads
 from mlx_specdec.demo import demo_path
-from mlx_specdec.policy import DraftPolicy
+from mlx_specdec.policy import DraftPolicy, loss_per_spread
 
 
 class LoggedPolicy(DraftPolicy):
@@ -40,7 +41,7 @@ class LoggedPolicy(DraftPolicy):
         self.per_spread: list[float] = []
 
     def record_finish(self, batch_size: int, lost: float, spread: float) -> None:
-        self.per_spread.append(max(0.0, lost) / spread if spread > 0 else 0.0)
+        self.per_spread.append(loss_per_spread(lost, spread))
         super().record_finish(batch_size, lost, spread)
 
 
@@ -87,10 +88,12 @@ def main(argv=None) -> list[str]:
              + " | ".join(f"{names[m]} lost / spread" for m in modes[1:]) + " | auto chose |",
              "|---" * (2 * len(modes)) + "|"]
 
+    def runs(mode, g=None) -> list[float]:
+        """Each run's decode seconds of one batch, or of all of them."""
+        return seconds[(mode, g)] if g is not None else [sum(t) for t in zip(*(seconds[(mode, h)] for h in range(len(groups))))]
+
     def versus(mode, g=None) -> str:
-        plain = seconds[(0, g)] if g is not None else [sum(t) for t in zip(*(seconds[(0, h)] for h in range(len(groups))))]
-        mine = seconds[(mode, g)] if g is not None else [sum(t) for t in zip(*(seconds[(mode, h)] for h in range(len(groups))))]
-        ratios = [a / b for a, b in zip(plain, mine) if a > 0 and b > 0]  # 0: every row ended at its prefill
+        ratios = [a / b for a, b in zip(runs(0, g), runs(mode, g)) if a > 0 and b > 0]  # 0: every row ended at its prefill
         if not ratios:
             return "-"
         return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"

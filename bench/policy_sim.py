@@ -202,10 +202,11 @@ def run(acceptance: list[float], batch: int, max_tokens: int, mode, policy: Draf
                           steady=k == 0 and last_k == 0)
         last_k, since = k, 0 if k > 0 else since + 1
     # As the engine tells the policy of a static batch, by whether it drafted in most of its rounds of all rows.
-    if mode == "auto" and batch > 1 and 2 * drafting_full < full:
-        policy.record_plain_batch(batch)
-    elif mode == "auto" and batch > 1 and first[0] < seconds:
-        policy.record_finish(batch, finishing_loss(seconds, tokens, *first), finishing_spread(variance, batch, tokens))
+    if mode == "auto" and batch > 1:
+        if 2 * drafting_full < full:
+            policy.record_plain_batch(batch)
+        elif first[0] < seconds:
+            policy.record_finish(batch, finishing_loss(seconds, tokens, *first), finishing_spread(variance, batch, tokens))
     return tokens / seconds
 
 

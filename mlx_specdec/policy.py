@@ -337,6 +337,13 @@ def finishing_spread(variance: float, rows: int, tokens: int) -> float:
     return math.sqrt(variance * rows / tokens)
 
 
+def loss_per_spread(lost: float, spread: float) -> float:
+    """A static batch's `lost` per unit of its `spread` (see DraftPolicy.record_finish): a tail at
+    the full batch's pace or quicker lost nothing, and rows that never drifted apart lost nothing
+    to drafting (they finish in one round)."""
+    return max(0.0, lost) / spread if spread > 0 else 0.0
+
+
 def finishing_loss(seconds: float, tokens: int, first_seconds: float, first_tokens: int) -> float:
     """`DraftPolicy.record_finish`'s `lost` for a static batch that decoded `tokens` in `seconds`,
     `first_tokens` of them in the `first_seconds` through the round its first row finished in:
@@ -1044,9 +1051,7 @@ class DraftPolicy:
             raise ValueError(f"spread must be >= 0, got {spread}")
         self._plain_batches[batch_size] = 0
         samples = self._finishes.setdefault(batch_size, [])
-        # A tail at the full batch's pace or quicker lost nothing; rows that never drifted apart
-        # lost nothing to drafting (they finish in one round).
-        samples.append(max(0.0, lost) / spread if spread > 0 else 0.0)
+        samples.append(loss_per_spread(lost, spread))
         del samples[:-FINISH_SAMPLES]
         self._lost[batch_size] = statistics.median(samples)
 
@@ -1150,10 +1155,11 @@ class DraftPolicy:
         rates = tokens_per_second(acceptance, t_draft, t_verify, batch_size)
         # A static batch's rows finish apart, the further the deeper it drafts (see `record_finish`):
         # its lengths are weighed at what they pay after that.
+        held = self._lost.get(batch_size, 0.0) if static else 0.0
         # After FINISH_SAMPLES static batches in a row that did not draft, those losses are measured
         # again rather than believed (see `record_plain_batch`).
-        remeasure = self._plain_batches.get(batch_size, 0) >= FINISH_SAMPLES
-        per_spread = self._lost.get(batch_size, 0.0) if static and not remeasure else 0.0
+        remeasure = held > 0 and self._plain_batches.get(batch_size, 0) >= FINISH_SAMPLES
+        per_spread = 0.0 if remeasure else held
         losses = [min(1.0, per_spread * g) for g in round_spreads(acceptance, len(rates) - 1)] if per_spread else None
         paying = rates if losses is None else [r * (1 - lost) for r, lost in zip(rates, losses)]
         best = max(range(1, len(rates)), key=lambda k: (paying[k], -k))
@@ -1182,7 +1188,7 @@ class DraftPolicy:
         paid = paying[best]
         if lost:
             compared += f", {paid:.1f} with {lost:.1%} lost to rows finishing apart"
-        elif static and remeasure and self._lost.get(batch_size):
+        elif remeasure:
             compared += f" (losses to rows finishing apart measured again after {FINISH_SAMPLES} plain batches)"
         if paid > rates[0] * (1 + MIN_GAIN) or (on and paid * (1 + MIN_GAIN) > rates[0]):
             self._drafting[batch_size] = True
