@@ -963,6 +963,9 @@ class DraftPolicy:
         self._finishes: dict[int, list[float]] = {}  # by B: static batches' shares lost finishing apart, per spread
         self._lost: dict[int, float] = {}  # by B: their median, what `decide` weighs (times a length's spread)
         self._plain_batches: dict[int, int] = {}  # by B: static batches in a row that decoded plainly since then
+        # A decision that stands (ON_HOLD_ROUNDS, OFF_HOLD_ROUNDS): (what it was weighed for, it,
+        # the round it ends at, the plain rounds in a row it ends at).
+        self._held: tuple | None = None
 
     # -- measurements
 
@@ -1017,6 +1020,8 @@ class DraftPolicy:
         elif 0 < t_verify < math.inf and steady and self.rounds - self._drafted_last > PLAIN_SETTLE:
             self._record_plain(batch_size, t_verify, context)
         if k > 0:
+            if self._held is not None and self._held[1].k == 0:
+                self._held = None  # drafting rounds are what a decision not to draft rests on
             self._drafted_last = self.rounds
             self.acceptance.update(self.rounds, k, accepted, limits)
             self._drafted[batch_size, k] = self.rounds
@@ -1050,6 +1055,7 @@ class DraftPolicy:
         if not spread >= 0.0:
             raise ValueError(f"spread must be >= 0, got {spread}")
         self._plain_batches[batch_size] = 0
+        self._held = None
         samples = self._finishes.setdefault(batch_size, [])
         samples.append(loss_per_spread(lost, spread))
         del samples[:-FINISH_SAMPLES]
@@ -1064,6 +1070,7 @@ class DraftPolicy:
         fixed k = 1 paid 1.06x. After FINISH_SAMPLES of them in a row the next static batch is
         weighed round for round (see `decide`), so it drafts where that pays and is measured."""
         self._plain_batches[batch_size] = self._plain_batches.get(batch_size, 0) + 1
+        self._held = None
 
     def drafting_seconds(self, batch_size: int, k: int) -> float | None:
         """What k drafter steps cost at this batch size by the measured drafter cost (None before
@@ -1135,13 +1142,18 @@ class DraftPolicy:
 
     def decide(self, batch_size: int, static: bool = False) -> Decision:
         """The k with the highest expected throughput at this batch size, an exploration of a
-        length that might beat it, or a probe while off. ``static``: the rows are a static batch
-        (see `record_finish`) that nothing waits to join, so each length weighs what such batches
-        lose finishing apart at its spread."""
+        length that might beat it, or a probe while off; a decision may stand for a few rounds
+        without being weighed again (ON_HOLD_ROUNDS, OFF_HOLD_ROUNDS). ``static``: the rows are a
+        static batch (see `record_finish`) that nothing waits to join, so each length weighs what
+        such batches lose finishing apart at its spread."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.k_max == 0:
             return Decision(0, "k=0: k_max is 0")
+        standing = self._held
+        if (standing is not None and standing[0] == self._hold_key(batch_size, static)
+                and self.rounds < standing[2] and self.plain_rounds < standing[3]):
+            return standing[1]
         # A probe under way goes on only while nothing else was chosen in between.
         probing, self._probing = self._probing, None
         probe_goes_on = (probing is not None and probing[0] == batch_size and probing[2] < PROBE_ROUNDS
@@ -1194,12 +1206,17 @@ class DraftPolicy:
             self._drafting[batch_size] = True
             verb = "beats" if paid > rates[0] else f"is within {MIN_GAIN:.0%} of"
             reason = f"{compared} {verb} plain {rates[0]:.1f} tok/s{suffix}"
-            if not tail and self._plain_due(batch_size, rates[best] / rates[0] - 1):
+            timing = math.inf if tail else self._plain_due(batch_size, rates[best] / rates[0] - 1)
+            if timing <= self.rounds:
                 return Decision(0, f"k=0: re-timing plain decoding; {reason}")
-            refresh = self._refresh(batch_size, best, rates)
+            refresh, refreshing = self._refresh(batch_size, best, rates)
             if refresh is not None:
                 return Decision(refresh, f"refresh k={refresh}: re-timing a length near the best; {reason}")
-            return Decision(best, reason)
+            decision = Decision(best, reason)
+            if not tail and self.acceptance.reached[0] >= ON_HOLD_EVIDENCE:
+                until = min(self.rounds + ON_HOLD_ROUNDS, timing, refreshing)
+                self._held = (self._hold_key(batch_size, static), decision, until, math.inf)
+            return decision
         self._drafting[batch_size] = False
         verb = "beats" if rates[0] >= paid else f"is within {MIN_GAIN:.0%} of"
         reason = f"k=0: plain {rates[0]:.1f} tok/s {verb} {compared}{suffix}"
@@ -1207,12 +1224,22 @@ class DraftPolicy:
             _, k, done, why = probing
         elif self.recheck or (self.rechecks and self.plain_rounds >= PROBE_GAP_ROUNDS):
             k, done, why = best, 0, "re-checking the kept policy" if self.kept else "re-checking an early decision"
-        elif self.plain_rounds >= _probe_interval(acceptance, t_draft, t_verify, best, lost):  # the estimates in hand
-            k, done, why = best, 0, f"after {self.plain_rounds} plain rounds"
+        elif self.plain_rounds >= (interval := _probe_interval(acceptance, t_draft, t_verify, best, lost)):
+            k, done, why = best, 0, f"after {self.plain_rounds} plain rounds"  # by the estimates in hand
         else:
-            return Decision(0, reason)
+            decision = Decision(0, reason)
+            if not tail:  # a tail's few rounds decide by other batch sizes' costs; it holds nothing
+                due = min(interval, PROBE_GAP_ROUNDS) if self.rechecks else interval
+                self._held = (self._hold_key(batch_size, static), decision, self.rounds + OFF_HOLD_ROUNDS, due)
+            return decision
         self._probing = (batch_size, k, done + 1, why)
         return Decision(k, f"probe k={k}, round {done + 1} of {PROBE_ROUNDS}, {why}; {reason}", True)
+
+    def _hold_key(self, batch_size: int, static: bool) -> tuple:
+        """What a decision that stands (ON_HOLD_ROUNDS, OFF_HOLD_ROUNDS) was weighed for: the batch,
+        and the costs' new, explored and expired cells (which move what explores); the events that
+        end it otherwise (`record`, `record_finish`, `record_plain_batch`) drop it themselves."""
+        return batch_size, static, self.costs.firsts, self.costs.expiries, self.costs.explorations
 
     def _tail(self, batch_size: int) -> bool:
         """Whether this batch size has no plain timing of its own but a larger one has, and the
@@ -1228,10 +1255,11 @@ class DraftPolicy:
         return ((n if b == batch_size else 0) < TAIL_ROUNDS and not self.costs.measured(batch_size, 1)
                 and any(n == 1 and b > batch_size for b, n in self.costs.verify))
 
-    def _plain_due(self, batch_size: int, margin: float) -> bool:
-        """Whether this round belongs to a stretch of plain rounds that times plain decoding again
-        while drafting is on. Plain decoding is the yardstick of every choice, and it is timed only
-        while the policy decodes plainly: one early sample from a busy moment would otherwise stand
+    def _plain_due(self, batch_size: int, margin: float) -> float:
+        """The round from which rounds belong to a stretch of plain rounds that times plain decoding
+        again while drafting is on (this one or an earlier one: this round does; a later one: when
+        the next stretch begins). Plain decoding is the yardstick of every choice, and it is timed
+        only while the policy decodes plainly: one early sample from a busy moment would otherwise stand
         for good, and drafting that does not pay would look as if it did. A stretch is
         PLAIN_WINDOW + PLAIN_SETTLE + 1 rounds (its first PLAIN_SETTLE and its last time
         nothing) that each forgo ``margin``,
@@ -1243,19 +1271,21 @@ class DraftPolicy:
         stretch = PLAIN_WINDOW + PLAIN_SETTLE + 1
         start = self._plain_stretch.get(batch_size, -math.inf)
         if self.rounds - start < stretch:
-            return True
+            return start
         last = max(start, self._plain_timed.get(batch_size, self._started))
+        due = last + (stretch * margin + SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET
         # Plain decoding is timed first at a batch size, before any drafting length: timed once
         # more after ALIGN_ROUNDS with lengths explored, so that `drift` has lengths to follow it by.
-        early = start < last and self.rounds - last >= ALIGN_ROUNDS and self.costs.aligned(batch_size) is False
-        if not early and self.rounds - last < (stretch * margin + SWITCH_ROUNDS) / PLAIN_REFRESH_BUDGET:
-            return False
-        self._plain_stretch[batch_size] = self.rounds
-        return True
+        if start < last and self.costs.aligned(batch_size) is False:
+            due = min(due, last + ALIGN_ROUNDS)
+        if due <= self.rounds:
+            self._plain_stretch[batch_size] = due = self.rounds
+        return due
 
-    def _refresh(self, batch_size: int, best: int, rates: list[float]) -> int | None:
-        """A measured draft length within REFRESH_SPAN of ``best`` that is due to be timed again, the
-        one with the highest estimated rate if several are: only chosen lengths get new samples, so
+    def _refresh(self, batch_size: int, best: int, rates: list[float]) -> tuple[int | None, float]:
+        """(A measured draft length within REFRESH_SPAN of ``best`` that is due to be timed again, the
+        one with the highest estimated rate if several are, or None; the round the first of them
+        comes due at): only chosen lengths get new samples, so
         without this a length timed during a slow moment would never be chosen again, nor a lucky
         one ever left, while the context grows and the machine's load moves. Each is due
         REFRESH_INTERVAL to REFRESH_MAX_INTERVAL rounds after it last drafted, spaced so that
@@ -1265,16 +1295,17 @@ class DraftPolicy:
         k = 1 and k = 3, and never re-timed a k = 3 timed in a slow moment while auto ran k = 1."""
         near = [k for k in range(max(1, best - REFRESH_SPAN), min(self.k_max, best + REFRESH_SPAN) + 1)
                 if k != best and self.costs.measured(batch_size, k + 1)]
-        due = None
+        due, soonest = None, math.inf
         for k in near:
             loss = max(0.0, 1.0 - rates[k] / rates[best])
             interval = min(REFRESH_MAX_INTERVAL, max(REFRESH_INTERVAL, len(near) * loss / REFRESH_BUDGET))
             # A length not drafted in this process yet (its cost kept, or timed on the side) starts
             # its clock when it first comes near the best.
-            if self.rounds - self._drafted.setdefault((batch_size, k), self.rounds) >= interval and (
-                    due is None or rates[k] > rates[due]):
+            at = self._drafted.setdefault((batch_size, k), self.rounds) + interval
+            if self.rounds >= at and (due is None or rates[k] > rates[due]):
                 due = k
-        return due
+            soonest = min(soonest, at)
+        return due, soonest
 
     def _exploration_floor(self, batch_size: int, t_verify: list[float],
                            ratios: dict[int, float]) -> tuple[list[bool] | None, list[float] | None]:
@@ -1401,6 +1432,29 @@ class DraftPolicy:
 REDERIVE_ROUNDS = 4
 """Rounds the derived costs may lag behind new samples of cells already measured (a new cell is
 used at once; see DraftPolicy._estimates)."""
+
+ON_HOLD_ROUNDS = 4
+"""Rounds a decision to draft the best length by the rates stands without being weighed again (as
+OFF_HOLD_ROUNDS; it ends where a re-timing of plain decoding or a refresh comes due), once the
+acceptance estimate holds ON_HOLD_EVIDENCE rows at draft position 1: its rates then move by a few
+percent in as many rounds, a lag like REDERIVE_ROUNDS' for the costs. Before that each round moves
+them most, and a drafter that never agrees is dropped within its first rounds. Weighing every
+round cost 57 us of host time a round here, and auto ran 0.8-1.2% faster at B = 1 on the demo
+pair with it standing (30 us a round); in bench/policy_sim.py (no host time) auto's choices ran
+-1.0% to +0.7% against those weighed every round, -0.1% on average."""
+
+ON_HOLD_EVIDENCE = 32.0
+"""Rows at draft position 1 (aged, see AcceptanceEstimate) before a decision to draft may stand."""
+
+OFF_HOLD_ROUNDS = 16
+"""Rounds a decision not to draft stands without being weighed again, while nothing it rests on
+moves but the plain timings and the aging of acceptance (a drafting round, a finished static
+batch, a new cell or an expired one, or a probe coming due ends it at once). Weighing it every
+round cost 40-70 us of host time a round here (10 us alone: the round's arrays crowd the caches
+out), 1-2% of a plain round of the demo target at B = 1, and plain rounds while off ran about that
+much slower than plain decoding where drafting only just lost. Standing, 8 us a round, and the
+same rounds decided in bench/policy_sim.py. Probes come at least 134 plain rounds apart, so a new
+plain timing that says drafting pays now waits 16 rounds at most."""
 
 POLICY_FORMAT = 2
 """Version of the kept file; 2: costs are low quantiles (1 kept running means, which a busy period
