@@ -74,7 +74,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .errors import InputError
 
@@ -911,6 +911,17 @@ class Decision:
     probe: bool = False
 
 
+class _Standing(NamedTuple):
+    """A decision that stands without being weighed again (ON_HOLD_ROUNDS, OFF_HOLD_ROUNDS) while
+    ``key`` (`DraftPolicy._hold_key`) holds, before round ``until`` and while fewer than
+    ``plain_until`` plain rounds in a row have run."""
+
+    key: tuple
+    decision: Decision
+    until: float
+    plain_until: float
+
+
 def fixed_decision(k: int) -> Decision:
     """The decision for a request that overrides the policy (a fixed k, or 0 = off), so the loop
     records it in the same stats as a decided one."""
@@ -963,9 +974,7 @@ class DraftPolicy:
         self._finishes: dict[int, list[float]] = {}  # by B: static batches' shares lost finishing apart, per spread
         self._lost: dict[int, float] = {}  # by B: their median, what `decide` weighs (times a length's spread)
         self._plain_batches: dict[int, int] = {}  # by B: static batches in a row that decoded plainly since then
-        # A decision that stands (ON_HOLD_ROUNDS, OFF_HOLD_ROUNDS): (what it was weighed for, it,
-        # the round it ends at, the plain rounds in a row it ends at).
-        self._held: tuple | None = None
+        self._held: _Standing | None = None  # a decision that stands (ON_HOLD_ROUNDS, OFF_HOLD_ROUNDS)
 
     # -- measurements
 
@@ -1020,7 +1029,7 @@ class DraftPolicy:
         elif 0 < t_verify < math.inf and steady and self.rounds - self._drafted_last > PLAIN_SETTLE:
             self._record_plain(batch_size, t_verify, context)
         if k > 0:
-            if self._held is not None and self._held[1].k == 0:
+            if self._held is not None and self._held.decision.k == 0:
                 self._held = None  # drafting rounds are what a decision not to draft rests on
             self._drafted_last = self.rounds
             self.acceptance.update(self.rounds, k, accepted, limits)
@@ -1151,9 +1160,9 @@ class DraftPolicy:
         if self.k_max == 0:
             return Decision(0, "k=0: k_max is 0")
         standing = self._held
-        if (standing is not None and standing[0] == self._hold_key(batch_size, static)
-                and self.rounds < standing[2] and self.plain_rounds < standing[3]):
-            return standing[1]
+        if (standing is not None and standing.key == self._hold_key(batch_size, static)
+                and self.rounds < standing.until and self.plain_rounds < standing.plain_until):
+            return standing.decision
         # A probe under way goes on only while nothing else was chosen in between.
         probing, self._probing = self._probing, None
         probe_goes_on = (probing is not None and probing[0] == batch_size and probing[2] < PROBE_ROUNDS
@@ -1215,7 +1224,7 @@ class DraftPolicy:
             decision = Decision(best, reason)
             if not tail and self.acceptance.reached[0] >= ON_HOLD_EVIDENCE:
                 until = min(self.rounds + ON_HOLD_ROUNDS, timing, refreshing)
-                self._held = (self._hold_key(batch_size, static), decision, until, math.inf)
+                self._held = _Standing(self._hold_key(batch_size, static), decision, until, math.inf)
             return decision
         self._drafting[batch_size] = False
         verb = "beats" if rates[0] >= paid else f"is within {MIN_GAIN:.0%} of"
@@ -1230,7 +1239,7 @@ class DraftPolicy:
             decision = Decision(0, reason)
             if not tail:  # a tail's few rounds decide by other batch sizes' costs; it holds nothing
                 due = min(interval, PROBE_GAP_ROUNDS) if self.rechecks else interval
-                self._held = (self._hold_key(batch_size, static), decision, self.rounds + OFF_HOLD_ROUNDS, due)
+                self._held = _Standing(self._hold_key(batch_size, static), decision, self.rounds + OFF_HOLD_ROUNDS, due)
             return decision
         self._probing = (batch_size, k, done + 1, why)
         return Decision(k, f"probe k={k}, round {done + 1} of {PROBE_ROUNDS}, {why}; {reason}", True)
@@ -1259,8 +1268,8 @@ class DraftPolicy:
         """The round from which rounds belong to a stretch of plain rounds that times plain decoding
         again while drafting is on (this one or an earlier one: this round does; a later one: when
         the next stretch begins). Plain decoding is the yardstick of every choice, and it is timed
-        only while the policy decodes plainly: one early sample from a busy moment would otherwise stand
-        for good, and drafting that does not pay would look as if it did. A stretch is
+        only while the policy decodes plainly: one early sample from a busy moment would otherwise
+        stand for good, and drafting that does not pay would look as if it did. A stretch is
         PLAIN_WINDOW + PLAIN_SETTLE + 1 rounds (its first PLAIN_SETTLE and its last time
         nothing) that each forgo ``margin``,
         drafting's expected gain over plain, plus SWITCH_ROUNDS for leaving the drafting
@@ -1452,9 +1461,10 @@ moves but the plain timings and the aging of acceptance (a drafting round, a fin
 batch, a new cell or an expired one, or a probe coming due ends it at once). Weighing it every
 round cost 40-70 us of host time a round here (10 us alone: the round's arrays crowd the caches
 out), 1-2% of a plain round of the demo target at B = 1, and plain rounds while off ran about that
-much slower than plain decoding where drafting only just lost. Standing, 8 us a round, and the
-same rounds decided in bench/policy_sim.py. Probes come at least 134 plain rounds apart, so a new
-plain timing that says drafting pays now waits 16 rounds at most."""
+much slower than plain decoding where drafting only just lost. Standing, 8 us a round, with the
+same rounds decided for a drafter that never agrees; in bench/policy_sim.py (no host time) auto's
+cells moved by -0.3% to +0.8%. Probes come at least 134 plain rounds apart, so a new plain timing
+that says drafting pays now waits 16 rounds at most."""
 
 POLICY_FORMAT = 2
 """Version of the kept file; 2: costs are low quantiles (1 kept running means, which a busy period
